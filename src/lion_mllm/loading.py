@@ -1,0 +1,469 @@
+"""Filling a LionModel from the files users have: the authors' five files, or our safetensors bundle.
+
+The model is built on the meta device and every tensor is assigned straight from its file (read
+through mmap, converted one tensor at a time), so loading needs about the final model's memory.
+Unlike the authors' `strict=False`, every parameter must come from some file: a missing key names the
+file that should have held it, and unexpected keys are an error unless the caller ignores them.
+Nothing is unpickled beyond tensors (`weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
+from .modeling_lion import LionModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Key mapping between the authors' names and ours. Each rule is (authors' pattern, our pattern).
+
+_RULES: list[tuple[str, str]] = [
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.layers.\1.layer_norm1."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.layers.\1.layer_norm2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight$", r"vision_model.layers.\1.self_attn.qkv.weight"),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.layers.\1.mlp."),
+    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.embeddings.layernorm."),
+    (r"^Qformer\.bert\.(encoder\.layer\.\d+\.(?:cross)?attention)\.self\.", r"qformer.\1.attention."),
+    (r"^Qformer\.bert\.", "qformer."),
+    (r"^t5_proj\.", "qformer_projection."),
+    (r"^fusion_adapter\.", "aggregator."),
+    (r"^ln_adapter\.", "aggregator_norm."),
+    (r"^adapter_proj\.", "aggregator_projection."),
+    (r"^soft_prompt_hint$", "tag_prompt_embedding"),
+    (r"^t5_model\.", "language_model."),
+    (r"^(ln_vision\.|query_tokens$)", r"\1"),
+]
+# Our names back to theirs (the inverse of the rules above; qkv bias handled separately).
+_INVERSE: list[tuple[str, str]] = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
+    (r"^vision_model\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
+    (r"^vision_model\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"visual_encoder.blocks.\1.attn.qkv.weight"),
+    (r"^vision_model\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    (r"^qformer\.embeddings\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+    (r"^qformer\.(encoder\.layer\.\d+\.(?:cross)?attention)\.attention\.", r"Qformer.bert.\1.self."),
+    (r"^qformer\.", "Qformer.bert."),
+    (r"^qformer_projection\.", "t5_proj."),
+    (r"^aggregator\.", "fusion_adapter."),
+    (r"^aggregator_norm\.", "ln_adapter."),
+    (r"^aggregator_projection\.", "adapter_proj."),
+    (r"^tag_prompt_embedding$", "soft_prompt_hint"),
+    (r"^language_model\.", "t5_model."),
+    (r"^(ln_vision\.|query_tokens$)", r"\1"),
+]
+_QV_BIAS = re.compile(r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$")
+_QKV_BIAS = re.compile(r"^vision_model\.layers\.(\d+)\.self_attn\.qkv\.bias$")
+# Buffers the authors' state dicts carry that we recompute (non-persistent in transformers).
+_DROPPED = re.compile(r"^Qformer\.bert\.embeddings\.position_ids$")
+# transformers' T5 stores the shared embedding once; these names are aliases of it.
+_T5_ALIASES = ("language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight")
+
+
+def _apply(rules: list[tuple[str, str]], name: str) -> str | None:
+    for pattern, replacement in rules:
+        new, count = re.subn(pattern, replacement, name)
+        if count:
+            return new
+    return None
+
+
+def official_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Authors' names -> ours. Returns (mapped state, authors' keys with no counterpart)."""
+    mapped: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    qv: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        if _DROPPED.match(name):
+            continue
+        if match := _QV_BIAS.match(name):
+            qv.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+            continue
+        new = _apply(_RULES, name)
+        if new is None:
+            unknown.append(name)
+        else:
+            mapped[new] = tensor
+    for block, parts in qv.items():
+        if set(parts) != {"q", "v"}:
+            unknown.extend(f"visual_encoder.blocks.{block}.attn.{p}_bias" for p in parts)
+            continue
+        # EVA has no key bias: the fused qkv bias is [q_bias, 0, v_bias]
+        q, v = parts["q"], parts["v"]
+        mapped[f"vision_model.layers.{block}.self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    return mapped, unknown
+
+
+def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names -> the authors' (the inverse of `official_to_ours`)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if match := _QKV_BIAS.match(name):
+            q, _, v = tensor.chunk(3)
+            out[f"visual_encoder.blocks.{match.group(1)}.attn.q_bias"] = q
+            out[f"visual_encoder.blocks.{match.group(1)}.attn.v_bias"] = v
+            continue
+        new = _apply(_INVERSE, name)
+        if new is None:
+            raise KeyError(f"no authors' name for {name}")
+        out[new] = tensor
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A .pth/.bin state dict (`{'model': ...}` or bare), tensors only, memory-mapped."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)  # old (non-zip) format
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
+    except Exception as error:  # weights_only refuses pickled code: say so, never fall back to full unpickling
+        raise CheckpointError(f"{path}: refused to load (it holds more than tensors): {error}") from None
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        data = data["model"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (or {{'model': state dict}})")
+    return data
+
+
+def read_safetensors(paths: list[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                for key in handle.keys():
+                    out[key] = handle.get_tensor(key)
+        except Exception as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
+    return out
+
+
+def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A Hugging Face model directory's weights (safetensors preferred, sharded or not)."""
+    for index_name, reader in (("model.safetensors.index.json", "safetensors"),
+                               ("pytorch_model.bin.index.json", "torch")):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+            if reader == "safetensors":
+                return read_safetensors(shards), str(index)
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(read_torch_file(shard))
+            return state, str(index)
+    if (directory / "model.safetensors").is_file():
+        return read_safetensors([directory / "model.safetensors"]), str(directory / "model.safetensors")
+    if (directory / "pytorch_model.bin").is_file():
+        return read_torch_file(directory / "pytorch_model.bin"), str(directory / "pytorch_model.bin")
+    raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin (is this a FlanT5 directory?)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The authors' YAML
+
+
+@dataclass
+class OfficialPaths:
+    """The five files of an authors' model config (`configs/models/lion_flant5xl.yaml`)."""
+
+    vit_model: Path
+    llm_model: Path
+    bert_model: Path
+    pretrained: Path
+    ram_model: Path | None = None
+    visual_input: str = "all"
+    enable_semantic_tags: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "OfficialPaths":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise CheckpointError(f"{path}: not valid YAML: {error}") from None
+        model = data.get("model", data) if isinstance(data, dict) else None
+        if not isinstance(model, dict):
+            raise CheckpointError(f"{path}: expected a `model:` mapping")
+
+        def resolve(key: str, required: bool = True) -> Path | None:
+            value = model.get(key)
+            if value is None:
+                if required:
+                    raise CheckpointError(f"{path}: `model.{key}` is missing")
+                return None
+            candidate = Path(str(value)).expanduser()
+            if not candidate.is_absolute():
+                candidate = path.parent / candidate
+            if not candidate.exists():
+                raise CheckpointError(f"{path}: model.{key}: {value} does not exist")
+            return candidate
+
+        return cls(
+            vit_model=resolve("vit_model"), llm_model=resolve("llm_model"), bert_model=resolve("bert_model"),
+            pretrained=resolve("pretrained"), ram_model=resolve("ram_model", required=False),
+            visual_input=str(model.get("visual_input", "ALL")).lower(),
+            enable_semantic_tags=bool(model.get("enable_semantic_tags", True)),
+            extra={k: v for k, v in model.items() if k in ("vit_num_heads",)},
+        )
+
+
+def config_from_official(paths: OfficialPaths, vit_state: dict[str, torch.Tensor],
+                         vision_num_heads: int | None = None) -> LionConfig:
+    """Dimensions from the files themselves: T5 and BERT config.json, the ViT's tensor shapes."""
+    t5 = json.loads((paths.llm_model / "config.json").read_text())
+    bert = json.loads((paths.bert_model / "config.json").read_text())
+    width = vit_state["cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in vit_state if k.startswith("blocks."))
+    heads = vision_num_heads or paths.extra.get("vit_num_heads")
+    if heads is None:
+        if width % 88:
+            raise CheckpointError(f"{paths.vit_model}: width {width} is not EVA ViT-g's (head dim 88): "
+                                  "pass vision_num_heads")
+        heads = width // 88
+    patch = vit_state["patch_embed.proj.weight"].shape[-1]
+    grid = int(round((vit_state["pos_embed"].shape[1] - 1) ** 0.5))
+    vocab_file = paths.bert_model / "vocab.txt"
+    bert_vocab = sum(1 for _ in vocab_file.open()) if vocab_file.is_file() else bert["vocab_size"]
+    return LionConfig(
+        vision=VisionConfig(hidden_size=width, intermediate_size=vit_state["blocks.0.mlp.fc1.weight"].shape[0],
+                            num_hidden_layers=min(depth, 39), num_attention_heads=heads,
+                            image_size=grid * patch, patch_size=patch),
+        aggregator=AggregatorConfig(projection_size=4 * width),  # the authors' MLP: width -> 4 x width -> d
+        qformer=QFormerConfig(vocab_size=bert_vocab + 1, hidden_size=bert["hidden_size"],
+                              num_hidden_layers=bert["num_hidden_layers"],
+                              num_attention_heads=bert["num_attention_heads"],
+                              intermediate_size=bert["intermediate_size"],
+                              max_position_embeddings=bert["max_position_embeddings"],
+                              layer_norm_eps=bert["layer_norm_eps"]),
+        language=LanguageConfig(
+            vocab_size=t5["vocab_size"], d_model=t5["d_model"], d_ff=t5["d_ff"], d_kv=t5["d_kv"],
+            num_layers=t5["num_layers"], num_decoder_layers=t5.get("num_decoder_layers") or t5["num_layers"],
+            num_heads=t5["num_heads"], relative_attention_num_buckets=t5["relative_attention_num_buckets"],
+            relative_attention_max_distance=t5.get("relative_attention_max_distance", 128),
+            layer_norm_epsilon=t5["layer_norm_epsilon"], dropout_rate=t5["dropout_rate"],
+            decoder_start_token_id=t5.get("decoder_start_token_id", 0), pad_token_id=t5.get("pad_token_id", 0),
+            eos_token_id=t5.get("eos_token_id", 1),
+        ),
+        visual_input=paths.visual_input, enable_semantic_tags=paths.enable_semantic_tags,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Filling a meta-built model
+
+
+def _materialise(model: LionModel, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Assign `state` (our names, final dtypes and device) into the meta-built model, re-tie T5's
+    embedding and recompute the buffers that no file holds."""
+    lm = model.language_model
+    shared = state["language_model.shared.weight"]
+    for alias in _T5_ALIASES:
+        state[alias] = shared
+    result = model.load_state_dict(state, strict=False, assign=True)
+    assert not result.unexpected_keys, result.unexpected_keys  # callers filter before this point
+    lm.encoder.embed_tokens.weight = lm.shared.weight
+    lm.decoder.embed_tokens.weight = lm.shared.weight
+    if model.config.uses_qformer:
+        embeddings = model.qformer.embeddings
+        embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1], device=device).expand(1, -1)
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"tensors with no value after loading: {leftovers[:5]}")
+
+
+def expected_keys(model: LionModel) -> list[str]:
+    """The state-dict keys a file must provide (tied aliases excluded)."""
+    return [k for k in model.state_dict() if k not in _T5_ALIASES]
+
+
+def source_of(key: str, paths: OfficialPaths) -> Path:
+    """Which of the authors' files should hold one of our keys."""
+    if key.startswith("vision_model."):
+        return paths.vit_model
+    if key.startswith("language_model.") and ".adapter." not in key:
+        return paths.llm_model
+    return paths.pretrained
+
+
+def _is_vit_linear(name: str) -> bool:
+    return bool(re.search(r"(patch_embedding\.|qkv\.weight|projection\.|mlp\.fc[12]\.)", name))
+
+
+def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, round_like_reference: bool = True,
+                        ignore_unexpected: bool = False, vision_num_heads: int | None = None,
+                        attn_implementation: str = "sdpa") -> tuple[LionModel, list[str]]:
+    """Build LION from the authors' files. Returns (model in eval mode, keys skipped on purpose).
+
+    `round_like_reference` rounds T5 weights to bfloat16 and the ViT's linear/conv weights to float16
+    before computing in `dtype`, as the authors' code does (their CPU path computes in float32 with
+    those rounded values); turn it off to use the files' full precision.
+    """
+    device = torch.device(device)
+    vit_raw = read_torch_file(paths.vit_model)
+    config = config_from_official(paths, vit_raw, vision_num_heads)
+    lion_raw = read_torch_file(paths.pretrained)
+    t5_raw, t5_source = read_hf_weights(paths.llm_model)
+
+    skipped: list[str] = []
+    depth = config.vision.num_hidden_layers
+    vit_state = {}
+    for name, tensor in vit_raw.items():
+        block = re.match(r"blocks\.(\d+)\.", name)
+        if block and int(block.group(1)) >= depth:  # EVA-CLIP's 40th block: BLIP-2 and LION drop it
+            skipped.append(f"{paths.vit_model.name}:{name}")
+            continue
+        vit_state["visual_encoder." + name] = tensor
+    vit_mapped, vit_unknown = official_to_ours(vit_state)
+    t5_ignorable = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+    t5_mapped = {"language_model." + k: v for k, v in t5_raw.items() if k not in t5_ignorable}
+    lion_mapped, lion_unknown = official_to_ours(lion_raw)
+
+    with torch.device("meta"):
+        model = LionModel(config, attn_implementation)
+    targets = model.state_dict()  # meta tensors: shapes and dtypes only
+    wanted = set(expected_keys(model)) | set(_T5_ALIASES)
+
+    def convert(name: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
+        target = targets[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                  f"{tuple(target.shape)} (a checkpoint of another architecture?)")
+        if not target.is_floating_point():
+            return tensor.to(device)
+        if round_like_reference:
+            if source == str(paths.vit_model) and _is_vit_linear(name):
+                tensor = tensor.to(torch.float16)
+            elif source == t5_source or (name.startswith("language_model.") and ".adapter." not in name):
+                tensor = tensor.to(torch.bfloat16)
+        return tensor.to(device=device, dtype=dtype)
+
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    # Later files override earlier ones, as in the authors' loading order: ViT, T5, then the LION .pth.
+    for source, mapped, unknown in ((str(paths.vit_model), vit_mapped, vit_unknown),
+                                    (t5_source, t5_mapped, []),
+                                    (str(paths.pretrained), lion_mapped, lion_unknown)):
+        unexpected += [f"{Path(source).name}:{k}" for k in unknown]
+        for name, tensor in mapped.items():
+            if name not in wanted:
+                unexpected.append(f"{Path(source).name}:{name}")
+                continue
+            if name in _T5_ALIASES:
+                name = "language_model.shared.weight"
+            state[name] = convert(name, tensor, source)
+    if unexpected and not ignore_unexpected:
+        raise CheckpointError(f"unexpected keys (pass ignore_unexpected=True to skip them): "
+                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
+    missing = [k for k in expected_keys(model) if k not in state]
+    if missing:
+        by_file: dict[Path, list[str]] = {}
+        for key in missing:
+            by_file.setdefault(source_of(key, paths), []).append(key)
+        detail = "; ".join(f"{file}: {len(keys)} keys missing, e.g. {keys[:3]}" for file, keys in by_file.items())
+        raise CheckpointError(f"weights missing: {detail}")
+    _materialise(model, state, device)
+    model.config.language.soft_prompt_token_id = _soft_prompt_id(paths.llm_model)
+    model.requires_grad_(False)
+    return model.eval(), skipped + [f"ignored {u}" for u in unexpected]
+
+
+def _soft_prompt_id(t5_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(t5_dir)).convert_tokens_to_ids("<extra_id_0>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Our own bundle: config.json + sharded safetensors + tokenizers
+
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def save_state_sharded(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2 << 30) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_bundle_model(directory: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      attn_implementation: str = "sdpa") -> LionModel:
+    """A model saved by `Lion.save_pretrained`: no pickle, each tensor read once into its place."""
+    device = torch.device(device)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory}: no config.json (not a lion-mllm bundle)")
+    config = LionConfig.from_json(config_file)
+    index_file = directory / WEIGHTS_INDEX
+    if not index_file.is_file():
+        raise CheckpointError(f"{directory}: no {WEIGHTS_INDEX}")
+    files = sorted({directory / f for f in json.loads(index_file.read_text())["weight_map"].values()})
+    state = read_safetensors(files, device=device)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = LionModel(config, attn_implementation)
+    expected = set(expected_keys(model))
+    unexpected = sorted(set(state) - expected)
+    missing = sorted(expected - set(state))
+    if unexpected or missing:
+        raise CheckpointError(f"{directory}: bundle does not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    _materialise(model, state, device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def bundle_state(model: LionModel) -> dict[str, torch.Tensor]:
+    """What a bundle stores: the state dict without T5's tied embedding aliases."""
+    return {k: v for k, v in model.state_dict().items() if k not in _T5_ALIASES}

@@ -1,0 +1,448 @@
+"""LION: a FlanT5 fed by two views of an EVA ViT-g, one readable file.
+
+    image (B,3,224,224) -> EVA ViT-g (39 blocks, frozen) -> block outputs 38, 28, 18
+      semantic road:  LN(block 38) -> instruction-aware Q-Former (32 queries) -> Linear     -> (B, 32, d)
+      spatial road:   aggregator(block 38 x-attends 28, then 18) -> LN -> MLP                -> (B, 257, d)
+    T5 encoder input = [Q-Former tokens ; aggregator tokens ; prompt embeddings]
+    every T5 feed-forward layer: x + FFN(RMSNorm(x)) + sum_k router_k[route] * adapter_k(x)
+
+Parts that transformers ships exactly (spec section 3) come from it: the ViT layers, the Q-Former and
+T5. The vision aggregator and the mixture of adapters are LION's own and are written here.
+
+FLOPs per image (forward, multiply-add = 2 FLOPs), N = number of parameters a token passes through:
+  ViT: 257 tokens x 2 x 0.99e9 + attention; Q-Former: (32 + text) tokens x 2 x 0.19e9;
+  T5 encoder: (289 + prompt) tokens x 2 x N_enc; T5 decoder: 2 x N_dec per generated token per beam.
+`LionModel.flops_per_image` computes these from the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel, InstructBlipVisionConfig, T5Config
+from transformers import T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.models.instructblip.modeling_instructblip import InstructBlipEncoderLayer, InstructBlipVisionEmbeddings
+from transformers.models.t5.modeling_t5 import T5LayerFF
+
+from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
+
+# Router rows: the authors' code sends region-level samples to row 0 and everything else to row 1.
+REGION_ROUTE, IMAGE_ROUTE = 0, 1
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype (the authors' `ln_vision`/`ln_adapter`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vision encoder
+
+
+class LionVisionEncoder(nn.Module):
+    """EVA ViT-g on transformers' InstructBLIP layers; returns the block outputs it is asked for.
+
+    Only the blocks up to the deepest requested tap run, and only the taps are kept (not all 39).
+    """
+
+    def __init__(self, config: VisionConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        hf = InstructBlipVisionConfig(
+            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            image_size=config.image_size, patch_size=config.patch_size, hidden_act="gelu",
+            layer_norm_eps=config.layer_norm_eps, qkv_bias=True, attention_dropout=0.0,
+        )
+        hf._attn_implementation = attn_implementation
+        self.embeddings = InstructBlipVisionEmbeddings(hf)
+        self.layers = nn.ModuleList(InstructBlipEncoderLayer(hf) for _ in range(config.num_hidden_layers))
+
+    def forward(self, pixel_values: torch.Tensor, taps: Sequence[int]) -> dict[int, torch.Tensor]:
+        """pixel_values (B,3,H,W) -> {block index: (B, 257, width) output of that block (0-based)}."""
+        hidden = self.embeddings(pixel_values)
+        outputs: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.layers[: max(taps) + 1]):
+            hidden = layer(hidden)
+            if index in taps:
+                outputs[index] = hidden
+        return outputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vision aggregator (the authors' FusionAdapter: two transformers BertLayers, post-LN, no masks).
+# Attribute names mirror BertLayer so the authors' keys load unchanged under `aggregator.blocks.N.`.
+
+
+class AggregatorAttention(nn.Module):
+    """Multi-head attention; keys/values from `context` when given (cross-attention). Never causal:
+    the authors' BertLayer is built with is_decoder=True but runs eager attention without a mask."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = hidden if context is None else context
+        batch, length, width = hidden.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, W) -> (B, heads, L, W/heads)
+            return x.view(batch, x.shape[1], self.num_heads, width // self.num_heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            heads(self.query(hidden)), heads(self.key(context)), heads(self.value(context)),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return out.transpose(1, 2).reshape(batch, length, width)
+
+
+class AggregatorResidual(nn.Module):
+    """Post-LN residual: LayerNorm(x + dropout(dense(sublayer_output)))."""
+
+    def __init__(self, in_width: int, width: int, eps: float, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(in_width, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, sublayer_output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(sublayer_output)))
+
+
+class AggregatorAttentionBlock(nn.Module):
+    def __init__(self, width: int, config: AggregatorConfig):
+        super().__init__()
+        self.self = AggregatorAttention(width, config.num_attention_heads, config.dropout)
+        self.output = AggregatorResidual(width, width, config.layer_norm_eps, config.dropout)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.self(hidden, context), hidden)
+
+
+class AggregatorIntermediate(nn.Module):
+    def __init__(self, width: int, size: int):
+        super().__init__()
+        self.dense = nn.Linear(width, size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(hidden))
+
+
+class AggregatorLayer(nn.Module):
+    def __init__(self, width: int, config: AggregatorConfig):
+        super().__init__()
+        self.attention = AggregatorAttentionBlock(width, config)
+        self.crossattention = AggregatorAttentionBlock(width, config)
+        self.intermediate = AggregatorIntermediate(width, config.intermediate_size)
+        self.output = AggregatorResidual(config.intermediate_size, width, config.layer_norm_eps, config.dropout)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        hidden = self.attention(hidden)
+        hidden = self.crossattention(hidden, context)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class VisionAggregator(nn.Module):
+    """Refines one ViT block's tokens by cross-attending to earlier blocks, one block per tap."""
+
+    def __init__(self, width: int, config: AggregatorConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(AggregatorLayer(width, config) for _ in config.cross_layers)
+
+    def forward(self, hidden: torch.Tensor, contexts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """hidden (B, N, W), contexts: one (B, N, W) per block -> (B, N, W)."""
+        for block, context in zip(self.blocks, contexts, strict=True):
+            hidden = block(hidden, context)
+        return hidden
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixture of adapters in every T5 feed-forward layer, routed per sample
+
+
+class RouteState:
+    """The route (0 region-level, 1 image-level) of each sample of the batch being run.
+
+    Adapters sit deep inside T5, whose forward has no argument to carry a per-sample route, so the
+    model sets this object (shared by all its adapters) for the duration of one call.
+    """
+
+    def __init__(self) -> None:
+        self.route_ids: torch.Tensor | None = None
+
+    def for_batch(self, batch: int) -> torch.Tensor:
+        ids = self.route_ids
+        if ids is None:
+            raise RuntimeError("no route set: run LION through LionModel.forward/generate (or LionModel.routing)")
+        if batch != ids.shape[0]:
+            # generate expands each sample into consecutive beams/return sequences (repeat_interleave)
+            if batch % ids.shape[0]:
+                raise RuntimeError(f"batch {batch} is not a multiple of the {ids.shape[0]} routed samples")
+            ids = ids.repeat_interleave(batch // ids.shape[0])
+        return ids
+
+
+class BottleneckAdapter(nn.Module):
+    """scale * up(relu(down(x))); `scale` is a learnable (1,) tensor as in the authors' code."""
+
+    def __init__(self, d_model: int, bottleneck: int):
+        super().__init__()
+        self.down_proj = nn.Linear(d_model, bottleneck)
+        self.up_proj = nn.Linear(bottleneck, d_model)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up_proj(F.relu(self.down_proj(x))) * self.scale
+
+
+class MixtureOfAdapters(nn.Module):
+    """router_ratio1[route] * adapter0(x) + router_ratio2[route] * adapter1(x), per sample and channel.
+
+    With one adapter (stage 1 / 2 models) it is that adapter alone. Key names are the authors'.
+    """
+
+    def __init__(self, d_model: int, bottleneck: int, num_adapters: int, route_state: RouteState):
+        super().__init__()
+        self.adapters = nn.ModuleList(BottleneckAdapter(d_model, bottleneck) for _ in range(num_adapters))
+        if num_adapters == 2:
+            self.router_ratio1 = nn.Parameter(torch.tensor([[1.0], [0.0]]).expand(2, d_model).clone())
+            self.router_ratio2 = nn.Parameter(torch.tensor([[0.0], [1.0]]).expand(2, d_model).clone())
+        elif num_adapters != 1:
+            raise ValueError("LION has one or two adapters per feed-forward layer")
+        self.route_state = route_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.adapters) == 1:
+            return self.adapters[0](x)
+        routes = self.route_state.for_batch(x.shape[0]).to(x.device)
+        ratio1 = self.router_ratio1[routes].unsqueeze(1)  # (B, 1, d_model)
+        ratio2 = self.router_ratio2[routes].unsqueeze(1)
+        return self.adapters[0](x) * ratio1 + self.adapters[1](x) * ratio2
+
+
+class T5LayerFFWithAdapters(nn.Module):
+    """T5LayerFF plus a parallel mixture of adapters that reads the un-normalised residual input."""
+
+    def __init__(self, feed_forward: T5LayerFF, adapter: MixtureOfAdapters):
+        super().__init__()
+        self.DenseReluDense = feed_forward.DenseReluDense
+        self.layer_norm = feed_forward.layer_norm
+        self.dropout = feed_forward.dropout
+        self.adapter = adapter
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        forwarded = self.dropout(self.DenseReluDense(self.layer_norm(hidden_states)))
+        return hidden_states + forwarded + self.adapter(hidden_states)
+
+
+def build_language_model(config: LanguageConfig, num_adapters: int, route_state: RouteState,
+                         attn_implementation: str = "sdpa") -> T5ForConditionalGeneration:
+    t5_config = T5Config(
+        vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv, d_ff=config.d_ff,
+        num_layers=config.num_layers, num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
+        relative_attention_num_buckets=config.relative_attention_num_buckets,
+        relative_attention_max_distance=config.relative_attention_max_distance,
+        dropout_rate=config.dropout_rate, layer_norm_epsilon=config.layer_norm_epsilon,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=config.decoder_start_token_id,
+        pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
+        # FlanT5 (T5 v1.1) unties lm_head and does not rescale decoder outputs by d_model**-0.5
+        tie_word_embeddings=False,
+    )
+    t5_config.dense_act_fn = "gelu"  # LION (like BLIP-2) replaces FlanT5's tanh GELU by the exact one
+    t5_config._attn_implementation = attn_implementation
+    model = T5ForConditionalGeneration(t5_config)
+    # transformers 5 ties lm_head to the input embedding for every T5; FlanT5 has its own lm_head.
+    model.lm_head.weight = nn.Parameter(torch.empty_like(model.shared.weight))
+    for stack in (model.encoder, model.decoder):
+        for block in stack.block:
+            adapter = MixtureOfAdapters(config.d_model, config.adapter_bottleneck, num_adapters, route_state)
+            block.layer[-1] = T5LayerFFWithAdapters(block.layer[-1], adapter)
+    return model
+
+
+def build_qformer(config: QFormerConfig, encoder_width: int, attn_implementation: str = "sdpa"
+                  ) -> InstructBlipQFormerModel:
+    hf = InstructBlipQFormerConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        hidden_act="gelu", max_position_embeddings=config.max_position_embeddings,
+        layer_norm_eps=config.layer_norm_eps, cross_attention_frequency=config.cross_attention_frequency,
+        encoder_hidden_size=encoder_width, hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.dropout,
+    )
+    hf._attn_implementation = attn_implementation
+    return InstructBlipQFormerModel(hf)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole model
+
+
+class LionModel(nn.Module):
+    """LION on tensors. `lion_mllm.Lion` wraps it with the processor, tagger and text in/out."""
+
+    def __init__(self, config: LionConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        vision, d_model = config.vision, config.language.d_model
+        self.vision_model = LionVisionEncoder(vision, attn_implementation)
+        if config.uses_qformer:
+            self.ln_vision = FP32LayerNorm(vision.hidden_size, eps=config.ln_vision_eps)
+            self.qformer = build_qformer(config.qformer, vision.hidden_size, attn_implementation)
+            self.query_tokens = nn.Parameter(torch.zeros(1, config.qformer.num_query_tokens, config.qformer.hidden_size))
+            self.qformer_projection = nn.Linear(config.qformer.hidden_size, d_model)
+        if config.uses_aggregator:
+            self.aggregator = VisionAggregator(vision.hidden_size, config.aggregator)
+            self.aggregator_norm = FP32LayerNorm(vision.hidden_size, eps=config.aggregator.norm_eps)
+            self.aggregator_projection = nn.Sequential(
+                nn.Linear(vision.hidden_size, config.aggregator.projection_size), nn.GELU(),
+                nn.Linear(config.aggregator.projection_size, d_model),
+            )
+        self.route_state = RouteState()
+        self.language_model = build_language_model(config.language, config.num_adapters, self.route_state,
+                                                   attn_implementation)
+        if config.enable_semantic_tags:
+            self.tag_prompt_embedding = nn.Parameter(torch.zeros(d_model))
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device if self.config.uses_qformer else self.aggregator_norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.shared.weight.dtype
+
+    @contextlib.contextmanager
+    def routing(self, route_ids: torch.Tensor) -> Iterator[None]:
+        """Run the adapters with these per-sample routes (B,) inside the block. Not re-entrant."""
+        self.route_state.route_ids = route_ids
+        try:
+            yield
+        finally:
+            self.route_state.route_ids = None
+
+    def vision_taps(self) -> tuple[int, ...]:
+        taps: set[int] = set()
+        if self.config.uses_qformer:
+            taps.add(self.config.vision.num_hidden_layers - 1)
+        if self.config.uses_aggregator:
+            taps.update((self.config.aggregator.hidden_layer, *self.config.aggregator.cross_layers))
+        return tuple(sorted(taps))
+
+    # -- the two visual roads ------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                      qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values (B,3,S,S), instruction tokens (B,L) -> visual tokens (B, 32 + 257, d_model)."""
+        blocks = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype),
+                                   self.vision_taps())
+        parts = []
+        if self.config.uses_qformer:
+            if qformer_input_ids is None:
+                raise ValueError("the Q-Former needs the instruction tokens (qformer_input_ids)")
+            image_embeds = self.ln_vision(blocks[self.config.vision.num_hidden_layers - 1])
+            batch = image_embeds.shape[0]
+            queries = self.query_tokens.expand(batch, -1, -1)
+            if qformer_attention_mask is None:
+                qformer_attention_mask = torch.ones_like(qformer_input_ids)
+            query_mask = torch.ones(queries.shape[:2], dtype=qformer_attention_mask.dtype, device=queries.device)
+            out = self.qformer(
+                input_ids=qformer_input_ids, attention_mask=torch.cat([query_mask, qformer_attention_mask], dim=1),
+                query_embeds=queries, encoder_hidden_states=image_embeds.to(queries.dtype),
+            )
+            parts.append(self.qformer_projection(out.last_hidden_state[:, : queries.shape[1]]))
+        if self.config.uses_aggregator:
+            agg = self.config.aggregator
+            fused = self.aggregator(blocks[agg.hidden_layer], [blocks[i] for i in agg.cross_layers])
+            parts.append(self.aggregator_projection(self.aggregator_norm(fused)))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Prompt token ids (B,L) -> embeddings (B,L,d) with the soft tag prompt at `<extra_id_0>`."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        if self.config.enable_semantic_tags:
+            is_hint = (input_ids == self.config.language.soft_prompt_token_id).unsqueeze(-1)
+            embeds = torch.where(is_hint, self.tag_prompt_embedding.to(embeds.dtype), embeds)
+        return embeds
+
+    def encoder_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       qformer_input_ids: torch.Tensor | None = None,
+                       qformer_attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[visual tokens ; prompt embeddings] (B, n+L, d) and its mask (B, n+L)."""
+        visual = self.encode_images(pixel_values, qformer_input_ids, qformer_attention_mask)
+        text = self.embed_prompt(input_ids)
+        embeds = torch.cat([visual.to(text.dtype), text], dim=1)
+        visual_mask = torch.ones(visual.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        return embeds, torch.cat([visual_mask, attention_mask], dim=1)
+
+    # -- training and generation ---------------------------------------------------------------------
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                route_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                decoder_attention_mask: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
+                qformer_attention_mask: torch.Tensor | None = None) -> Seq2SeqLMOutput:
+        """Teacher-forced pass; `labels` (B,T) with -100 at padding give the mean token cross-entropy."""
+        embeds, mask = self.encoder_inputs(pixel_values, input_ids, attention_mask, qformer_input_ids,
+                                           qformer_attention_mask)
+        with self.routing(route_ids):
+            return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
+                                       decoder_attention_mask=decoder_attention_mask)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 route_ids: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                 qformer_attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """Decoded token ids (B * num_return_sequences, T), starting with the decoder start token.
+
+        The image and the T5 encoder run once per sample; transformers' generate then shares the
+        encoder output across beams and decodes with the KV cache (unless use_cache=False).
+        """
+        embeds, mask = self.encoder_inputs(pixel_values, input_ids, attention_mask, qformer_input_ids,
+                                           qformer_attention_mask)
+        with self.routing(route_ids):
+            encoded = self.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+            return self.language_model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoded.last_hidden_state),
+                attention_mask=mask, **generate_kwargs,
+            )
+
+    # -- accounting -----------------------------------------------------------------------------------
+
+    def flops_per_image(self, prompt_tokens: int = 64, text_tokens: int = 16) -> dict[str, float]:
+        """Forward FLOPs for one image (2 per multiply-add; attention scores included), by stage,
+        plus FLOPs per generated token per beam for the decoder."""
+        c, v, lang = self.config, self.config.vision, self.config.language
+        n_img = v.num_positions
+
+        def linear_params(module: nn.Module) -> int:
+            return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+        per_block = linear_params(self.vision_model.layers[0])
+        depth = max(self.vision_taps()) + 1
+        flops = {"vision": 2.0 * n_img * per_block * depth + 4.0 * n_img * n_img * v.hidden_size * depth
+                 + 2.0 * n_img * v.hidden_size * 3 * v.patch_size**2}
+        if c.uses_qformer:
+            q = c.qformer.num_query_tokens + text_tokens
+            flops["qformer"] = 2.0 * q * linear_params(self.qformer) / 2 + 2.0 * q * q * c.qformer.hidden_size * 2
+        if c.uses_aggregator:
+            flops["aggregator"] = 2.0 * n_img * (linear_params(self.aggregator)
+                                                 + linear_params(self.aggregator_projection))
+            flops["aggregator"] += 8.0 * n_img * n_img * v.hidden_size * len(c.aggregator.cross_layers)
+        enc_tokens = c.num_visual_tokens + prompt_tokens
+        inner = lang.num_heads * lang.d_kv
+        flops["t5_encoder"] = 2.0 * enc_tokens * linear_params(self.language_model.encoder) \
+            + 4.0 * enc_tokens * enc_tokens * inner * lang.num_layers
+        flops["t5_decoder_per_token"] = 2.0 * (linear_params(self.language_model.decoder)
+                                              + self.language_model.lm_head.weight.numel()) \
+            + 4.0 * enc_tokens * inner * lang.num_decoder_layers
+        return flops

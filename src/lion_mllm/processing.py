@@ -1,0 +1,174 @@
+"""Images and text in and out of LION, exactly as the authors' code prepares them.
+
+Image: PIL RGB -> 224x224 bicubic squash (aspect ratio not kept) -> [0,1] -> CLIP mean/std.
+Prompt: `TAG_PROMPT.format(tags) + question` when semantic tags are on; the Q-Former reads the
+question alone. T5 prompts are left-truncated to 128 tokens in training and not truncated in generation.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import LionConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageInput = Union[Image.Image, str, Path, bytes]
+
+# Task names a user may give, and the router row each takes (0 region-level, 1 image-level).
+TASK_ROUTES = {
+    "caption": 1, "vqa": 1, "ask": 1, "image_level": 1,
+    "ground": 0, "grounding": 0, "rec": 0, "region_level": 0,
+}
+
+
+class ImageLoadError(ValueError):
+    """An input that is not a readable image; the message names it."""
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """A PIL RGB image from a PIL image, a path or encoded bytes; a clear error names a bad input."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    name = f"{str(image)!r}" if isinstance(image, (str, Path)) else "image bytes"
+    try:
+        if isinstance(image, bytes):
+            opened = Image.open(io.BytesIO(image))
+        else:
+            opened = Image.open(Path(image))
+        opened.load()
+    except FileNotFoundError:
+        raise ImageLoadError(f"{name}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ImageLoadError(f"{name}: not a readable image ({error})") from None
+    return opened.convert("RGB")
+
+
+def route_id(task: str) -> int:
+    try:
+        return TASK_ROUTES[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASK_ROUTES)}") from None
+
+
+class LionImageProcessor:
+    """PIL image -> normalised (3, S, S) float tensor; PIL's bicubic resize as torchvision does on PIL."""
+
+    def __init__(self, size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                 resample: Image.Resampling = Image.Resampling.BICUBIC):
+        self.size, self.resample = size, resample
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """images -> (B, 3, S, S) float32."""
+        return torch.stack([self.one(load_image(image)) for image in images])
+
+    def one(self, image: Image.Image) -> torch.Tensor:
+        resized = image.resize((self.size, self.size), self.resample)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels.float().div(255) - self.mean) / self.std
+
+
+def render_tags(tags: str | Sequence[str]) -> str:
+    """A tag list as it goes between the brackets of the tag prompt: `a, b, c`."""
+    return tags if isinstance(tags, str) else ", ".join(tags)
+
+
+class LionProcessor:
+    """Tokenisers, image transform and prompt template of one LION model."""
+
+    def __init__(self, config: LionConfig, tokenizer: PreTrainedTokenizerBase,
+                 qformer_tokenizer: PreTrainedTokenizerBase | None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        self.image_processor = LionImageProcessor(config.vision.image_size)
+
+    @classmethod
+    def from_dirs(cls, config: LionConfig, t5_dir: str | Path, bert_dir: str | Path | None) -> "LionProcessor":
+        tokenizer = AutoTokenizer.from_pretrained(str(t5_dir))
+        qformer_tokenizer = None
+        if bert_dir is not None:
+            qformer_tokenizer = AutoTokenizer.from_pretrained(str(bert_dir))
+            if "[DEC]" not in qformer_tokenizer.get_vocab():
+                qformer_tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as the authors do
+        return cls(config, tokenizer, qformer_tokenizer)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(Path(directory) / "tokenizer"))
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(str(Path(directory) / "qformer_tokenizer"))
+
+    @classmethod
+    def from_pretrained(cls, config: LionConfig, directory: str | Path) -> "LionProcessor":
+        qformer_dir = Path(directory) / "qformer_tokenizer"
+        return cls.from_dirs(config, Path(directory) / "tokenizer", qformer_dir if qformer_dir.is_dir() else None)
+
+    # -- prompts ---------------------------------------------------------------------------------------
+
+    def build_prompt(self, question: str, tags: str | Sequence[str] | None, notebook_format: bool = False) -> str:
+        """The T5 prompt. `notebook_format` renders tags as the authors' notebook does (a list in a list:
+        `[['a, b']]`), to reproduce its prompts exactly; the default renders `[a, b]`."""
+        if not self.config.enable_semantic_tags:
+            return question
+        if tags is None:
+            raise ValueError("this model was trained with semantic tags: pass tags, or use a tagger")
+        rendered = [render_tags(tags)] if notebook_format else render_tags(tags)
+        return self.config.tag_prompt.format(rendered) + question
+
+    # -- batches ---------------------------------------------------------------------------------------
+
+    def __call__(self, images: Sequence[ImageInput] | torch.Tensor, questions: Sequence[str],
+                 tasks: Sequence[str], tags: Sequence[str | Sequence[str] | None] | None = None,
+                 answers: Sequence[str] | None = None, truncate_prompt: bool | None = None,
+                 notebook_format: bool = False) -> dict[str, torch.Tensor]:
+        """A model batch. Prompts are truncated (from the left, to 128 tokens) when answers are given
+        (training), not in generation: the authors' asymmetry."""
+        if not (len(questions) == len(tasks) and (tags is None or len(tags) == len(questions))):
+            raise ValueError("questions, tasks and tags must have one entry per image")
+        pixel_values = images if isinstance(images, torch.Tensor) else self.image_processor(images)
+        if pixel_values.shape[0] != len(questions):
+            raise ValueError(f"{pixel_values.shape[0]} images for {len(questions)} questions")
+        tags = tags if tags is not None else [None] * len(questions)
+        prompts = [self.build_prompt(q, t, notebook_format) for q, t in zip(questions, tags)]
+        truncate = answers is not None if truncate_prompt is None else truncate_prompt
+        lang = self.config.language
+        self.tokenizer.truncation_side = "left"
+        text = self.tokenizer(prompts, padding="longest", truncation=truncate, max_length=lang.max_text_length
+                              if truncate else None, return_tensors="pt")
+        batch = {
+            "pixel_values": pixel_values,
+            "input_ids": text.input_ids,
+            "attention_mask": text.attention_mask,
+            "route_ids": torch.tensor([route_id(t) for t in tasks], dtype=torch.long),
+        }
+        if self.config.uses_qformer:
+            if self.qformer_tokenizer is None:
+                raise ValueError("this model has a Q-Former but no Q-Former tokenizer")
+            self.qformer_tokenizer.truncation_side = "left"
+            qtext = self.qformer_tokenizer(list(questions), padding="longest", truncation=True,
+                                           max_length=self.config.qformer.max_text_length, return_tensors="pt")
+            batch["qformer_input_ids"] = qtext.input_ids
+            batch["qformer_attention_mask"] = qtext.attention_mask
+        if answers is not None:
+            self.tokenizer.truncation_side = "right"
+            target = self.tokenizer(list(answers), padding="longest", truncation=True,
+                                    max_length=lang.max_output_text_length, return_tensors="pt")
+            self.tokenizer.truncation_side = "left"
+            batch["labels"] = target.input_ids.masked_fill(target.input_ids == self.tokenizer.pad_token_id, -100)
+            batch["decoder_attention_mask"] = target.attention_mask
+        return batch
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        # transformers 4.42 (the authors') cleaned up tokenisation spaces by default; newer ones don't.
+        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
