@@ -245,6 +245,10 @@ def config_from_official(paths: OfficialPaths, vit_state: dict[str, torch.Tensor
     """Dimensions from the files themselves: T5 and BERT config.json, the ViT's tensor shapes."""
     t5 = json.loads((paths.llm_model / "config.json").read_text())
     bert = json.loads((paths.bert_model / "config.json").read_text())
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    if not all(k in vit_state for k in needed):
+        raise CheckpointError(f"{paths.vit_model}: not an EVA ViT checkpoint (needs {list(needed)}; "
+                              f"found e.g. {list(vit_state)[:3]})")
     width = vit_state["cls_token"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in vit_state if k.startswith("blocks."))
     heads = vision_num_heads or paths.extra.get("vit_num_heads")
@@ -379,8 +383,9 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
                                     (str(paths.pretrained), lion_mapped, lion_unknown)):
         unexpected += [f"{Path(source).name}:{k}" for k in unknown]
         for name, tensor in mapped.items():
-            if name not in wanted:
-                unexpected.append(f"{Path(source).name}:{name}")
+            if name not in wanted:  # reported under the file's own name for the key
+                original = name[len("language_model."):] if source == t5_source else _apply(_INVERSE, name)
+                unexpected.append(f"{Path(source).name}:{original or name}")
                 continue
             if name in _T5_ALIASES:
                 name = "language_model.shared.weight"

@@ -85,9 +85,10 @@ class AggregatorAttention(nn.Module):
     """Multi-head attention; keys/values from `context` when given (cross-attention). Never causal:
     the authors' BertLayer is built with is_decoder=True but runs eager attention without a mask."""
 
-    def __init__(self, width: int, num_heads: int, dropout: float):
+    def __init__(self, width: int, num_heads: int, dropout: float, attn_implementation: str = "sdpa"):
         super().__init__()
         self.num_heads, self.dropout = num_heads, dropout
+        self.eager = attn_implementation == "eager"  # the authors' arithmetic, kept to check SDPA against
         self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,10 +98,14 @@ class AggregatorAttention(nn.Module):
         def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, W) -> (B, heads, L, W/heads)
             return x.view(batch, x.shape[1], self.num_heads, width // self.num_heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            heads(self.query(hidden)), heads(self.key(context)), heads(self.value(context)),
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        q, k, v = heads(self.query(hidden)), heads(self.key(context)), heads(self.value(context))
+        dropout = self.dropout if self.training else 0.0
+        if self.eager:
+            probs = F.dropout(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1), dropout,
+                              self.training)
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         return out.transpose(1, 2).reshape(batch, length, width)
 
 
@@ -118,9 +123,9 @@ class AggregatorResidual(nn.Module):
 
 
 class AggregatorAttentionBlock(nn.Module):
-    def __init__(self, width: int, config: AggregatorConfig):
+    def __init__(self, width: int, config: AggregatorConfig, attn_implementation: str):
         super().__init__()
-        self.self = AggregatorAttention(width, config.num_attention_heads, config.dropout)
+        self.self = AggregatorAttention(width, config.num_attention_heads, config.dropout, attn_implementation)
         self.output = AggregatorResidual(width, width, config.layer_norm_eps, config.dropout)
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,10 +142,10 @@ class AggregatorIntermediate(nn.Module):
 
 
 class AggregatorLayer(nn.Module):
-    def __init__(self, width: int, config: AggregatorConfig):
+    def __init__(self, width: int, config: AggregatorConfig, attn_implementation: str):
         super().__init__()
-        self.attention = AggregatorAttentionBlock(width, config)
-        self.crossattention = AggregatorAttentionBlock(width, config)
+        self.attention = AggregatorAttentionBlock(width, config, attn_implementation)
+        self.crossattention = AggregatorAttentionBlock(width, config, attn_implementation)
         self.intermediate = AggregatorIntermediate(width, config.intermediate_size)
         self.output = AggregatorResidual(config.intermediate_size, width, config.layer_norm_eps, config.dropout)
 
@@ -153,9 +158,9 @@ class AggregatorLayer(nn.Module):
 class VisionAggregator(nn.Module):
     """Refines one ViT block's tokens by cross-attending to earlier blocks, one block per tap."""
 
-    def __init__(self, width: int, config: AggregatorConfig):
+    def __init__(self, width: int, config: AggregatorConfig, attn_implementation: str = "sdpa"):
         super().__init__()
-        self.blocks = nn.ModuleList(AggregatorLayer(width, config) for _ in config.cross_layers)
+        self.blocks = nn.ModuleList(AggregatorLayer(width, config, attn_implementation) for _ in config.cross_layers)
 
     def forward(self, hidden: torch.Tensor, contexts: Sequence[torch.Tensor]) -> torch.Tensor:
         """hidden (B, N, W), contexts: one (B, N, W) per block -> (B, N, W)."""
@@ -260,7 +265,7 @@ def build_language_model(config: LanguageConfig, num_adapters: int, route_state:
     t5_config._attn_implementation = attn_implementation
     model = T5ForConditionalGeneration(t5_config)
     # transformers 5 ties lm_head to the input embedding for every T5; FlanT5 has its own lm_head.
-    model.lm_head.weight = nn.Parameter(torch.empty_like(model.shared.weight))
+    model.lm_head.weight = nn.Parameter(model.shared.weight.detach().clone())
     for stack in (model.encoder, model.decoder):
         for block in stack.block:
             adapter = MixtureOfAdapters(config.d_model, config.adapter_bottleneck, num_adapters, route_state)
@@ -300,7 +305,7 @@ class LionModel(nn.Module):
             self.query_tokens = nn.Parameter(torch.zeros(1, config.qformer.num_query_tokens, config.qformer.hidden_size))
             self.qformer_projection = nn.Linear(config.qformer.hidden_size, d_model)
         if config.uses_aggregator:
-            self.aggregator = VisionAggregator(vision.hidden_size, config.aggregator)
+            self.aggregator = VisionAggregator(vision.hidden_size, config.aggregator, attn_implementation)
             self.aggregator_norm = FP32LayerNorm(vision.hidden_size, eps=config.aggregator.norm_eps)
             self.aggregator_projection = nn.Sequential(
                 nn.Linear(vision.hidden_size, config.aggregator.projection_size), nn.GELU(),

@@ -1,0 +1,360 @@
+"""The evaluation harness: load a benchmark, query the model, save predictions, score.
+
+``generate_fn(images, questions, tasks) -> answers`` is the model; ``tasks`` holds the
+route of each query ("caption" | "vqa" | "grounding"; grounding selects LION's
+region-level adapter route). Predictions are appended to a JSON Lines file after each
+batch, so an interrupted run resumes where it stopped and re-scoring reuses them.
+Under ``torch.distributed`` each rank answers samples ``rank::world_size`` and rank 0
+gathers, scores and writes the report, which is then broadcast to every rank.
+"""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .datasets import (
+    AnnotationError,
+    EvalSample,
+    load_aokvqa,
+    load_captions,
+    load_generic_vqa,
+    load_gqa,
+    load_mmbench,
+    load_pope,
+    load_rec,
+    load_vqa_pair,
+    load_vsr,
+)
+from .report import render_markdown
+from .scorers import score_task
+from .tasks import get_task, infer_split
+
+__all__ = ["evaluate", "load_task_samples", "render_prompt", "read_predictions", "GenerateFn"]
+
+log = logging.getLogger(__name__)
+
+GenerateFn = Callable[[list[Any], list[str], list[str]], list[str]]
+PathArg = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def load_task_samples(
+    spec: Mapping[str, Any], annotation_path: PathArg, image_root: str | os.PathLike | None, *,
+    split: str | None = None, box_format: str = "xywh",
+) -> list[EvalSample]:
+    """Run the loader of task ``spec`` on ``annotation_path``."""
+    loader = spec["loader"]
+    paths = [annotation_path] if isinstance(annotation_path, (str, os.PathLike)) else list(annotation_path)
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"annotation file not found: {p}")
+    if loader == "vqa_pair":
+        return load_vqa_pair(paths if len(paths) > 1 else paths[0], image_root)
+    if len(paths) != 1:
+        raise ValueError(f"task {spec['name']!r} takes one annotation file, got {len(paths)}")
+    path = paths[0]
+    if loader == "captions":
+        return load_captions(path, image_root, split=split or "test")
+    if loader == "rec":
+        return load_rec(path, image_root, box_format=box_format)
+    simple = {"gqa": load_gqa, "aokvqa": load_aokvqa, "generic_vqa": load_generic_vqa, "vsr": load_vsr,
+              "pope": load_pope, "mmbench": load_mmbench}
+    return simple[loader](path, image_root)
+
+
+def render_prompt(template: str, sample: EvalSample) -> str:
+    """Fill ``template`` with the sample's fields; unknown placeholders raise a clear error."""
+    try:
+        return template.format_map(sample.fields)
+    except KeyError as exc:
+        raise KeyError(
+            f"prompt template {template!r} uses {{{exc.args[0]}}} but this task provides only "
+            f"{sorted(sample.fields)}"
+        ) from None
+
+
+def _apply_limit(samples: list[EvalSample], limit: int | None) -> list[EvalSample]:
+    """Keep the first ``limit`` questions; MMBench rotations of one question stay together."""
+    if limit is None:
+        return samples
+    if limit < 0:
+        raise ValueError("limit must be >= 0")
+    kept, groups = [], []
+    for s in samples:
+        g = s.meta.get("group_id", s.id)
+        if g not in groups:
+            if len(groups) == limit:
+                break
+            groups.append(g)
+        kept.append(s)
+    return kept
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Read a predictions JSON Lines file (id -> record), plus leftover rank part files.
+
+    A malformed line raises `AnnotationError` with file and line, except a truncated
+    *last* line (a write interrupted by a crash), which is dropped with a warning.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    files = [os.fspath(path)] + sorted(glob.glob(glob.escape(os.fspath(path)) + ".rank*"))
+    for f in files:
+        if not os.path.isfile(f):
+            continue
+        with open(f, encoding="utf-8") as fh:
+            lines = fh.readlines()
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("prediction"), str):
+                    raise ValueError("needs an object with 'id' and a string 'prediction'")
+            except (json.JSONDecodeError, ValueError) as exc:
+                if lineno == len(lines) and not line.endswith("\n"):
+                    log.warning("%s:%d: dropping truncated last line", f, lineno)
+                    continue
+                raise AnnotationError(f"{f}:{lineno}: malformed prediction line ({exc})") from None
+            out[str(rec["id"])] = rec
+    return out
+
+
+def _write_predictions(path: str, records: Mapping[str, Mapping[str, Any]]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records.values():
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _decoding_kwargs(fn: Callable, decoding: Mapping[str, Any]) -> dict[str, Any]:
+    """The decoding settings ``fn`` can take as keyword arguments.
+
+    A plain ``fn(images, questions, tasks)`` gets none (settings are then only
+    recorded); one with ``**kwargs`` gets all; otherwise the matching names.
+    """
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(decoding)
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in decoding.items() if k in names}
+
+
+def _dist_info() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # torch is a dependency, but keep scoring usable without it
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _generate(
+    samples: Sequence[EvalSample], prompts: Mapping[str, str], generate_fn: GenerateFn, route: str,
+    batch_size: int, decoding: Mapping[str, Any], task: str, sink: str | None, progress: bool,
+) -> dict[str, dict[str, Any]]:
+    kwargs = _decoding_kwargs(generate_fn, decoding)
+    out: dict[str, dict[str, Any]] = {}
+    batches = range(0, len(samples), batch_size)
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"lion eval {task}", unit="batch")
+        except ImportError:
+            pass
+    for start in batches:
+        batch = samples[start:start + batch_size]
+        images = [s.load_image() for s in batch]
+        questions = [prompts[s.id] for s in batch]
+        answers = generate_fn(images, questions, [route] * len(batch), **kwargs)
+        if not isinstance(answers, (list, tuple)) or len(answers) != len(batch):
+            raise RuntimeError(
+                f"generate_fn returned {type(answers).__name__} of length "
+                f"{len(answers) if hasattr(answers, '__len__') else '?'} for a batch of {len(batch)}"
+            )
+        recs = []
+        for s, q, a in zip(batch, questions, answers):
+            if not isinstance(a, str):
+                raise RuntimeError(f"generate_fn returned a {type(a).__name__} for sample {s.id!r}; expected str")
+            rec = {"id": s.id, "task": task, "prompt": q, "prediction": a}
+            out[s.id] = rec
+            recs.append(rec)
+        if sink is not None:
+            # Append + flush per batch: a crash loses at most the current batch.
+            with open(sink, "a", encoding="utf-8") as fh:
+                for rec in recs:
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return out
+
+
+def evaluate(
+    task_name: str,
+    generate_fn: GenerateFn,
+    annotation_path: PathArg,
+    image_root: str | os.PathLike | None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    predictions_path: str | os.PathLike | None = None,
+    prompt: str | None = None,
+    decoding: Mapping[str, Any] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    split: str | None = None,
+    box_format: str = "xywh",
+    model_name: str | None = None,
+    spice: bool | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a model on one benchmark and return the report.
+
+    Args:
+        task_name: a key of `tasks.TASKS` (e.g. "vqav2", "coco_caption", "refcoco",
+            "pope_adversarial", "mmbench").
+        generate_fn: ``(images: list[PIL.Image], questions: list[str], tasks: list[str])
+            -> list[str]``; it also receives the decoding settings as keyword arguments
+            when its signature accepts them.
+        annotation_path: the benchmark's annotation file (VQAv2/OK-VQA: questions and
+            annotations files, or the annotations file alone).
+        image_root: folder the annotation's image names are relative to (None for
+            MMBench, whose TSV embeds the images).
+        limit: only the first ``limit`` questions (MMBench: base questions).
+        batch_size: queries per ``generate_fn`` call.
+        predictions_path: JSON Lines file of predictions; ids already present are not
+            generated again. Default: ``<out_dir>/<task>[_<split>].predictions.jsonl``
+            when ``out_dir`` is given, else predictions are kept in memory only.
+        prompt: template overriding the task's default (fields as in `tasks.PROMPT_FIELDS`).
+        decoding: settings merged over the task's defaults (num_beams, max_new_tokens, ...).
+        out_dir: where ``<stem>.report.json`` and ``<stem>.report.md`` are written.
+        split: caption split for Karpathy files (default "test"), or the split label
+            of REC/POPE reports (default: inferred from the file name).
+        box_format: ground-truth box layout of REC files, "xywh" or "xyxy".
+        model_name: label for the report and its markdown tables.
+        spice: SPICE for captions (None = only if its models are installed).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The report dict (also on non-zero ranks under torch.distributed), with
+        ``metrics``, ``primary_metric``, ``paper`` numbers and ``markdown``.
+    """
+    t0 = time.time()
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    spec = get_task(task_name)
+    samples = _apply_limit(
+        load_task_samples(spec, annotation_path, image_root, split=split, box_format=box_format), limit
+    )
+    report_split = split or infer_split(spec, annotation_path)
+    template = prompt if prompt is not None else spec["prompt"]
+    dec = {**spec["decoding"], **(decoding or {})}
+    prompts = {s.id: render_prompt(template, s) for s in samples}
+
+    stem = spec["name"] + (f"_{report_split}" if report_split else "")
+    if predictions_path is None and out_dir is not None:
+        predictions_path = os.path.join(os.fspath(out_dir), f"{stem}.predictions.jsonl")
+    rank, world = _dist_info()
+    pred_path = os.fspath(predictions_path) if predictions_path is not None else None
+    if pred_path:
+        os.makedirs(os.path.dirname(os.path.abspath(pred_path)), exist_ok=True)
+    existing = read_predictions(pred_path) if pred_path else {}
+    if pred_path and rank == 0 and world == 1 and existing:
+        # Normalise the file (drops a truncated tail, folds in part files) before appending.
+        _write_predictions(pred_path, existing)
+        for part in glob.glob(glob.escape(pred_path) + ".rank*"):
+            os.remove(part)
+
+    mine = samples[rank::world]
+    todo = [s for s in mine if s.id not in existing]
+    sink = None if not pred_path else (pred_path if world == 1 else f"{pred_path}.rank{rank}")
+    new = _generate(todo, prompts, generate_fn, spec["route"], batch_size, dec, spec["name"], sink, progress)
+
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, new)
+        new = {}
+        for part in gathered:
+            new.update(part or {})
+
+    report: dict[str, Any] | None = None
+    error: str | None = None
+    if rank == 0:
+        try:
+            merged = {**existing, **new}
+            if pred_path and world > 1:
+                _write_predictions(pred_path, merged)
+                for part in glob.glob(glob.escape(pred_path) + ".rank*"):
+                    os.remove(part)
+            missing = [s.id for s in samples if s.id not in merged]
+            if missing:
+                raise RuntimeError(f"{len(missing)} samples have no prediction, e.g. {missing[:3]}")
+            reused = sum(1 for s in samples if s.id in existing)
+            stale = sum(1 for s in samples if s.id in existing and existing[s.id].get("prompt") not in (None, prompts[s.id]))
+            metrics, notes = score_task(spec, samples, {s.id: merged[s.id]["prediction"] for s in samples}, spice=spice)
+            if stale:
+                notes.append(f"{stale} reused predictions were generated with a different prompt")
+            paths = [annotation_path] if isinstance(annotation_path, (str, os.PathLike)) else list(annotation_path)
+            report = {
+                "task": spec["name"],
+                "benchmark": spec["benchmark"],
+                "split": report_split,
+                "model": model_name,
+                "annotation": [os.fspath(p) for p in paths],
+                "annotation_name": os.path.basename(os.fspath(paths[-1])),
+                "image_root": os.fspath(image_root) if image_root is not None else None,
+                "num_samples": len(samples),
+                "num_generated": len(new),
+                "num_reused": reused,
+                "limit": limit,
+                "route": spec["route"],
+                "prompt": template,
+                "decoding": dec,
+                "primary_metric": spec["primary"],
+                "metrics": metrics,
+                "paper": spec["paper"],
+                "notes": notes,
+                "predictions_path": pred_path,
+                "world_size": world,
+                "time_s": round(time.time() - t0, 3),
+            }
+            report["markdown"] = render_markdown([report], model_label=model_name or "this run")
+            if out_dir is not None:
+                os.makedirs(out_dir, exist_ok=True)
+                base = os.path.join(os.fspath(out_dir), stem)
+                with open(base + ".report.json", "w", encoding="utf-8") as fh:
+                    json.dump({k: v for k, v in report.items() if k != "markdown"}, fh, indent=2, ensure_ascii=False)
+                with open(base + ".report.md", "w", encoding="utf-8") as fh:
+                    fh.write(report["markdown"])
+                report["report_path"] = base + ".report.json"
+
+        except Exception as exc:
+            if world == 1:
+                raise
+            # Other ranks wait in broadcast_object_list: tell them instead of hanging.
+            error = f"rank 0 failed while scoring: {exc!r}"
+            failure = exc
+
+    if world > 1:
+        import torch.distributed as dist
+
+        box: list[Any] = [report, error]
+        dist.broadcast_object_list(box, src=0)
+        report, error = box
+        if error is not None:
+            if rank == 0:
+                raise failure
+            raise RuntimeError(error)
+    assert report is not None
+    return report
+

@@ -1,0 +1,172 @@
+"""Markdown rendering of eval reports in the layout of the LION paper's tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .tasks import TASKS
+
+__all__ = ["render_markdown", "load_reports", "summarize_reports"]
+
+# Table 1 columns in paper order: (column label, task names that fill it).
+TABLE1_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    ("Flickr30K", ("flickr30k",)),
+    ("COCOCap", ("coco_caption",)),
+    ("TextCaps", ("textcaps",)),
+    ("OKVQA", ("okvqa",)),
+    ("AOKVQA", ("aokvqa_da", "aokvqa_mc")),
+    ("GQA", ("gqa",)),
+    ("IconQA", ("iconqa",)),
+    ("VSR", ("vsr",)),
+    ("VisDial", ()),  # not implemented (MRR); kept so the layout matches the paper
+]
+TABLE1_PAPER: dict[str, list[float]] = {
+    "InstructBLIP (T5XL)": [83.71, 135.47, 104.17, 47.38, 56.12, 46.34, 52.47, 69.93, 48.75],
+    "InstructBLIP (T5XXL)": [85.79, 138.63, 105.44, 53.02, 59.38, 47.74, 53.18, 68.46, 50.41],
+    "LION-4B": [85.57, 138.20, 104.87, 51.08, 59.98, 49.50, 54.91, 72.96, 50.02],
+    "LION-12B": [87.12, 139.25, 108.76, 57.33, 60.87, 51.56, 54.89, 73.77, 50.42],
+}
+TABLE2_COLUMNS: list[tuple[str, str, str]] = [
+    ("RefCOCO val", "refcoco", "val"), ("RefCOCO testA", "refcoco", "testA"), ("RefCOCO testB", "refcoco", "testB"),
+    ("RefCOCO+ val", "refcoco+", "val"), ("RefCOCO+ testA", "refcoco+", "testA"), ("RefCOCO+ testB", "refcoco+", "testB"),
+    ("RefCOCOg val", "refcocog", "val"), ("RefCOCOg test", "refcocog", "test"),
+]
+TABLE3_COLUMNS = ["overall", "LR", "AR", "RR", "FP-S", "FP-C", "CP"]
+TABLE4_COLUMNS = [("F1", "F1"), ("Accuracy", "accuracy"), ("Precision", "precision"), ("Recall", "recall"), ("Yes ratio", "yes_ratio")]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _primary(report: Mapping[str, Any]) -> float | None:
+    value = report.get("metrics", {}).get(report.get("primary_metric", ""))
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _label(report: Mapping[str, Any], default: str) -> str:
+    return str(report.get("model") or default)
+
+
+def render_markdown(reports: Sequence[Mapping[str, Any]], model_label: str = "this run") -> str:
+    """Paper-layout markdown for one or more reports (from `evaluate`).
+
+    Reports of the same model are merged into one "this run" row per table; tables
+    without any report are omitted. A per-report metric list follows the tables.
+    """
+    by_task: dict[tuple[str, str | None], Mapping[str, Any]] = {}
+    for r in reports:
+        by_task[(r["task"], r.get("split"))] = r
+    label = _label(reports[0], model_label) if reports else model_label
+    parts: list[str] = []
+
+    t1 = {}
+    for col, names in TABLE1_COLUMNS:
+        for n in names:
+            hit = next((r for (t, _), r in by_task.items() if t == n), None)
+            if hit is not None and _primary(hit) is not None:
+                t1[col] = _primary(hit)
+                break
+    if t1:
+        rows = [[name, *vals] for name, vals in TABLE1_PAPER.items()]
+        rows.append([f"**{label}**", *[t1.get(col) for col, _ in TABLE1_COLUMNS]])
+        parts.append(
+            "### Table 1 — captioning (CIDEr) and VQA (top-1 accuracy)\n\n"
+            + _table(["Model", *[c for c, _ in TABLE1_COLUMNS]], rows)
+        )
+
+    t2 = {}
+    for col, task, split in TABLE2_COLUMNS:
+        r = by_task.get((task, split))
+        if r is not None:
+            t2[col] = _primary(r)
+    if t2:
+        rows = []
+        for setting in ("zero-shot", "fine-tuning"):
+            for model in ("LION-4B", "LION-12B"):
+                vals = [TASKS[task]["paper"][split][setting][model] for _, task, split in TABLE2_COLUMNS]
+                rows.append([setting, model, *vals, sum(vals) / len(vals)])
+        vals = [t2.get(col) for col, _, _ in TABLE2_COLUMNS]
+        avg = sum(vals) / len(vals) if all(v is not None for v in vals) else None
+        rows.append(["this run", f"**{label}**", *vals, avg])
+        parts.append(
+            "### Table 2 — REC (Acc@0.5, %)\n\n"
+            + _table(["Setting", "Model", *[c for c, _, _ in TABLE2_COLUMNS], "Avg."], rows)
+        )
+
+    mm = next((r for (t, _), r in by_task.items() if t == "mmbench"), None)
+    if mm is not None:
+        paper = TASKS["mmbench"]["paper"]["LION-12B"]
+        m = mm.get("metrics", {})
+        mine = [m.get("overall")] + [m.get("l2_abbrev", {}).get(c) for c in TABLE3_COLUMNS[1:]]
+        parts.append(
+            "### Table 3 — MMBench (circular evaluation, %)\n\n"
+            + _table(
+                ["Model", "Overall", *TABLE3_COLUMNS[1:]],
+                [["LION-12B (paper, test)", *[paper[c] for c in TABLE3_COLUMNS]],
+                 [f"**{label}** ({mm.get('annotation_name', 'dev')})", *mine]],
+            )
+        )
+
+    pope = [r for (t, _), r in by_task.items() if TASKS[t]["kind"] == "pope"]
+    if pope:
+        rows = []
+        for split, paper in TASKS["pope"]["paper"].items():
+            rows.append([f"{split} (paper)", *[paper.get(k) for _, k in TABLE4_COLUMNS]])
+            for r in pope:
+                if r.get("split") == split:
+                    rows.append([f"{split} (**{label}**)", *[r["metrics"].get(k) for _, k in TABLE4_COLUMNS]])
+        for r in pope:
+            if r.get("split") not in TASKS["pope"]["paper"]:
+                rows.append([f"{r.get('split') or 'unknown split'} (**{label}**)", *[r["metrics"].get(k) for _, k in TABLE4_COLUMNS]])
+        parts.append("### Table 4 — POPE (%)\n\n" + _table(["Split", *[c for c, _ in TABLE4_COLUMNS]], rows))
+
+    others = [r for (t, _), r in by_task.items() if TASKS[t].get("table") is None]
+    if others:
+        rows = [[r["benchmark"], r.get("split") or "–", r["primary_metric"], _primary(r)] for r in others]
+        parts.append("### Not in the paper's tables\n\n" + _table(["Benchmark", "Split", "Metric", label], rows))
+
+    for r in reports:
+        flat = []
+        for k, v in r.get("metrics", {}).items():
+            if isinstance(v, Mapping):
+                flat += [(f"{k}/{kk}", vv) for kk, vv in v.items()]
+            else:
+                flat.append((k, v))
+        head = f"#### {r['benchmark']}" + (f" — {r['split']}" if r.get("split") else "")
+        detail = _table(["Metric", "Value"], flat) if flat else "_not scored_"
+        info = f"{r.get('num_samples')} samples; prompt: `{r.get('prompt')}`; decoding: `{json.dumps(r.get('decoding'))}`"
+        notes = "".join(f"\n- {n}" for n in r.get("notes", []))
+        parts.append(f"{head}\n\n{info}\n\n{detail}{notes}")
+    return "\n\n".join(parts) + "\n"
+
+
+def load_reports(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """All ``*.report.json`` files written by `evaluate` in ``folder`` (sorted by name)."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".report.json"):
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                out.append(json.load(fh))
+    return out
+
+
+def summarize_reports(folder: str | os.PathLike, model_label: str = "this run") -> str:
+    """Combined paper-layout markdown for every report in ``folder``."""
+    reports = load_reports(folder)
+    if not reports:
+        raise FileNotFoundError(f"no *.report.json files in {folder}")
+    return render_markdown(reports, model_label)

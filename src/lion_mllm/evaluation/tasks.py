@@ -1,0 +1,197 @@
+"""The task table: one entry per benchmark with its loader, model route, default
+prompt, default decoding, scorer and the paper's numbers.
+
+Everything a user may want to change for a run (prompt, decoding) is overridable per
+call (`evaluate(prompt=..., decoding=...)`, ``lion eval --prompt/--num-beams/
+--max-new-tokens``); this table only holds the defaults, documented in
+docs/evaluation.md.
+
+Prompt choices (no official per-benchmark prompts exist, spec section 6):
+* caption: the playground prompt "Please describe the image using a single short sentence."
+* REC: the playground / Shikra REC template with the literal ``<image>`` placeholder.
+* short-answer VQA: InstructBLIP's FlanT5 prompt "Question: {question} Short answer:".
+  LION is built on the InstructBLIP recipe, is compared against InstructBLIP in
+  Table 1, and the "Short answer:" cue makes FlanT5 emit the one- or two-word
+  answers that the VQA normalisation expects.
+* POPE / VSR: "... Please answer yes or no." so that answers start with yes/no.
+* multiple choice (MMBench, A-OKVQA MC): options listed as "A. text" lines and the
+  common "Answer with the option's letter from the given choices directly."
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from typing import Any
+
+__all__ = ["TASKS", "ALIASES", "get_task", "task_names", "infer_split", "PROMPT_FIELDS"]
+
+CAPTION_PROMPT = "Please describe the image using a single short sentence."
+VQA_PROMPT = "Question: {question} Short answer:"
+REC_PROMPT = "In the image <image>, can you locate {expr} and let me know its coordinates?"
+YESNO_PROMPT = "{question} Please answer yes or no."
+CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+# Decoding defaults. The official generate() defaults are num_beams=5,
+# max_new_tokens=256 (spec 2.5); answers end at EOS long before the cap, so the
+# caps below only bound runaway generations and the runtime of a benchmark pass.
+_CAPTION_DECODING = {"num_beams": 5, "max_new_tokens": 30}
+_SHORT_DECODING = {"num_beams": 5, "max_new_tokens": 10}
+_BOX_DECODING = {"num_beams": 5, "max_new_tokens": 64}  # "Answer: [0.440,0.060,0.650,0.367]"
+
+_REC_PAPER = {
+    # Table 2, top-1 accuracy (Acc@0.5). Keys: split -> setting -> model -> value.
+    "refcoco": {
+        "val": {"zero-shot": {"LION-4B": 57.89, "LION-12B": 58.54}, "fine-tuning": {"LION-4B": 89.73, "LION-12B": 89.80}},
+        "testA": {"zero-shot": {"LION-4B": 56.07, "LION-12B": 56.41}, "fine-tuning": {"LION-4B": 92.29, "LION-12B": 93.02}},
+        "testB": {"zero-shot": {"LION-4B": 58.40, "LION-12B": 59.36}, "fine-tuning": {"LION-4B": 84.82, "LION-12B": 85.57}},
+    },
+    "refcoco+": {
+        "val": {"zero-shot": {"LION-4B": 46.38, "LION-12B": 45.93}, "fine-tuning": {"LION-4B": 83.60, "LION-12B": 83.95}},
+        "testA": {"zero-shot": {"LION-4B": 45.29, "LION-12B": 45.73}, "fine-tuning": {"LION-4B": 88.72, "LION-12B": 89.22}},
+        "testB": {"zero-shot": {"LION-4B": 47.50, "LION-12B": 47.89}, "fine-tuning": {"LION-4B": 77.34, "LION-12B": 78.06}},
+    },
+    "refcocog": {
+        "val": {"zero-shot": {"LION-4B": 64.74, "LION-12B": 66.12}, "fine-tuning": {"LION-4B": 85.69, "LION-12B": 85.52}},
+        "test": {"zero-shot": {"LION-4B": 63.56, "LION-12B": 64.69}, "fine-tuning": {"LION-4B": 85.63, "LION-12B": 85.74}},
+    },
+}
+
+_POPE_PAPER = {  # Table 4 (model size not stated in the paper)
+    "random": {"F1": 88.33, "accuracy": 88.97, "precision": 97.12, "recall": 81.00},
+    "popular": {"F1": 85.94, "accuracy": 86.77, "precision": 91.69, "recall": 80.87},
+    "adversarial": {"F1": 84.71, "accuracy": 85.37, "precision": 88.69, "recall": 81.07},
+}
+
+
+def _caption(benchmark: str, column: str | None, paper: dict | None) -> dict[str, Any]:
+    return {
+        "benchmark": benchmark, "kind": "caption", "loader": "captions", "route": "caption",
+        "prompt": CAPTION_PROMPT, "decoding": dict(_CAPTION_DECODING), "primary": "CIDEr",
+        "table": "table1" if column else None, "column": column, "paper": paper,
+    }
+
+
+def _vqa(benchmark: str, kind: str, loader: str, column: str | None, paper: dict | None,
+         prompt: str = VQA_PROMPT, primary: str = "accuracy") -> dict[str, Any]:
+    return {
+        "benchmark": benchmark, "kind": kind, "loader": loader, "route": "vqa", "prompt": prompt,
+        "decoding": dict(_SHORT_DECODING), "primary": primary,
+        "table": "table1" if column else None, "column": column, "paper": paper,
+    }
+
+
+def _rec(benchmark: str) -> dict[str, Any]:
+    return {
+        "benchmark": benchmark, "kind": "rec", "loader": "rec", "route": "grounding", "prompt": REC_PROMPT,
+        "decoding": dict(_BOX_DECODING), "primary": "Acc@0.5", "table": "table2",
+        "column": benchmark.lower(), "paper": _REC_PAPER[benchmark.lower()],
+    }
+
+
+def _pope(split: str | None) -> dict[str, Any]:
+    return {
+        "benchmark": "POPE", "kind": "pope", "loader": "pope", "route": "vqa", "prompt": YESNO_PROMPT,
+        "decoding": dict(_SHORT_DECODING), "primary": "F1", "table": "table4", "column": None,
+        "paper": _POPE_PAPER, "split": split,
+    }
+
+
+# The one table. Keys are `lion eval --task` names.
+TASKS: dict[str, dict[str, Any]] = {
+    # --- captioning (Table 1, CIDEr) -------------------------------------------------
+    "coco_caption": _caption("COCO Caption (Karpathy test)", "COCOCap", {"LION-4B": 138.20, "LION-12B": 139.25}),
+    "flickr30k": _caption("Flickr30K (Karpathy test)", "Flickr30K", {"LION-4B": 85.57, "LION-12B": 87.12}),
+    "textcaps": _caption("TextCaps", "TextCaps", {"LION-4B": 104.87, "LION-12B": 108.76}),
+    "nocaps": _caption("NoCaps", None, None),  # not reported in the paper
+    # --- VQA (Table 1, top-1 accuracy) ---------------------------------------------
+    "vqav2": _vqa("VQAv2", "vqa", "vqa_pair", None, None),  # not in the paper's tables
+    "okvqa": _vqa("OK-VQA", "vqa", "vqa_pair", "OKVQA", {"LION-4B": 51.08, "LION-12B": 57.33}),
+    "aokvqa_da": _vqa("A-OKVQA (direct answer)", "aokvqa_da", "aokvqa", "AOKVQA", {"LION-4B": 59.98, "LION-12B": 60.87}),
+    "aokvqa_mc": _vqa(
+        "A-OKVQA (multiple choice)", "aokvqa_mc", "aokvqa", "AOKVQA", {"LION-4B": 59.98, "LION-12B": 60.87},
+        prompt="Question: {question}\nOptions:\n{options}\n" + CHOICE_SUFFIX,
+    ),
+    "gqa": _vqa("GQA (test-dev balanced)", "exact", "gqa", "GQA", {"LION-4B": 49.50, "LION-12B": 51.56}),
+    "iconqa": _vqa(
+        "IconQA", "choice_or_exact", "generic_vqa", "IconQA", {"LION-4B": 54.91, "LION-12B": 54.89},
+        prompt="Question: {question}{options_block} Short answer:",
+    ),
+    "vsr": _vqa(
+        "VSR", "binary", "vsr", "VSR", {"LION-4B": 72.96, "LION-12B": 73.77},
+        prompt='Is the following statement about the image true? "{caption}" Please answer yes or no.',
+    ),
+    # --- REC (Table 2, Acc@0.5) -----------------------------------------------------
+    "refcoco": _rec("RefCOCO"),
+    "refcoco+": _rec("RefCOCO+"),
+    "refcocog": _rec("RefCOCOg"),
+    # --- POPE (Table 4) ---------------------------------------------------------------
+    "pope": _pope(None),
+    "pope_random": _pope("random"),
+    "pope_popular": _pope("popular"),
+    "pope_adversarial": _pope("adversarial"),
+    # --- MMBench (Table 3, LION-12B, test split) -------------------------------------
+    "mmbench": {
+        "benchmark": "MMBench", "kind": "mmbench", "loader": "mmbench", "route": "vqa",
+        "prompt": "{hint_block}{question}\n{options}\n" + CHOICE_SUFFIX,
+        "decoding": dict(_SHORT_DECODING), "primary": "overall", "table": "table3", "column": None,
+        "paper": {"LION-12B": {"overall": 73.4, "LR": 51.7, "AR": 84.1, "RR": 78.4, "FP-S": 74.0, "FP-C": 60.8, "CP": 78.9}},
+    },
+}
+
+ALIASES: dict[str, str] = {
+    "coco": "coco_caption", "cococap": "coco_caption", "coco_karpathy": "coco_caption",
+    "flickr": "flickr30k", "ok-vqa": "okvqa", "aokvqa": "aokvqa_da", "a-okvqa": "aokvqa_da",
+    "refcoco_plus": "refcoco+", "refcocoplus": "refcoco+", "pope-random": "pope_random",
+    "pope-popular": "pope_popular", "pope-adversarial": "pope_adversarial", "mmbench_en": "mmbench",
+}
+
+# Fields each loader provides to prompt templates (for error messages and docs).
+PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
+    "captions": (),
+    "vqa_pair": ("question",),
+    "gqa": ("question",),
+    "aokvqa": ("question", "options", "choices"),
+    "generic_vqa": ("question", "options", "options_block", "choices"),
+    "vsr": ("caption", "question", "relation"),
+    "rec": ("expr", "question"),
+    "pope": ("question",),
+    "mmbench": ("question", "hint", "hint_block", "options"),
+}
+
+
+def task_names() -> list[str]:
+    """All task names accepted by `get_task` (aliases excluded)."""
+    return list(TASKS)
+
+
+def get_task(name: str) -> dict[str, Any]:
+    """A deep copy of the task entry for ``name`` (case-insensitive; aliases allowed)."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in TASKS:
+        raise KeyError(f"unknown eval task {name!r}; choose one of: {', '.join(TASKS)}")
+    spec = copy.deepcopy(TASKS[key])
+    spec["name"] = key
+    return spec
+
+
+_REC_SPLIT = re.compile(r"(?:^|[_\-.])(val|testA|testB|test)(?:[_\-.]|$)")
+
+
+def infer_split(spec: dict[str, Any], annotation_path: Any) -> str | None:
+    """Split label for the report, from the task name or the annotation file name."""
+    if spec.get("split"):
+        return spec["split"]
+    paths = annotation_path if isinstance(annotation_path, (list, tuple)) else [annotation_path]
+    name = os.path.basename(os.fspath(paths[-1]))
+    if spec["kind"] == "pope":
+        for s in ("random", "popular", "adversarial"):
+            if s in name.lower():
+                return s
+        return None
+    if spec["kind"] == "rec":
+        m = _REC_SPLIT.search(os.path.splitext(name)[0])
+        return m.group(1) if m else None
+    return None

@@ -1,0 +1,58 @@
+"""Shared test fixtures: where `shared/` lies, the golden set, and a tiny random LION."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # CI puts shared/ beside the clone, as on a developer's machine
+GOLDEN = SHARED / "golden" / "lion-a"
+ASSETS = GOLDEN / "assets"
+
+
+def golden_paths(visual_input: str = "all", tags: bool = True):
+    from lion_mllm import OfficialPaths
+
+    return OfficialPaths(vit_model=ASSETS / "eva_vit_g_tiny.pth", llm_model=ASSETS / "flan-t5-tiny",
+                         bert_model=ASSETS / "bert-tiny-uncased", pretrained=ASSETS / "LION-FlanT5-tiny.pth",
+                         ram_model=None, visual_input=visual_input, enable_semantic_tags=tags)
+
+
+@pytest.fixture(scope="session")
+def golden_results() -> dict:
+    return json.loads((GOLDEN / "outputs" / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_spec() -> dict:
+    return json.loads((GOLDEN / "spec.json").read_text())
+
+
+def make_tiny_lion(visual_input: str = "all", tags: bool = True, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A random tiny LION (config preset `tiny`) with the golden set's tokenizers."""
+    from lion_mllm import Lion, LionModel, LionProcessor
+    from lion_mllm.config import tiny
+
+    torch.manual_seed(seed)
+    config = tiny(visual_input=visual_input, enable_semantic_tags=tags)
+    model = LionModel(config, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():  # make both routes and the soft prompt matter (defaults are 1/0 and zeros)
+        for module in model.modules():
+            if hasattr(module, "router_ratio1"):
+                module.router_ratio1.uniform_(0.0, 2.0)
+                module.router_ratio2.uniform_(0.0, 2.0)
+            if hasattr(module, "up_proj"):
+                module.up_proj.weight.normal_(0, 0.1)
+        if tags:
+            model.tag_prompt_embedding.normal_()
+    processor = LionProcessor.from_dirs(config, ASSETS / "flan-t5-tiny", ASSETS / "bert-tiny-uncased")
+    return Lion(model, processor)
+
+
+@pytest.fixture(scope="session")
+def tiny_lion():
+    return make_tiny_lion()
