@@ -151,16 +151,18 @@ class Lion:
                 tags[i] = found
         return tags
 
-    def caption(self, image: ImageInput, prompt: str = CAPTION_PROMPT, **kwargs: Any) -> str:
-        return self.generate([image], [prompt], "caption", **kwargs)[0]
+    def caption(self, image: ImageInput, prompt: str = CAPTION_PROMPT, tags: str | Sequence[str] | None = None,
+                **kwargs: Any) -> str:
+        return self.generate([image], [prompt], "caption", [tags], **kwargs)[0]
 
-    def ask(self, image: ImageInput, question: str, **kwargs: Any) -> str:
-        return self.generate([image], [question], "vqa", **kwargs)[0]
+    def ask(self, image: ImageInput, question: str, tags: str | Sequence[str] | None = None, **kwargs: Any) -> str:
+        return self.generate([image], [question], "vqa", [tags], **kwargs)[0]
 
-    def ground(self, image: ImageInput, phrase: str, prompt: str = GROUNDING_PROMPT, **kwargs: Any) -> Grounding:
+    def ground(self, image: ImageInput, phrase: str, prompt: str = GROUNDING_PROMPT,
+               tags: str | Sequence[str] | None = None, **kwargs: Any) -> Grounding:
         """The box of `phrase`, normalised and in pixels of the original image (None if unparsable)."""
         pil = load_image(image)
-        text = self.generate([pil], [prompt.format(phrase)], "grounding", **kwargs)[0]
+        text = self.generate([pil], [prompt.format(phrase)], "grounding", [tags], **kwargs)[0]
         box = parse_box(text)
         return Grounding(text, box, box.to_pixels(*pil.size) if box else None)
 
