@@ -152,3 +152,20 @@ def test_weight_rounding_is_what_matches(golden_spec, golden_results):
 def test_strict_loading_reports_unexpected_keys():
     with pytest.raises(CheckpointError, match=r"unexpected keys.*LION-FlanT5-tiny.pth:t5_model.*adapters.1.*\(86 in all\)"):
         Lion.from_official(golden_paths("QFORMER", True), vision_num_heads=2)
+
+
+def test_bfloat16_path_stays_close_to_float32(golden_spec):
+    """The GPU default dtype (bf16), run here on CPU: logits within bf16 noise, same argmax almost everywhere."""
+    lion16 = Lion.from_official(golden_paths("ALL", True), vision_num_heads=2, dtype="bf16")
+    assert lion16.model.dtype == torch.bfloat16
+    agreement = []
+    for case_id in CASES:
+        images, case, case_tags = case_inputs(golden_spec, case_id, "tags")
+        batch = lion16.processor(images, case["questions"], [case["category"]], case_tags, answers=case["answers"])
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        with torch.no_grad():
+            logits = lion16.model(**batch).logits.float()
+        reference = tensors("forward")[f"ALL.tags.{case_id}.{case['category']}.logits"]
+        assert (logits - reference).abs().max() < 1.5  # |logits| reach 35 here
+        agreement.append((logits.argmax(-1) == reference.argmax(-1)).float().mean().item())
+    assert sum(agreement) / len(agreement) > 0.9
