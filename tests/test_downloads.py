@@ -218,4 +218,3 @@ def test_verify_file_names_the_file(tmp_path: Path) -> None:
     verify_file(f, md5=hashlib.md5(b"abc").hexdigest(), expected_size=3)
     with pytest.raises(ChecksumMismatchError, match="weights.pth"):
         verify_file(f, md5="1" * 32)
-

@@ -251,3 +251,18 @@ def test_flops_accounting_matches_parameter_count():
     decoder = sum(m.weight.numel() for m in model.language_model.decoder.modules() if isinstance(m, torch.nn.Linear))
     assert flops["t5_decoder_per_token"] >= 2 * decoder
     assert all(v > 0 for v in flops.values())
+
+
+def test_ram_tagger_fills_the_prompt_with_the_authors_tags(golden_results):
+    """RAM (the golden stand-in, read lazily) tags an image LION was given no tags for."""
+    from lion_mllm.tagger import LazyRamTagger
+
+    lion = make_tiny_lion()
+    lion.tagger = LazyRamTagger(ASSETS / "ram_swin_tiny_14m.pth", config=ASSETS / "ram")
+    image = Image.open(GOLDEN / "images" / "a0.png").convert("RGB")
+    prompts = []
+    original = lion.processor.build_prompt
+    lion.processor.build_prompt = lambda q, t, nb=False: prompts.append(original(q, t, nb)) or prompts[-1]
+    lion.generate([image], ["describe"], "caption", num_beams=1, max_new_tokens=2)
+    expected = golden_results["ram"]["per_image"]["a0"]["generate_tags"][0]
+    assert prompts == [lion.config.tag_prompt.format(expected) + "describe"]

@@ -92,17 +92,13 @@ def verify_file(
     if expected_size is not None:
         size = path.stat().st_size
         if size != expected_size:
-            raise ChecksumMismatchError(
-                f"size mismatch for {shown}: expected {expected_size} bytes, got {size} bytes"
-            )
+            raise ChecksumMismatchError(f"size mismatch for {shown}: expected {expected_size} bytes, got {size} bytes")
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
         if expected is None:
             continue
         actual = file_digest(path, algorithm)
         if actual.lower() != expected.lower():
-            raise ChecksumMismatchError(
-                f"{algorithm} mismatch for {shown}: expected {expected.lower()}, got {actual}"
-            )
+            raise ChecksumMismatchError(f"{algorithm} mismatch for {shown}: expected {expected.lower()}, got {actual}")
 
 
 class _Incomplete(Exception):
@@ -157,9 +153,7 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _transfer(
-    url: str, part: Path, *, expected_size: int | None, timeout: float, progress: bool, label: str
-) -> None:
+def _transfer(url: str, part: Path, *, expected_size: int | None, timeout: float, progress: bool, label: str) -> None:
     """Bring ``part`` to the full content of ``url``, resuming from its current length if possible."""
     offset = part.stat().st_size if part.exists() else 0
     if expected_size is not None:

@@ -33,7 +33,11 @@ window 12, 224 for window 7, as in RAM's two Swin-L configs); both can be overri
 
 Vocabulary: the 4585 English tags and their thresholds are not in the checkpoint; they are public
 files of RAM's repository, fetched (md5-verified) into the package cache by
-:func:`fetch_ram_vocabulary_files`, or read from local paths.
+:func:`fetch_ram_vocabulary_files`, or read from local paths (or from ``<dir>/data/`` when ``config``
+is a RAM config folder).
+
+Precision: float32 reproduces the authors' logits to float32 noise (a few 1e-6); in bfloat16 the
+logits move by ~1e-2..1e-1, enough to flip tags whose probability sits next to its threshold.
 """
 
 from __future__ import annotations
@@ -61,10 +65,10 @@ from .downloads import RemoteFile, cache_dir, file_digest
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "LazyRamTagger",
     "OFFICIAL_NUM_TAGS",
     "RAM_TAG_LIST_FILE",
     "RAM_THRESHOLDS_FILE",
+    "LazyRamTagger",
     "RamCheckpointError",
     "RamConfig",
     "RamLoadReport",
@@ -188,9 +192,7 @@ class RamConfig:
         return cls()
 
     @classmethod
-    def from_official_dir(
-        cls, ram_dir: PathLike, *, image_size: int = 384, num_tags: int | None = None
-    ) -> RamConfig:
+    def from_official_dir(cls, ram_dir: PathLike, *, image_size: int = 384, num_tags: int | None = None) -> RamConfig:
         """Read RAM's config folder layout (``<ram_dir>/configs/swin/config_swinL_<image_size>.json``
         and ``<ram_dir>/configs/q2l_config.json``).
 
@@ -608,9 +610,7 @@ class RamVocabulary:
             except ValueError:
                 raise RamVocabularyError(f"{thr_path}:{lineno}: not a number: {line!r}") from None
         if len(tags) != len(values):
-            raise RamVocabularyError(
-                f"{tag_path} has {len(tags)} tags but {thr_path} has {len(values)} thresholds"
-            )
+            raise RamVocabularyError(f"{tag_path} has {len(tags)} tags but {thr_path} has {len(values)} thresholds")
         return cls(tags=tags, thresholds=tuple(values))
 
     @classmethod
@@ -849,7 +849,8 @@ class RamTagger(nn.Module):
 
         ``tag_list`` / ``thresholds``: local files, or both ``None`` to fetch RAM's official files into
         the cache (md5-verified). ``config``: a :class:`RamConfig`, a RAM config folder (see
-        :meth:`RamConfig.from_official_dir`), or ``None`` to infer it from the checkpoint shapes.
+        :meth:`RamConfig.from_official_dir`; its ``data/`` tag files are used when no tag files are
+        given), or ``None`` to infer it from the checkpoint shapes.
         ``verify_tag_files``: md5-check local tag files against the official ones; ``None`` (default)
         does so when the checkpoint has the official 4585 classes. Skipped checkpoint keys are in
         ``tagger.load_report``; a missing or mis-shaped tagger weight raises :class:`RamCheckpointError`.
@@ -864,7 +865,12 @@ class RamTagger(nn.Module):
             except RamCheckpointError as err:
                 raise RamCheckpointError(f"{path}: {err}") from err
         elif not isinstance(config, RamConfig):
-            config = RamConfig.from_official_dir(config)
+            ram_dir = Path(config).expanduser()
+            config = RamConfig.from_official_dir(ram_dir)
+            if tag_list is None and thresholds is None and (ram_dir / "data" / "ram_tag_list.txt").is_file():
+                # a RAM folder carries its own vocabulary (as the authors' code reads it from there)
+                tag_list = ram_dir / "data" / "ram_tag_list.txt"
+                thresholds = ram_dir / "data" / "ram_tag_list_threshold.txt"
         vocab = _resolve_vocabulary(
             tag_list, thresholds, num_tags=config.num_tags, verify=verify_tag_files, progress=progress
         )
@@ -1018,15 +1024,15 @@ class LazyRamTagger:
         progress: bool = False,
     ) -> None:
         self.checkpoint_path = Path(checkpoint_path)
-        self._kwargs = dict(
-            tag_list=tag_list,
-            thresholds=thresholds,
-            config=config,
-            device=device,
-            dtype=dtype,
-            verify_tag_files=verify_tag_files,
-            progress=progress,
-        )
+        self._kwargs = {
+            "tag_list": tag_list,
+            "thresholds": thresholds,
+            "config": config,
+            "device": device,
+            "dtype": dtype,
+            "verify_tag_files": verify_tag_files,
+            "progress": progress,
+        }
         self._tagger: RamTagger | None = None
         self._lock = threading.Lock()
 

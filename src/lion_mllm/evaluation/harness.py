@@ -32,6 +32,7 @@ from .datasets import (
     load_vqa_pair,
     load_vsr,
 )
+from .metrics_caption import check_java
 from .report import render_markdown
 from .scorers import score_task
 from .tasks import get_task, infer_split
@@ -85,13 +86,14 @@ def _apply_limit(samples: list[EvalSample], limit: int | None) -> list[EvalSampl
         return samples
     if limit < 0:
         raise ValueError("limit must be >= 0")
-    kept, groups = [], []
+    kept: list[EvalSample] = []
+    groups: set[str] = set()
     for s in samples:
         g = s.meta.get("group_id", s.id)
         if g not in groups:
             if len(groups) == limit:
                 break
-            groups.append(g)
+            groups.add(g)
         kept.append(s)
     return kept
 
@@ -161,7 +163,8 @@ def _dist_info() -> tuple[int, int]:
 
 def _generate(
     samples: Sequence[EvalSample], prompts: Mapping[str, str], generate_fn: GenerateFn, route: str,
-    batch_size: int, decoding: Mapping[str, Any], task: str, sink: str | None, progress: bool,
+    batch_size: int, decoding: Mapping[str, Any], task: str, split: str | None, sink: str | None,
+    progress: bool,
 ) -> dict[str, dict[str, Any]]:
     kwargs = _decoding_kwargs(generate_fn, decoding)
     out: dict[str, dict[str, Any]] = {}
@@ -187,7 +190,7 @@ def _generate(
         for s, q, a in zip(batch, questions, answers):
             if not isinstance(a, str):
                 raise RuntimeError(f"generate_fn returned a {type(a).__name__} for sample {s.id!r}; expected str")
-            rec = {"id": s.id, "task": task, "prompt": q, "prediction": a}
+            rec = {"id": s.id, "task": task, "split": split, "prompt": q, "prediction": a}
             out[s.id] = rec
             recs.append(rec)
         if sink is not None:
@@ -267,6 +270,17 @@ def evaluate(
     if pred_path:
         os.makedirs(os.path.dirname(os.path.abspath(pred_path)), exist_ok=True)
     existing = read_predictions(pred_path) if pred_path else {}
+    foreign = next((r for r in existing.values()
+                    if r.get("task", spec["name"]) != spec["name"] or r.get("split", report_split) != report_split), None)
+    if foreign is not None:
+        # Ids repeat across benchmarks and splits (POPE question ids 1..3000 in every
+        # split): reusing another run's answers would silently corrupt the score.
+        raise ValueError(
+            f"{pred_path} holds predictions of task {foreign.get('task')!r} split {foreign.get('split')!r}, "
+            f"not {spec['name']!r} split {report_split!r}; use another predictions file"
+        )
+    if spec["kind"] == "caption" and rank == 0:
+        check_java()  # fail before generating for an hour, not after
     if pred_path and rank == 0 and world == 1 and existing:
         # Normalise the file (drops a truncated tail, folds in part files) before appending.
         _write_predictions(pred_path, existing)
@@ -276,7 +290,8 @@ def evaluate(
     mine = samples[rank::world]
     todo = [s for s in mine if s.id not in existing]
     sink = None if not pred_path else (pred_path if world == 1 else f"{pred_path}.rank{rank}")
-    new = _generate(todo, prompts, generate_fn, spec["route"], batch_size, dec, spec["name"], sink, progress)
+    new = _generate(todo, prompts, generate_fn, spec["route"], batch_size, dec, spec["name"], report_split, sink,
+                    progress)
 
     if world > 1:
         import torch.distributed as dist

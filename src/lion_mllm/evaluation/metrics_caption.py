@@ -9,6 +9,7 @@ a note unless explicitly demanded.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
@@ -21,6 +22,8 @@ __all__ = [
     "spice_available",
     "score_captions",
     "cider_per_group",
+    "meteor_scorer",
+    "close_meteor",
 ]
 
 _JAVA_HELP = (
@@ -65,6 +68,47 @@ def spice_available() -> bool:
         os.path.exists(os.path.join(lib, name))
         for name in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
     )
+
+
+_METEOR: Any = None
+_ATEXIT_SET = False
+
+
+def meteor_scorer() -> Any:
+    """A shared ``pycocoevalcap`` METEOR scorer.
+
+    METEOR runs as a long-lived Java process that needs several seconds to load its
+    paraphrase tables; reusing one process across caption tasks in a session saves
+    that start-up each time. `close_meteor` (also run at exit) stops it.
+    """
+    global _METEOR
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+        check_java()
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        try:
+            _METEOR = Meteor()
+        except FileNotFoundError as exc:
+            raise JavaNotFoundError(_JAVA_HELP) from exc
+        global _ATEXIT_SET
+        if not _ATEXIT_SET:
+            atexit.register(close_meteor)
+            _ATEXIT_SET = True
+    return _METEOR
+
+
+def close_meteor() -> None:
+    """Stop the shared METEOR Java process, if any."""
+    global _METEOR
+    scorer, _METEOR = _METEOR, None
+    if scorer is not None:
+        proc = scorer.meteor_p
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        proc.kill()
+        proc.wait()
 
 
 def _tokenize(
@@ -112,7 +156,6 @@ def score_captions(
     check_java()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     tok_gts, tok_res = _tokenize(gts, res)
@@ -121,13 +164,10 @@ def score_captions(
     for n, value in enumerate(bleu, start=1):
         out[f"Bleu_{n}"] = float(value)
     try:
-        meteor = Meteor()
-    except FileNotFoundError as exc:
-        raise JavaNotFoundError(_JAVA_HELP) from exc
-    try:
-        out["METEOR"] = float(meteor.compute_score(tok_gts, tok_res)[0])
-    finally:
-        del meteor  # its __del__ kills the Java subprocess
+        out["METEOR"] = float(meteor_scorer().compute_score(tok_gts, tok_res)[0])
+    except Exception:
+        close_meteor()  # a half-read reply would desynchronise the shared process
+        raise
     out["ROUGE_L"] = float(Rouge().compute_score(tok_gts, tok_res)[0])
     cider_mean, cider_each = Cider().compute_score(tok_gts, tok_res)
     out["CIDEr"] = float(cider_mean)

@@ -65,6 +65,20 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
+def _standalone_letters(text: str, letters: Sequence[str]) -> set[str]:
+    found = set()
+    for mm in _STANDALONE_LETTER.finditer(text):
+        letter = mm.group(1)
+        if letter not in letters:
+            continue
+        after = text[mm.end():mm.end() + 2]
+        # "A dog": the article, not a choice.
+        if letter == "A" and len(after) == 2 and after[0] == " " and after[1].islower():
+            continue
+        found.add(letter)
+    return found
+
+
 def extract_choice(answer: str, options: Mapping[str, str]) -> str | None:
     """Map a model answer to one option letter of ``options`` (letter -> text), or None.
 
@@ -94,18 +108,11 @@ def extract_choice(answer: str, options: Mapping[str, str]) -> str | None:
             and not _norm(rest).startswith(_norm(str(options[letter])))
         )
         if not article_use:
-            return letter
+            # "B or C" / "A. cat B. dog": several letters named -> ambiguous.
+            others = _standalone_letters(rest, letters) - {letter}
+            return None if others else letter
 
-    found = set()
-    for mm in _STANDALONE_LETTER.finditer(text):
-        letter = mm.group(1)
-        if letter not in letters:
-            continue
-        after = text[mm.end():mm.end() + 2]
-        # "A dog": article, not a choice.
-        if letter == "A" and len(after) == 2 and after[0] == " " and after[1].islower():
-            continue
-        found.add(letter)
+    found = _standalone_letters(text, letters)
     if len(found) == 1:
         return found.pop()
     if len(found) > 1:

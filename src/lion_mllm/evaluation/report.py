@@ -148,7 +148,8 @@ def render_markdown(reports: Sequence[Mapping[str, Any]], model_label: str = "th
                 flat.append((k, v))
         head = f"#### {r['benchmark']}" + (f" — {r['split']}" if r.get("split") else "")
         detail = _table(["Metric", "Value"], flat) if flat else "_not scored_"
-        info = f"{r.get('num_samples')} samples; prompt: `{r.get('prompt')}`; decoding: `{json.dumps(r.get('decoding'))}`"
+        info = (f"{r.get('num_samples')} queries; prompt: `{json.dumps(r.get('prompt'))}`; "
+                f"decoding: `{json.dumps(r.get('decoding'))}`")
         notes = "".join(f"\n- {n}" for n in r.get("notes", []))
         parts.append(f"{head}\n\n{info}\n\n{detail}{notes}")
     return "\n\n".join(parts) + "\n"
