@@ -1,0 +1,337 @@
+"""``lion run``: batch inference over a JSON Lines task file, resumable and robust to bad input.
+
+Each input line is one task::
+
+    {"id": "q1", "image": "imgs/a.jpg", "task": "vqa", "prompt": "What is the man holding?"}
+    {"id": "c1", "image": "imgs/a.jpg", "task": "caption"}                  # prompt optional
+    {"id": "g1", "image": "imgs/a.jpg", "task": "grounding", "phrase": "the dog"}
+    {"id": "g2", "image": "imgs/b.jpg", "task": "grounding", "prompt": "<full question>", "tags": "dog, grass"}
+
+``task`` is ``caption``, ``vqa`` or ``grounding``. A grounding ``phrase`` is put into LION's grounding
+prompt; a ``prompt`` is used as written. ``tags`` (string or list) are optional; without them the
+run's default tags, else the model's tagger, are used. Relative image paths are looked up against
+``image_root`` if given, else the working directory and then the input file's folder.
+
+Each output line is a result ``{"id", "task", "image", "answer"}`` (grounding adds ``box``, normalised,
+and ``box_pixels``; both null when the answer holds no box) or an error record ``{"id", "error"}`` whose
+message starts with ``input-file:line``. Results are appended and flushed after every batch; a
+re-run skips every id (and every id-less bad line) already in the output, so a killed run loses at
+most the batch in flight. A torn last line (the process died while writing it) is dropped on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
+from .processing import ImageLoadError, load_image
+
+__all__ = ["TASKS", "BatchItem", "RunSummary", "completed_keys", "read_tasks", "run_batch"]
+
+TASKS = ("caption", "vqa", "grounding")
+
+
+@dataclass
+class BatchItem:
+    """One valid task line."""
+
+    id: Any
+    line: int
+    image: Path
+    task: str
+    prompt: str
+    tags: str | list[str] | None = None
+
+
+@dataclass
+class LineError:
+    """A line that cannot become a task (its id when one could be read)."""
+
+    id: Any
+    line: int
+    message: str
+
+
+@dataclass
+class RunSummary:
+    total: int = 0          # task lines in the input
+    skipped: int = 0        # already in the output
+    done: int = 0           # answered in this run
+    errors: int = 0         # error records written in this run
+    batches: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    duplicates: list[Any] = field(default_factory=list)
+
+
+def _key(item_id: Any, line: int) -> str:
+    # Ids are compared through their JSON form so 1 and "1" stay distinct; id-less lines by number.
+    return f"id:{json.dumps(item_id, sort_keys=True)}" if item_id is not None else f"line:{line}"
+
+
+def _resolve_image(value: str, input_dir: Path, image_root: Path | None) -> Path:
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    if image_root is not None:
+        return image_root / path
+    if path.exists():
+        return path
+    return input_dir / path
+
+
+def read_tasks(path: Path, *, image_root: Path | None = None) -> Iterator[BatchItem | LineError]:
+    """Parse the task file line by line; bad lines come out as :class:`LineError` (never raise)."""
+    where = str(path)
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            text = raw.strip()
+            if not text:
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                yield LineError(None, number, f"{where}:{number}: not valid JSON ({error.msg} at column {error.colno})")
+                continue
+            if not isinstance(record, dict):
+                yield LineError(None, number, f"{where}:{number}: expected a JSON object, got {type(record).__name__}")
+                continue
+            item_id = record.get("id")
+            if item_id is None or isinstance(item_id, (dict, list)):
+                yield LineError(None, number, f"{where}:{number}: missing or invalid \"id\"")
+                continue
+
+            def bad(message: str, _id: Any = item_id, _n: int = number) -> LineError:
+                return LineError(_id, _n, f"{where}:{_n}: {message}")
+
+            task = record.get("task")
+            if task not in TASKS:
+                yield bad(f"\"task\" must be one of {', '.join(TASKS)}, got {task!r}")
+                continue
+            image = record.get("image")
+            if not isinstance(image, str) or not image:
+                yield bad("missing \"image\" (a path)")
+                continue
+            prompt = record.get("prompt")
+            phrase = record.get("phrase")
+            if prompt is not None and not isinstance(prompt, str):
+                yield bad("\"prompt\" must be a string")
+                continue
+            if task == "caption":
+                prompt = prompt or CAPTION_PROMPT
+            elif task == "grounding" and not prompt:
+                if not isinstance(phrase, str) or not phrase:
+                    yield bad("a grounding task needs a \"phrase\" (or a full \"prompt\")")
+                    continue
+                prompt = GROUNDING_PROMPT.format(phrase)
+            elif not prompt:
+                yield bad("a vqa task needs a \"prompt\" (the question)")
+                continue
+            tags = record.get("tags")
+            if tags is not None and not (isinstance(tags, str) or
+                                         (isinstance(tags, list) and all(isinstance(t, str) for t in tags))):
+                yield bad("\"tags\" must be a string or a list of strings")
+                continue
+            yield BatchItem(item_id, number, _resolve_image(image, path.parent, image_root), task, prompt, tags)
+
+
+def completed_keys(output: Path) -> set[str]:
+    """Keys of the records already in ``output``; a torn last line is cut off the file first."""
+    if not output.exists():
+        return set()
+    keys: set[str] = set()
+    data = output.read_bytes()
+    good_end = 0
+    position = 0
+    for raw in data.splitlines(keepends=True):
+        position += len(raw)
+        if not raw.strip():
+            good_end = position
+            continue
+        try:
+            record = json.loads(raw)
+            complete = raw.endswith(b"\n") and isinstance(record, dict)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            complete = False
+        if not complete:
+            if position == len(data):  # only the very last line can be torn by a kill
+                break
+            line_number = data[:position].count(b"\n") + (0 if raw.endswith(b"\n") else 1)
+            raise ValueError(f"{output}: line {line_number} is not a JSON record; "
+                             f"is this a results file of `lion run`?")
+        good_end = position
+        keys.add(_key(record.get("id"), record.get("line", 0)))
+    if good_end != len(data):
+        with open(output, "r+b") as handle:
+            handle.truncate(good_end)
+        print(f"lion run: dropped an incomplete last line of {output} (interrupted write)", file=sys.stderr)
+    return keys
+
+
+class _Progress:
+    """tqdm on stderr when installed, else a plain line per batch."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled, self.total, self.count, self.bar = enabled, total, 0, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="lion run", unit="task", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, n: int, errors: int) -> None:
+        self.count += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(errors=errors, refresh=False)
+        else:
+            print(f"lion run: {self.count}/{self.total} tasks ({errors} errors)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write(handle: TextIO, records: Sequence[dict[str, Any]]) -> None:
+    handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    handle.flush()
+    os.fsync(handle.fileno())  # a result on disk is a result the next run does not redo
+
+
+def _result(item: BatchItem, answer: str, size: tuple[int, int]) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": item.id, "task": item.task, "image": str(item.image), "answer": answer}
+    if item.task == "grounding":
+        from .boxes import parse_box
+
+        box = parse_box(answer)
+        record["box"] = list(box.as_tuple()) if box else None
+        record["box_pixels"] = [round(v, 2) for v in box.to_pixels(*size)] if box else None
+    return record
+
+
+def run_batch(lion: Any, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
+              batch_size: int = 8, tags: str | None = None, image_root: str | os.PathLike[str] | None = None,
+              max_batches: int | None = None, progress: bool = True, retry_errors: bool = False,
+              generate_kwargs: dict[str, Any] | None = None,
+              on_batch: Callable[[int], None] | None = None) -> RunSummary:
+    """Answer every task of ``input_path`` not yet in ``output_path``; see the module docstring.
+
+    ``lion`` is a :class:`lion_mllm.Lion` (anything with its ``generate``). ``tags`` are the default
+    tags for lines without their own. ``max_batches`` stops after that many batches (re-run to
+    continue). ``retry_errors`` first removes earlier error records so those tasks are tried again.
+    """
+    started = time.monotonic()
+    input_path, output_path = Path(input_path), Path(output_path)
+    if batch_size < 1:
+        raise ValueError("batch size must be at least 1")
+    if not input_path.is_file():
+        raise FileNotFoundError(f"{input_path}: no such input file")
+    if retry_errors and output_path.exists():
+        completed_keys(output_path)  # repairs a torn last line before rewriting
+        kept = [line for line in output_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and "error" not in json.loads(line)]
+        tmp = output_path.with_name(output_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, output_path)
+    done = completed_keys(output_path)
+    summary = RunSummary()
+    root = Path(image_root).expanduser() if image_root is not None else None
+
+    pending: list[BatchItem | LineError] = []
+    seen: dict[str, int] = {}
+    for entry in read_tasks(input_path, image_root=root):
+        summary.total += 1
+        key = _key(entry.id, entry.line)
+        if key in seen:
+            # A second line with the same id would make results ambiguous and break resuming.
+            summary.duplicates.append(entry.id)
+            print(f"lion run: {input_path}:{entry.line}: duplicate id {entry.id!r} (first on line {seen[key]}); "
+                  f"skipped", file=sys.stderr)
+            continue
+        seen[key] = entry.line
+        if key in done:
+            summary.skipped += 1
+            continue
+        pending.append(entry)
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = _Progress(len(pending), progress)
+    decode = dict(generate_kwargs or {})
+    try:
+        with open(output_path, "a", encoding="utf-8") as handle:
+            for start in range(0, len(pending), batch_size):
+                if max_batches is not None and summary.batches >= max_batches:
+                    summary.stopped_early = True
+                    break
+                chunk = pending[start:start + batch_size]
+                records = _run_chunk(lion, chunk, tags, decode, input_path)
+                _write(handle, records)
+                errors = sum("error" in r for r in records)
+                summary.errors += errors
+                summary.done += len(records) - errors
+                summary.batches += 1
+                bar.update(len(chunk), summary.errors)
+                if on_batch is not None:
+                    on_batch(summary.batches)
+    finally:
+        bar.close()
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _error(entry: BatchItem | LineError, message: str) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": entry.id, "error": message}
+    if entry.id is None:
+        record["line"] = entry.line  # lets a re-run recognise an id-less bad line it already reported
+    return record
+
+
+def _run_chunk(lion: Any, chunk: Sequence[BatchItem | LineError], default_tags: str | None,
+               decode: dict[str, Any], input_path: Path) -> list[dict[str, Any]]:
+    """Results/error records for one batch, in input order."""
+    records: dict[int, dict[str, Any]] = {}
+    ready: list[tuple[int, BatchItem, Any]] = []
+    for index, entry in enumerate(chunk):
+        if isinstance(entry, LineError):
+            records[index] = _error(entry, entry.message)
+            continue
+        try:
+            ready.append((index, entry, load_image(entry.image)))
+        except ImageLoadError as error:
+            records[index] = _error(entry, f"{input_path}:{entry.line}: {error}")
+    if ready:
+        try:
+            answers = _generate(lion, ready, default_tags, decode)
+        except Exception:  # noqa: BLE001 - isolate the failing task(s) instead of losing the batch
+            answers = []
+            for one in ready:
+                try:
+                    answers.extend(_generate(lion, [one], default_tags, decode))
+                except Exception as error:  # noqa: BLE001
+                    answers.append(error)
+        for (index, item, image), answer in zip(ready, answers):
+            if isinstance(answer, Exception):
+                message = str(answer).strip().splitlines()[0] if str(answer).strip() else type(answer).__name__
+                records[index] = _error(item, f"{input_path}:{item.line}: {type(answer).__name__}: {message}")
+            else:
+                records[index] = _result(item, answer, image.size)
+    return [records[i] for i in sorted(records)]
+
+
+def _generate(lion: Any, ready: Sequence[tuple[int, BatchItem, Any]], default_tags: str | None,
+              decode: dict[str, Any]) -> list[str]:
+    tags = [item.tags if item.tags is not None else default_tags for _, item, _ in ready]
+    return lion.generate([image for _, _, image in ready], [item.prompt for _, item, _ in ready],
+                         [item.task for _, item, _ in ready], tags if any(t is not None for t in tags) else None,
+                         **decode)

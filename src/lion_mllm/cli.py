@@ -1,0 +1,497 @@
+"""The ``lion`` command.
+
+    lion caption photo.jpg [more.jpg ...]          # one caption per image
+    lion ask photo.jpg "What is the man holding?"
+    lion ground photo.jpg "the dog" --draw out.png  # box in pixels and normalised; drawn with a label
+    lion tag photo.jpg                              # RAM tags
+    lion run --input tasks.jsonl --output results.jsonl   # resumable batch inference (see lion_mllm.batch)
+    lion download lion-flant5xl [--to DIR]          # every file the published model needs
+    lion convert --config lion_flant5xl.yaml --out bundle/
+    lion eval ...                                   # benchmarks (when lion_mllm.evaluation is present)
+
+``--model`` takes a bundle directory, ``local-dir:``/``hf-hub:`` names, an authors' YAML config or an
+installed model name; it defaults to ``$LION_MODEL``, else ``lion-shapes``. Errors are one line on
+stderr (``lion: error: ...``; ``--debug`` adds the traceback). Exit codes: 0 ok, 1 runtime failure,
+2 usage error. Progress of long work goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["build_parser", "draw_grounding", "main"]
+
+BOX_COLOR = (255, 0, 0)
+LABEL_TEXT_COLOR = (255, 255, 255)
+
+
+class UsageError(Exception):
+    """A problem with the command line itself (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: `lion: error: ...`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"lion: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _tags(text: str) -> str:
+    """`--tags "a, b"` normalised to LION's `a, b` form."""
+    return ", ".join(t.strip() for t in text.split(",") if t.strip())
+
+
+# ---------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `lion` argument parser with all sub-commands."""
+    base = _Parser(add_help=False)
+    base.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help="show tracebacks and library warnings")
+    base.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                      help="no progress messages on stderr")
+
+    model = _Parser(add_help=False)
+    group = model.add_argument_group("model")
+    group.add_argument("--model", metavar="NAME_OR_PATH", default=None,
+                       help="bundle directory, local-dir:PATH, hf-hub:owner/repo, the authors' YAML config, or an "
+                            "installed name (lion-flant5xl after `lion download`); default: $LION_MODEL or lion-shapes")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    group.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "fp32", "bf16", "float16", "fp16"),
+                       help="weights dtype (default: float32 on CPU, bfloat16 on GPU; float16 is refused)")
+    group.add_argument("--ram", metavar="CHECKPOINT", default=None,
+                       help="RAM tagger checkpoint (ram_swin_large_14m.pth) to tag images, overriding the model's")
+    group.add_argument("--ram-config", metavar="DIR", default=None,
+                       help="RAM config folder (configs/ + data/ vocabulary) for --ram; default: infer from weights")
+    group.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
+
+    decode = _Parser(add_help=False)
+    group = decode.add_argument_group("decoding (defaults: the authors')")
+    group.add_argument("--tags", type=_tags, default=None, metavar='"a, b"',
+                       help="image tags for the prompt (default: the model's RAM tagger)")
+    group.add_argument("--num-beams", type=_positive_int, default=5)
+    group.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    group.add_argument("--repetition-penalty", type=_positive_float, default=1.5)
+    group.add_argument("--sample", action="store_true", help="sample instead of beam search")
+    group.add_argument("--temperature", type=_positive_float, default=1.0, help="with --sample")
+    group.add_argument("--top-p", type=_probability, default=0.9, help="with --sample")
+    group.add_argument("--seed", type=int, default=None, help="random seed (for --sample)")
+
+    parser = _Parser(prog="lion", parents=[base],
+                     description="LION (CVPR 2024): caption, ask, ground and tag images; batch runs; "
+                                 "download and convert models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("caption", parents=[base, model, decode], help="describe images in a sentence")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--prompt", default=None, help="caption instruction (default: the authors')")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.set_defaults(func=_cmd_caption)
+
+    p = sub.add_parser("ask", parents=[base, model, decode], help="answer a question about an image")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("question", metavar="QUESTION")
+    p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser("ground", parents=[base, model, decode], help="find the box of a phrase in an image")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("phrase", metavar="PHRASE")
+    p.add_argument("--draw", metavar="OUT.png", default=None, help="save the image with the box and the phrase drawn")
+    p.set_defaults(func=_cmd_ground)
+
+    p = sub.add_parser("tag", parents=[base, model], help="RAM tags of images")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=_cmd_tag)
+
+    p = sub.add_parser("run", parents=[base, model, decode], help="batch inference over a JSON Lines task file",
+                       description="Each input line: {\"id\", \"image\", \"task\": caption|vqa|grounding, \"prompt\" "
+                                   "(or \"phrase\" for grounding), optional \"tags\"}. Re-running skips ids already "
+                                   "in the output.")
+    p.add_argument("--input", required=True, metavar="TASKS.jsonl")
+    p.add_argument("--output", required=True, metavar="RESULTS.jsonl")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--image-root", metavar="DIR", default=None,
+                   help="folder relative image paths are in (default: working directory, then the input's folder)")
+    p.add_argument("--max-batches", type=_positive_int, default=None,
+                   help="stop after N batches (re-run to continue)")
+    p.add_argument("--retry-errors", action="store_true", help="drop earlier error records and try those tasks again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("download", parents=[base], help="download a published model (lion-flant5xl, lion-flant5xxl)")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--to", metavar="DIR", default=None, help="put the files here instead of the caches")
+    p.add_argument("--refresh", action="store_true", help="ask the servers again even if already downloaded")
+    p.add_argument("--list", action="store_true", help="list the published models and whether they are installed")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("convert", parents=[base], help="authors' YAML config -> lion-mllm bundle (save_pretrained)")
+    p.add_argument("--config", required=True, metavar="CONFIG.yaml",
+                   help="the authors' model config (or a downloaded model name)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "fp32", "bf16"),
+                   help="dtype of the saved weights (default float32)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_convert)
+
+    try:
+        from .evaluation.cli import add_eval_subcommand
+    except ImportError:  # the evaluation extra is optional; the rest of the CLI works without it
+        pass
+    else:
+        add_eval_subcommand(sub)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+
+        return __version__
+    except ImportError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(f"lion: {message}", file=sys.stderr, flush=True)
+
+
+def _device(args: argparse.Namespace) -> str:
+    if args.device:
+        return args.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_images(paths: Sequence[str]) -> list[Image.Image]:
+    """Read every image before the (slow) model load, so a typo fails at once."""
+    from .processing import load_image
+
+    return [load_image(p) for p in paths]
+
+
+def _load(args: argparse.Namespace):
+    """The Lion for `--model`, with `--ram` attached; progress on stderr."""
+    from . import load_model
+    from .hub import resolve_model
+
+    resolved = resolve_model(args.model)
+    device = _device(args)
+    _say(args, f"loading {resolved} on {device} ...")
+    started = time.monotonic()
+    lion = load_model(resolved, device=device, dtype=args.dtype)
+    if args.ram:
+        from .tagger import LazyRamTagger
+
+        lion.tagger = LazyRamTagger(args.ram, config=args.ram_config, device=device)
+    _say(args, f"model ready in {time.monotonic() - started:.1f} s")
+    return lion
+
+
+def _need_tags(args: argparse.Namespace, lion: Any) -> None:
+    if lion.config.enable_semantic_tags and lion.tagger is None and args.tags is None:
+        raise UsageError('this model puts image tags in its prompt but has no RAM tagger: pass --tags "a, b" '
+                         "or --ram ram_swin_large_14m.pth")
+
+
+def _decoding(args: argparse.Namespace) -> dict[str, Any]:
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    options: dict[str, Any] = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+                               "repetition_penalty": args.repetition_penalty, "do_sample": args.sample}
+    if args.sample:
+        options.update(temperature=args.temperature, top_p=args.top_p)
+    return options
+
+
+def _emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
+    print(json.dumps(record, ensure_ascii=False) if args.json else text, flush=True)
+
+
+def _fmt(values: Sequence[float], digits: int) -> str:
+    return " ".join(f"{v:.{digits}f}" for v in values)
+
+
+def draw_grounding(image: Image.Image, box_pixels: Sequence[float], label: str | None = None, *,
+                   color: tuple[int, int, int] = BOX_COLOR) -> Image.Image:
+    """A copy of ``image`` with the box (x0, y0, x1, y1 in pixels) outlined and ``label`` on a tag.
+
+    The outline lies inside the box (its outer edge on the box coordinates); the label sits on a filled
+    tag above the box's top-left corner, or just inside it when there is no room above.
+    """
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    width, height = canvas.size
+    line = max(2, round(min(width, height) / 150))
+    x0, y0, x1, y1 = (round(v) for v in box_pixels)
+    x0, x1 = sorted((min(max(x0, 0), width - 1), min(max(x1, 0), width - 1)))
+    y0, y1 = sorted((min(max(y0, 0), height - 1), min(max(y1, 0), height - 1)))
+    draw.rectangle((x0, y0, x1, y1), outline=color, width=line)
+    if label:
+        try:
+            font = ImageFont.load_default(size=max(10, round(min(width, height) / 30)))
+        except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+            font = ImageFont.load_default()
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        pad = 2
+        tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
+        tag_x = min(x0, max(0, width - tag_w))
+        # Above the box if it fits; else inside, below the outline so the edge stays visible.
+        tag_y = y0 - tag_h if y0 - tag_h >= 0 else min(y0 + line, max(0, height - tag_h))
+        draw.rectangle((tag_x, tag_y, tag_x + tag_w - 1, tag_y + tag_h - 1), fill=color)
+        draw.text((tag_x + pad - left, tag_y + pad - top), label, fill=LABEL_TEXT_COLOR, font=font)
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    images = _check_images(args.images)
+    lion = _load(args)
+    _need_tags(args, lion)
+    from .pipeline import CAPTION_PROMPT
+
+    prompt = args.prompt or CAPTION_PROMPT
+    decoding = _decoding(args)
+    for start in range(0, len(images), args.batch_size):
+        chunk = images[start:start + args.batch_size]
+        captions = lion.generate(chunk, [prompt] * len(chunk), "caption",
+                                 [args.tags] * len(chunk) if args.tags is not None else None, **decoding)
+        for path, caption in zip(args.images[start:start + args.batch_size], captions):
+            text = caption if len(images) == 1 else f"{path}: {caption}"
+            _emit(args, {"image": path, "caption": caption}, text)
+    return 0
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    (image,) = _check_images([args.image])
+    lion = _load(args)
+    _need_tags(args, lion)
+    answer = lion.ask(image, args.question, tags=[args.tags] if args.tags is not None else None, **_decoding(args))
+    _emit(args, {"image": args.image, "question": args.question, "answer": answer}, answer)
+    return 0
+
+
+def _cmd_ground(args: argparse.Namespace) -> int:
+    (image,) = _check_images([args.image])
+    if args.draw and Path(args.draw).suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--draw {args.draw}: unknown image file extension")
+    lion = _load(args)
+    _need_tags(args, lion)
+    result = lion.ground(image, args.phrase, tags=[args.tags] if args.tags is not None else None, **_decoding(args))
+    width, height = image.size
+    record: dict[str, Any] = {
+        "image": args.image, "phrase": args.phrase, "answer": result.text, "width": width, "height": height,
+        "box": list(result.box.as_tuple()) if result.box else None,
+        "box_pixels": [round(v, 2) for v in result.box_pixels] if result.box_pixels else None,
+    }
+    if result.box is None:
+        _emit(args, record, f"no box in the answer: {result.text}")
+        if args.draw:
+            raise RuntimeError(f"nothing to draw: the model gave no box, {args.draw} not written")
+        return 0
+    if args.draw:
+        out = Path(args.draw)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        draw_grounding(image, result.box_pixels, args.phrase).save(out)
+        record["drawn"] = str(out)
+        _say(args, f"drew the box on {out}")
+    text = (f"box (normalised): {_fmt(result.box.as_tuple(), 3)}\n"
+            f"box (pixels):     {_fmt(result.box_pixels, 1)}  (image {width}x{height})")
+    _emit(args, record, text)
+    return 0
+
+
+def _cmd_tag(args: argparse.Namespace) -> int:
+    images = _check_images(args.images)
+    device = _device(args)
+    from .tagger import LazyRamTagger
+
+    if args.ram:
+        tagger = LazyRamTagger(args.ram, config=args.ram_config, device=device)
+    else:
+        # Only RAM is needed: read its path from the config instead of loading all of LION.
+        from .hub import resolve_model
+        from .loading import OfficialPaths
+
+        resolved = resolve_model(args.model)
+        ram = OfficialPaths.from_yaml(resolved).ram_model if resolved.endswith((".yaml", ".yml")) else None
+        if ram is None:
+            raise UsageError(f"{resolved} names no RAM tagger; pass --ram ram_swin_large_14m.pth")
+        tagger = LazyRamTagger(ram, config=args.ram_config, device=device)
+    _say(args, f"tagging {len(images)} image(s) with {tagger.checkpoint_path} ...")
+    for path, tags in zip(args.images, tagger.tag(images)):
+        text = tags if len(images) == 1 else f"{path}: {tags}"
+        _emit(args, {"image": path, "tags": [t.strip() for t in tags.split(",") if t.strip()]}, text)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"{args.input}: no such input file")
+    lion = _load(args)
+    summary = run_batch(lion, args.input, args.output, batch_size=args.batch_size, tags=args.tags,
+                        image_root=args.image_root, max_batches=args.max_batches,
+                        progress=not (args.no_progress or getattr(args, "quiet", False)),
+                        retry_errors=args.retry_errors, generate_kwargs=_decoding(args))
+    message = (f"{summary.done} answered, {summary.errors} error records, {summary.skipped} already in "
+               f"{args.output}; {summary.seconds:.1f} s")
+    if summary.stopped_early:
+        message += f"; stopped after {summary.batches} batch(es) (--max-batches), run again to continue"
+    _say(args, message)
+    if args.json:
+        print(json.dumps({"output": args.output, "answered": summary.done, "errors": summary.errors,
+                          "skipped": summary.skipped, "batches": summary.batches,
+                          "complete": not summary.stopped_early, "seconds": round(summary.seconds, 3)}))
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from .hub import PUBLISHED_MODELS, ModelNotInstalledError, download_model, installed_model
+
+    if args.list:
+        for name, spec in PUBLISHED_MODELS.items():
+            try:
+                where = installed_model(name)
+            except ModelNotInstalledError:
+                where = None
+            if args.json:
+                print(json.dumps({"name": name, "description": spec.description,
+                                  "installed": str(where) if where else None}))
+            else:
+                print(f"{name:16s} {'installed' if where else 'not installed':14s} {spec.description}")
+        return 0
+    if not args.name:
+        raise UsageError(f"name a model to download: {', '.join(PUBLISHED_MODELS)} (or --list)")
+    if args.name not in PUBLISHED_MODELS:
+        raise UsageError(f"unknown model {args.name!r}; published models: {', '.join(PUBLISHED_MODELS)}")
+    quiet = getattr(args, "quiet", False)
+    config = download_model(args.name, args.to, refresh=args.refresh, progress=not quiet,
+                            say=None if quiet else (lambda m: print(f"lion download: {m}", file=sys.stderr,
+                                                                    flush=True)))
+    print(json.dumps({"name": args.name, "config": str(config)}) if args.json else str(config))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .hub import resolve_model
+    from .pipeline import Lion
+
+    config = resolve_model(args.config)
+    if not config.endswith((".yaml", ".yml")):
+        raise UsageError(f"--config {args.config}: expected the authors' YAML config (or a downloaded model name)")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new --out")
+    _say(args, f"loading {config} ...")
+    started = time.monotonic()
+    lion = Lion.from_official(config, device=args.device, dtype=args.dtype)
+    _say(args, f"loaded in {time.monotonic() - started:.1f} s; writing {out} ...")
+    lion.save_pretrained(out)
+    if lion.tagger is not None:
+        _say(args, "note: RAM is not part of a bundle; pass --ram CHECKPOINT (or --tags) when using it")
+    print(str(out))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- entry point
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    if isinstance(error, KeyError) and text.startswith(("'", '"')):
+        text = text[1:-1]  # KeyError's str() adds quotes
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `lion` command; returns the exit code (0 ok, 1 failure, 2 usage error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse: --help/--version (0) or a usage error (2)
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = getattr(args, "debug", False)
+    if not debug:
+        # Library chatter (deprecations, generation-config notes) would bury the one line that matters.
+        warnings.filterwarnings("ignore")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as error:
+        print(f"lion: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lion: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `lion ... | head`
+        return 0
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line (traceback with --debug)
+        if debug:
+            traceback.print_exc()
+        from .hub import ModelNotInstalledError
+
+        hint = ""
+        if isinstance(error, ModelNotInstalledError) and "is not installed" in str(error):
+            hint = ("; pass --model with a bundle directory, a config .yaml, hf-hub:owner/repo, "
+                    "or a downloaded model (lion download lion-flant5xl)")
+        print(f"lion: error: {_one_line(error)}{hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
