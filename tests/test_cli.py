@@ -186,7 +186,7 @@ def test_ground_prints_the_box_and_draws_it(assets: dict[str, Path], tmp_path: P
     label = [picture.getpixel((x, y)) for x in range(x0, x1) for y in range(y0 + 20)]
     assert any(_is_text(p) for p in label)  # the phrase on its tag at the box's top-left corner
     # An answer cut before its box closes: reported, exit 0; with --draw nothing is written, exit 1.
-    short = [a if a != "24" else "8" for a in args]
+    short = [a if a != "24" else "3" for a in args]
     code, out, _ = _run_main(capsys, *short, "--json")
     assert code == 0 and json.loads(out)["box"] is None and json.loads(out)["box_pixels"] is None
     code, out, err = _run_main(capsys, *short, "--draw", str(tmp_path / "none.png"))
