@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_eval_subcommand(sub)
+    from .server import add_serve_subcommand  # imports no web framework until `lion serve` runs
+
+    add_serve_subcommand(sub)
     return parser
 
 

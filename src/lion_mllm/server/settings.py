@@ -1,0 +1,56 @@
+"""Operator settings of `lion serve` (plain data: importable without FastAPI installed)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerSettings:
+    """Limits and defaults of one server. Every limit is enforced before the model sees a request."""
+
+    model_name: str = "lion"
+    # batching
+    max_batch_size: int = 8
+    max_wait_ms: float = 10.0
+    queue_size: int = 64
+    timeout_s: float = 120.0
+    # security
+    api_key: str | None = None
+    max_image_pixels: int = 40_000_000  # ~ a 7700x5200 photo; checked from the header, before decoding
+    max_body_bytes: int = 20 * 1024 * 1024
+    allow_remote_images: bool = False
+    remote_timeout_s: float = 10.0
+    max_prompt_chars: int = 4000
+    # decoding defaults (the authors': 5 beams, repetition penalty 1.5, up to 256 new tokens)
+    num_beams: int = 5
+    max_num_beams: int = 10
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 512
+    repetition_penalty: float = 1.5
+    # web page
+    ui: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch_size", "queue_size", "timeout_s", "max_image_pixels", "max_body_bytes",
+                    "num_beams", "max_num_beams", "default_max_tokens", "max_tokens_limit", "max_prompt_chars")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens exceeds max_tokens_limit")
+        if self.api_key == "":
+            self.api_key = None
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,455 @@
+"""`lion serve`: the OpenAI-compatible API on a live uvicorn server (127.0.0.1, random port).
+
+The tiny random model answers gibberish, so answers are checked against a direct `Lion.generate` call
+with the same inputs and decoding. Box parsing, failures, slowness and the tagger use test doubles that
+wrap the real tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+import uvicorn
+from conftest import make_tiny_lion
+
+from lion_mllm.pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
+from lion_mllm.server import ServerSettings, add_serve_subcommand, create_app
+from lion_mllm.server.errors import APIError
+from lion_mllm.server.images import decode_data_url, draw_boxes, find_boxes
+from lion_mllm.server.protocol import apply_stop, build_question, infer_task, word_chunks
+
+KEY = "test-key"
+BOX_TEXT = "Answer: [0.100,0.250,0.600,0.750]"
+COLOURS = [(200, 30, 30), (20, 160, 60), (40, 40, 220), (240, 200, 10), (120, 0, 160)]
+
+
+def make_image(i: int) -> Image.Image:
+    img = Image.new("RGB", (64 + 16 * i, 48 + 4 * i), COLOURS[i % len(COLOURS)])
+    img.paste((255, 255, 255), (4 * i, 8, 20 + 4 * i, 30))
+    return img
+
+
+def data_url(img: Image.Image | bytes, mime: str = "image/png") -> str:
+    if isinstance(img, Image.Image):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        img = buf.getvalue()
+    return f"data:{mime};base64," + base64.b64encode(img).decode()
+
+
+def user(text: str, url: str) -> list[dict]:
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": url}}]
+    if text:
+        content.insert(0, {"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a thread on 127.0.0.1; stopped (and its batcher) at the end."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+
+class Double:
+    """Wraps the real tiny Lion: grounding answers become BOX_TEXT, "explode" raises, "slow" sleeps."""
+
+    def __init__(self, lion: Any, tagger: Any = None, delays: dict[str, float] | None = None):
+        self.inner, self.tagger, self.delays = lion, tagger, delays or {}
+        self.config, self.processor, self.device = lion.config, lion.processor, lion.device
+        self.calls: list[int] = []
+
+    def tag(self, images: list) -> list[str]:
+        return self.tagger.tag(images)
+
+    def generate(self, images: list, questions: list[str], tasks: Any, tags: Any = None, **kwargs: Any) -> list[str]:
+        self.calls.append(len(questions))
+        if any("explode" in q for q in questions):
+            raise RuntimeError("boom")
+        for word, delay in self.delays.items():
+            if any(word in q for q in questions):
+                time.sleep(delay)
+        texts = self.inner.generate(images, questions, tasks, tags, **kwargs)
+        tasks = [tasks] * len(questions) if isinstance(tasks, str) else tasks
+        return [BOX_TEXT if t == "grounding" else x for t, x in zip(tasks, texts)]
+
+
+class FakeTagger:
+    def tag(self, images: list) -> list[str]:
+        return [f"size{im.size[0]}, thing" for im in images]
+
+
+@pytest.fixture(scope="module")
+def lion():
+    return make_tiny_lion(seed=9)  # seed 9 answers non-empty, input-dependent gibberish, beams too
+
+
+@pytest.fixture(scope="module")
+def server(lion):
+    settings = ServerSettings(api_key=KEY, max_batch_size=8, max_wait_ms=30, default_max_tokens=8,
+                              max_image_pixels=120_000, max_body_bytes=400_000, ui=False)
+    with LiveServer(create_app(lion, settings)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def direct(lion: Any, i: int, question: str, task: str, tags: Any, **decoding: Any) -> str:
+    return lion.generate([make_image(i)], [question], task, [tags], **decoding)[0]
+
+
+# -- pure helpers -------------------------------------------------------------------------------------
+
+
+def test_task_inference_and_prompts():
+    assert infer_task("") == "caption"
+    assert infer_task("Please describe the image.") == "caption"
+    assert infer_task("Write a caption") == "caption"
+    assert infer_task("Where is the dog?") == "grounding"
+    assert infer_task("Can you locate the cup and give coordinates") == "grounding"
+    assert infer_task("find the red car") == "grounding"
+    assert infer_task("What colour is the car?") == "vqa"
+    assert build_question("", "caption") == CAPTION_PROMPT
+    assert build_question("the dog", "grounding") == GROUNDING_PROMPT.format("the dog")
+    assert build_question("where is the dog?", "grounding") == "where is the dog?"
+    with pytest.raises(APIError):
+        build_question("", "vqa")
+
+
+def test_text_helpers_boxes_and_drawing():
+    text = "a  dog\nruns. "
+    assert "".join(word_chunks(text)) == text and len(word_chunks(text)) == 3
+    assert apply_stop("one two three", ["two"]) == ("one ", True)
+    boxes = find_boxes("Answer: [0.1,0.2,0.3,0.4] and [0.5, 0.5, 0.9, 0.7] and [1,2]")
+    assert [b.as_tuple() for b in boxes] == [(0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.7)]
+    drawn = draw_boxes(Image.new("RGB", (100, 50), (0, 0, 0)), boxes[:1])
+    assert drawn.getpixel((10, 15)) != (0, 0, 0)  # left edge of the box: x = 0.1*100, y in 10..20
+    assert drawn.getpixel((50, 40)) == (0, 0, 0)  # outside the box untouched
+
+
+def test_image_decoding_refuses_bad_inputs():
+    assert decode_data_url(data_url(make_image(0)), 10_000).size == (64, 48)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    cases = {"data:image/png;base64,!!notbase64!!": (400, "invalid_base64"),
+             data_url(b"hello, not an image"): (400, "invalid_image"),
+             data_url(eps, "image/eps"): (400, "invalid_image"),  # EPS would run Ghostscript: refused
+             data_url(make_image(0).resize((200, 100))): (413, "image_too_large"),
+             "https://example.com/a.png": (400, "invalid_image_url"), "data:text/plain;base64,aGk=": (400, None)}
+    for url, (status, code) in cases.items():
+        with pytest.raises(APIError) as info:
+            decode_data_url(url, 10_000)
+        assert info.value.status == status and (code is None or info.value.code == code), url
+
+
+def test_cli_parser_defaults_to_loopback():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_serve_subcommand(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", "bundle", "--max-batch-size", "4", "--allow-remote-images"])
+    assert args.host == "127.0.0.1" and args.max_batch_size == 4 and args.allow_remote_images
+    from lion_mllm.server import settings_from_args
+
+    settings = settings_from_args(args)
+    assert settings.max_batch_size == 4 and settings.allow_remote_images and settings.model_name == "lion"
+
+
+# -- the live server with the real tiny model ---------------------------------------------------------
+
+
+def test_openai_client_caption_question_and_models(server, client, lion):
+    decoding = dict(num_beams=2, max_new_tokens=8, min_length=4)
+    extra = {"num_beams": 2, "min_tokens": 4}
+    caption = client.chat.completions.create(model="lion", messages=user("", data_url(make_image(1))),
+                                             max_tokens=8, extra_body={"tags": "green, square", **extra})
+    assert caption.object == "chat.completion" and caption.choices[0].message.role == "assistant"
+    assert caption.model_extra["lion"]["task"] == "caption"
+    assert caption.choices[0].message.content == direct(lion, 1, CAPTION_PROMPT, "caption", "green, square",
+                                                        **decoding)
+    assert caption.usage.completion_tokens > 0 and caption.usage.prompt_tokens > lion.config.num_visual_tokens
+
+    question = "what colour is the square?"
+    answer = client.chat.completions.create(model="lion", messages=user(question, data_url(make_image(2))),
+                                            max_tokens=8, extra_body={"tags": ["blue", "square"], **extra})
+    assert answer.model_extra["lion"]["task"] == "vqa"
+    assert answer.choices[0].message.content == direct(lion, 2, question, "vqa", ["blue", "square"], **decoding)
+    assert answer.choices[0].message.content  # seed 9 answers something
+    assert [m.id for m in client.models.list().data] == ["lion"]
+
+
+def test_openai_client_grounding_on_real_model_matches_direct(client, lion):
+    phrase = "the white square"
+    reply = client.chat.completions.create(model="lion", messages=user(phrase, data_url(make_image(3))),
+                                           max_tokens=8, extra_body={"tags": "yellow", "task": "grounding",
+                                                                     "num_beams": 1})
+    expected = direct(lion, 3, GROUNDING_PROMPT.format(phrase), "grounding", "yellow", num_beams=1,
+                      max_new_tokens=8)
+    assert reply.choices[0].message.content == expected
+    assert reply.model_extra["lion"]["prompt"] == GROUNDING_PROMPT.format(phrase)
+    assert reply.choices[0].message.model_extra["boxes"] == reply.model_extra["lion"]["boxes"]
+
+
+def test_streamed_answer_equals_the_plain_one(server, client):
+    kwargs = dict(model="lion", messages=user("what is it?", data_url(make_image(4))), max_tokens=8,
+                  extra_body={"tags": "purple", "num_beams": 1})
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == plain and len(pieces) == len(plain.split())
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].model_extra["lion"]["task"] == "vqa"
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    # the raw stream is server-sent events ending with [DONE]
+    body = {"model": "lion", "messages": kwargs["messages"], "max_tokens": 8, "tags": "purple", "num_beams": 1,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_fifty_concurrent_requests_are_batched_and_correct(server, lion):
+    combos = [(i, q, t, tags) for i, (q, t, tags) in enumerate([
+        ("what colour is the square?", "vqa", "red, square"), (CAPTION_PROMPT, "caption", "green"),
+        ("where is the white square?", "grounding", "blue, square"), ("is there a dog?", "vqa", "yellow"),
+        ("describe the picture", "caption", ["purple", "white"])])]
+    combos += [(i, "how many squares are there?", "vqa", "x") for i in range(5)]
+    decoding = dict(num_beams=1, max_new_tokens=5, min_length=2)
+    expected = {k: direct(lion, *combos[k], **decoding) for k in range(len(combos))}
+    before = server.health()["batching"]
+
+    async def one(client: httpx.AsyncClient, n: int) -> tuple[int, dict]:
+        i, question, task, tags = combos[n % len(combos)]
+        body = {"model": "lion", "messages": user(question, data_url(make_image(i))), "max_tokens": 5,
+                "num_beams": 1, "min_tokens": 2, "tags": tags, "task": task}
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return n, response.json()
+
+    async def all_of_them() -> list[tuple[int, dict]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                                     limits=httpx.Limits(max_connections=60)) as client:
+            return await asyncio.gather(*(one(client, n) for n in range(50)))
+
+    results = asyncio.run(all_of_them())
+    for n, reply in results:
+        assert reply["choices"][0]["message"]["content"] == expected[n % len(combos)], n
+        assert reply["lion"]["task"] == combos[n % len(combos)][2]
+    after = server.health()["batching"]
+    assert after["samples"] - before["samples"] == 50
+    assert after["max_batch_size_seen"] > 1 and max(r["lion"]["batch_size"] for _, r in results) > 1
+    assert after["batches"] - before["batches"] < 50 and after["max_batch_size_seen"] <= 8
+
+
+def test_bad_requests_get_clear_4xx_and_server_goes_on(server, lion):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    good_url = data_url(make_image(0))
+    bomb = Image.new("1", (8000, 8000))  # compresses to a few KB; 64 Mpixel declared in the header
+    buf = io.BytesIO()
+    bomb.save(buf, "PNG")
+
+    def body(url: str = good_url, **extra: Any) -> dict:
+        return {"model": "lion", "messages": user("what is it?", url), "max_tokens": 4, "num_beams": 1,
+                "tags": "red", **extra}
+
+    cases = [
+        (body("data:image/png;base64,iVBORw0KGgo%%%broken"), headers, 400, "base64"),
+        (body(data_url(b"plain text, no image here")), headers, 400, "not a readable"),
+        (body(data_url(make_image(0).resize((400, 400)))), headers, 413, "pixels"),
+        (body(data_url(buf.getvalue())), headers, 413, "pixels"),
+        (body(), {"Authorization": "Bearer wrong"}, 401, "API key"),
+        (body(), {}, 401, "API key"),
+        (body(good_url + "A" * 500_000), headers, 413, "body exceeds"),
+        (body(model="gpt-4o"), headers, 404, "not served"),
+        (body(tags=None), headers, 400, "tags"),
+        (body(task="translate"), headers, 400, "unknown task"),
+        (body("https://127.0.0.1:9/x.png"), headers, 400, "remote image URLs are disabled"),
+        (body(max_tokens=100_000), headers, 400, "max_tokens"),
+        ({"model": "lion", "messages": [{"role": "user", "content": "no image"}], "tags": "x"}, headers, 400,
+         "needs an image"),
+    ]
+    for payload, hdrs, status, words in cases:
+        response = httpx.post(server.url + "/v1/chat/completions", json=payload, headers=hdrs, timeout=30)
+        assert response.status_code == status, (words, response.text)
+        assert words.lower() in response.json()["error"]["message"].lower(), response.text
+        good = httpx.post(server.url + "/v1/chat/completions", json=body(), headers=headers, timeout=30)
+        assert good.status_code == 200
+        assert good.json()["choices"][0]["message"]["content"] == direct(lion, 0, "what is it?", "vqa", "red",
+                                                                         num_beams=1, max_new_tokens=4)
+    chunked = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=30,
+                         content=(b"x" * 50_000 for _ in range(20)))  # no Content-Length: counted as it comes
+    assert chunked.status_code == 413 and "exceeds" in chunked.json()["error"]["message"]
+    models = httpx.get(server.url + "/v1/models", timeout=10)
+    assert models.status_code == 401 and models.headers["www-authenticate"] == "Bearer"
+    not_json = httpx.post(server.url + "/v1/chat/completions", content=b"{oops", headers=headers, timeout=10)
+    assert not_json.status_code == 400 and "json" in not_json.json()["error"]["message"].lower()
+    no_tagger = httpx.post(server.url + "/v1/tags", json={"image": good_url}, headers=headers, timeout=10)
+    assert no_tagger.status_code == 501 and "tagger" in no_tagger.json()["error"]["message"]
+    assert server.health()["status"] == "ok"
+
+
+# -- test doubles: boxes, failure isolation, tagger, remote images, queue and timeouts ----------------
+
+
+@pytest.fixture(scope="module")
+def double_server(lion):
+    double = Double(lion, tagger=FakeTagger())
+    settings = ServerSettings(max_batch_size=8, max_wait_ms=300, default_max_tokens=6, allow_remote_images=True,
+                              ui=False)
+    with LiveServer(create_app(double, settings)) as live:
+        live.double = double
+        yield live
+
+
+def test_grounding_reply_carries_boxes_in_normalised_and_pixel_units(double_server):
+    client = openai.OpenAI(base_url=double_server.url + "/v1", api_key="unused", max_retries=0)
+    img = make_image(2)  # 96 x 56
+    reply = client.chat.completions.create(model="lion", messages=user("Where is the white square?", data_url(img)),
+                                           max_tokens=6, extra_body={"tags": "blue", "num_beams": 1})
+    assert reply.choices[0].message.content == BOX_TEXT
+    boxes = reply.choices[0].message.model_extra["boxes"]
+    assert boxes == [{"box": [0.1, 0.25, 0.6, 0.75], "box_pixels": [9.6, 14.0, 57.6, 42.0],
+                      "text": "[0.100,0.250,0.600,0.750]"}]
+    assert reply.model_extra["lion"]["boxes"] == boxes and reply.model_extra["lion"]["image_size"] == [96, 56]
+    streamed = list(client.chat.completions.create(model="lion", stream=True, max_tokens=6,
+                                                   messages=user("the white square", data_url(img)),
+                                                   extra_body={"tags": "blue", "task": "grounding"}))
+    final = [c for c in streamed if c.choices and c.choices[0].finish_reason][0]
+    assert final.choices[0].delta.model_extra["boxes"] == boxes and final.model_extra["lion"]["boxes"] == boxes
+
+
+def test_one_failing_request_does_not_harm_its_batch(double_server, lion):
+    questions = ["what is it?", "explode please", "is it red?", "how big?"]
+
+    def send(q: str) -> httpx.Response:
+        return httpx.post(double_server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "lion", "messages": user(q, data_url(make_image(1))), "max_tokens": 6, "num_beams": 1,
+            "tags": "green"})
+
+    calls_before = len(double_server.double.calls)
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(send, questions))
+    assert responses[1].status_code == 500 and "failed" in responses[1].json()["error"]["message"]
+    for q, response in zip(questions, responses):
+        if q != "explode please":
+            assert response.status_code == 200
+            assert response.json()["choices"][0]["message"]["content"] == direct(
+                lion, 1, q, "vqa", "green", num_beams=1, max_new_tokens=6)
+    calls = double_server.double.calls[calls_before:]
+    assert max(calls) > 1  # they did share a batch, which failed and was retried one by one
+    stats = double_server.health()["batching"]
+    assert stats["failed_batches"] >= 1 and stats["failed_requests"] == 1
+
+
+def test_tagger_fills_missing_tags_and_tags_endpoint(double_server, lion):
+    url = data_url(make_image(3))  # 112 wide
+    tags = httpx.post(double_server.url + "/v1/tags", json={"image": url}, timeout=30).json()
+    assert tags["tags"] == "size112, thing" and tags["tag_list"] == ["size112", "thing"]
+    reply = httpx.post(double_server.url + "/v1/chat/completions", timeout=30, json={
+        "model": "lion", "messages": user("what is it?", url), "max_tokens": 6, "num_beams": 1}).json()
+    assert reply["lion"]["tags"] == "size112, thing"
+    assert reply["choices"][0]["message"]["content"] == direct(lion, 3, "what is it?", "vqa", "size112, thing",
+                                                               num_beams=1, max_new_tokens=6)
+
+
+def test_remote_image_when_the_operator_allows_it(double_server, lion):
+    png = io.BytesIO()
+    make_image(0).save(png, "PNG")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # serves bytes from memory, whatever the path
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(png.getvalue())
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    try:
+        reply = httpx.post(double_server.url + "/v1/chat/completions", timeout=30, json={
+            "model": "lion", "messages": user("is it red?", f"http://127.0.0.1:{images.server_port}/a.png"),
+            "max_tokens": 6, "num_beams": 1, "tags": "red"})
+    finally:
+        images.shutdown()
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == direct(lion, 0, "is it red?", "vqa", "red",
+                                                                      num_beams=1, max_new_tokens=6)
+
+
+def test_full_queue_answers_429_and_slow_requests_504(lion):
+    # margins are wide on purpose (shared CI cores): "medium" work is far inside the timeout, "slow" far beyond
+    double = Double(lion, delays={"medium": 0.3, "slow": 3.5})
+    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, queue_size=1, timeout_s=2.5, default_max_tokens=3,
+                              ui=False)
+
+    def send(url: str, q: str) -> httpx.Response:
+        return httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "model": "lion", "messages": user(q, data_url(make_image(0))), "num_beams": 1, "tags": "red"})
+
+    with LiveServer(create_app(double, settings)) as live:
+        with ThreadPoolExecutor(4) as pool:  # one runs, one waits in the queue (size 1), the rest are refused
+            responses = list(pool.map(lambda q: send(live.url, q), ["medium question"] * 4))
+        statuses = [r.status_code for r in responses]
+        assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}, statuses
+        refused = next(r for r in responses if r.status_code == 429)
+        assert "queue is full" in refused.json()["error"]["message"] and refused.headers["retry-after"] == "1"
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(send, live.url, "slow one")
+            time.sleep(0.2)
+            second = pool.submit(send, live.url, "slow two")  # waits behind the first, times out in the queue
+            assert first.result().status_code == 504 and "no answer within" in first.result().text
+            assert second.result().status_code == 504
+        time.sleep(1.2)  # the first slow batch finishes; the cancelled second one is never run
+        assert send(live.url, "fine").status_code == 200
+        stats = live.health()["batching"]
+        assert stats["cancelled_before_run"] >= 1 and stats["samples"] == len(double.calls)

@@ -1,0 +1,113 @@
+"""The web page at /ui, driven by a real headless Chromium (Playwright) against a live server.
+
+Needs the `playwright` Python package and a Chromium binary (CI: `apt-get install chromium`); the test is
+skipped with the reason when either is missing. The browser may only talk to 127.0.0.1: any other request
+is blocked and fails the test.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio")
+httpx = pytest.importorskip("httpx")
+
+from conftest import REPO, make_tiny_lion
+from test_server import BOX_TEXT, Double, LiveServer
+
+from lion_mllm.pipeline import CAPTION_PROMPT
+from lion_mllm.server import ServerSettings, create_app
+
+CHROMIUM = os.environ.get("LION_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT_COPY = REPO / "docs" / "webui-screenshot.png"
+BOX_COLOUR = (255, 32, 96)  # the first colour draw_boxes uses
+
+
+def scene() -> Image.Image:
+    img = Image.new("RGB", (320, 240), (70, 120, 200))
+    img.paste((250, 250, 250), (40, 70, 180, 170))
+    img.paste((240, 200, 10), (210, 30, 290, 110))
+    return img
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (apt-get install chromium)")
+def test_page_captions_and_draws_a_grounding_box(tmp_path: Path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    expect = sync_api.expect
+    lion = make_tiny_lion(seed=9)
+    double = Double(lion)  # real tiny model for the caption; a fixed box answer for grounding
+    settings = ServerSettings(num_beams=2, default_max_tokens=8, max_tokens_limit=64)
+    image_path = tmp_path / "scene.png"
+    scene().save(image_path)
+    expected_caption = lion.generate([scene()], [CAPTION_PROMPT], "caption", ["red, square"], num_beams=2,
+                                     max_new_tokens=8)[0]
+    assert expected_caption
+
+    with LiveServer(create_app(double, settings)) as server, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            outside: list[str] = []
+
+            def only_local(route) -> None:  # a playwright Route
+                url = route.request.url
+                if url.startswith((server.url, "data:", "blob:")):
+                    route.continue_()
+                else:
+                    outside.append(url)
+                    route.abort()
+
+            page.route("**/*", only_local)
+            page.goto(server.url + "/ui/", wait_until="networkidle")
+            page.locator("#lion-image input[type=file]").set_input_files(str(image_path))
+            expect(page.locator("#lion-image img").first).to_be_visible(timeout=30_000)
+            page.locator("#lion-tags textarea").fill("red, square")
+            page.locator("#lion-run").click()
+            expect(page.locator("#lion-answer textarea")).to_have_value(expected_caption, timeout=60_000)
+            expect(page.locator("#lion-tags-used textarea")).to_have_value("red, square")
+
+            page.get_by_role("radio", name="Ground").check()
+            page.locator("#lion-text textarea").fill("the white rectangle")
+            page.locator("#lion-run").click()
+            expect(page.locator("#lion-answer textarea")).to_have_value(BOX_TEXT, timeout=60_000)
+            expect(page.locator("#lion-boxes")).to_contain_text("box_pixels", timeout=30_000)
+            annotated = page.locator("#lion-annotated img").first
+            expect(annotated).to_be_visible(timeout=30_000)
+            src = annotated.get_attribute("src")
+            assert src
+            png = page.request.get(src if src.startswith("http") else server.url + src).body()
+            drawn = Image.open(io.BytesIO(png)).convert("RGB")
+            assert drawn.size == (320, 240)
+            # BOX_TEXT is [0.1,0.25,0.6,0.75]: the left edge runs at x=32 from y=60 to y=180
+            assert drawn.getpixel((33, 120)) == BOX_COLOUR and drawn.getpixel((20, 120)) == (70, 120, 200)
+            shot = tmp_path / "webui.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            if not SCREENSHOT_COPY.exists():  # for people reading the docs; written once
+                SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shot, SCREENSHOT_COPY)
+            assert outside == [], f"the page tried to reach other hosts: {outside}"
+        finally:
+            browser.close()
+
+
+def test_page_asks_for_the_api_key_when_the_server_has_one():
+    settings = ServerSettings(api_key="page-key", default_max_tokens=4)
+    with LiveServer(create_app(make_tiny_lion(seed=9), settings)) as server:
+        assert httpx.get(server.url + "/ui/config", timeout=10).status_code == 401
+        assert httpx.post(server.url + "/ui/login", data={"username": "me", "password": "nope"},
+                          timeout=10).status_code == 400
+        with httpx.Client(base_url=server.url, timeout=10) as browser_like:
+            assert browser_like.post("/ui/login", data={"username": "me", "password": "page-key"}).status_code == 200
+            assert browser_like.get("/ui/config").status_code == 200  # the session cookie opens the page
+        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert httpx.get(server.url + "/", timeout=10).headers["location"] == "/ui/"
