@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,31 @@ def read_safetensors(paths: list[Path], device: str | torch.device = "cpu") -> d
     return out
 
 
-def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+class LazySafetensors(Mapping):
+    """The tensors of safetensors files, each read from its memory-mapped file only when accessed, so
+    a loader can convert one tensor at a time instead of holding a whole checkpoint in memory."""
+
+    def __init__(self, paths: list[Path], device: str | torch.device = "cpu"):
+        self._device, self._where, self._handles = str(device), {}, {}
+        for path in paths:
+            try:
+                handle = safe_open(str(path), framework="pt", device=self._device)
+            except Exception as error:
+                raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
+            self._handles[path] = handle
+            self._where.update(dict.fromkeys(handle.keys(), path))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def read_hf_weights(directory: Path) -> tuple[Mapping[str, torch.Tensor], str]:
     """A Hugging Face model directory's weights (safetensors preferred, sharded or not)."""
     for index_name, reader in (("model.safetensors.index.json", "safetensors"),
                                ("pytorch_model.bin.index.json", "torch")):
@@ -176,13 +201,13 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
         if index.is_file():
             shards = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
             if reader == "safetensors":
-                return read_safetensors(shards), str(index)
+                return LazySafetensors(shards), str(index)
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(read_torch_file(shard))
             return state, str(index)
     if (directory / "model.safetensors").is_file():
-        return read_safetensors([directory / "model.safetensors"]), str(directory / "model.safetensors")
+        return LazySafetensors([directory / "model.safetensors"]), str(directory / "model.safetensors")
     if (directory / "pytorch_model.bin").is_file():
         return read_torch_file(directory / "pytorch_model.bin"), str(directory / "pytorch_model.bin")
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin (is this a FlanT5 directory?)")
@@ -353,7 +378,8 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
         vit_state["visual_encoder." + name] = tensor
     vit_mapped, vit_unknown = official_to_ours(vit_state)
     t5_ignorable = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
-    t5_mapped = {"language_model." + k: v for k, v in t5_raw.items() if k not in t5_ignorable}
+    # read lazily: each T5 tensor is loaded, converted and released before the next one
+    t5_mapped = ((f"language_model.{k}", t5_raw[k]) for k in t5_raw if k not in t5_ignorable)
     lion_mapped, lion_unknown = official_to_ours(lion_raw)
 
     with torch.device("meta"):
@@ -382,7 +408,7 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
                                     (t5_source, t5_mapped, []),
                                     (str(paths.pretrained), lion_mapped, lion_unknown)):
         unexpected += [f"{Path(source).name}:{k}" for k in unknown]
-        for name, tensor in mapped.items():
+        for name, tensor in (mapped.items() if isinstance(mapped, dict) else mapped):
             if name not in wanted:  # reported under the file's own name for the key
                 original = name[len("language_model."):] if source == t5_source else _apply(_INVERSE, name)
                 unexpected.append(f"{Path(source).name}:{original or name}")
@@ -453,9 +479,11 @@ def load_bundle_model(directory: Path, *, device: str | torch.device = "cpu", dt
     if not index_file.is_file():
         raise CheckpointError(f"{directory}: no {WEIGHTS_INDEX}")
     files = sorted({directory / f for f in json.loads(index_file.read_text())["weight_map"].values()})
-    state = read_safetensors(files, device=device)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    lazy = LazySafetensors(files, device=device)
+    state = {}
+    for key in lazy:  # one tensor at a time: a dtype change never holds two copies of the model
+        tensor = lazy[key]
+        state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     with torch.device("meta"):
         model = LionModel(config, attn_implementation)
     expected = set(expected_keys(model))
