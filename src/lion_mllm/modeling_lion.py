@@ -435,10 +435,18 @@ class LionModel(nn.Module):
         per_block = linear_params(self.vision_model.layers[0])
         depth = max(self.vision_taps()) + 1
         flops = {"vision": 2.0 * n_img * per_block * depth + 4.0 * n_img * n_img * v.hidden_size * depth
-                 + 2.0 * n_img * v.hidden_size * 3 * v.patch_size**2}
+                 + 2.0 * (n_img - 1) * v.hidden_size * 3 * v.patch_size**2}
         if c.uses_qformer:
-            q = c.qformer.num_query_tokens + text_tokens
-            flops["qformer"] = 2.0 * q * linear_params(self.qformer) / 2 + 2.0 * q * q * c.qformer.hidden_size * 2
+            qf = c.qformer
+            hidden, queries, tokens = qf.hidden_size, qf.num_query_tokens, qf.num_query_tokens + text_tokens
+            cross_layers = len(range(0, qf.num_hidden_layers, qf.cross_attention_frequency))
+            # every token: self-attention (4 H^2 + scores) and one of the two FFNs (2 H I)
+            per_layer = 2.0 * tokens * (4 * hidden**2 + 2 * hidden * qf.intermediate_size) + 4.0 * tokens**2 * hidden
+            # queries only, every `cross_attention_frequency` layers: q/o projections, k/v over the image, scores
+            per_cross = 2.0 * queries * 2 * hidden**2 + 2.0 * n_img * 2 * hidden * v.hidden_size \
+                + 4.0 * queries * n_img * hidden
+            flops["qformer"] = per_layer * qf.num_hidden_layers + per_cross * cross_layers \
+                + 2.0 * queries * hidden * lang.d_model  # projection into T5
         if c.uses_aggregator:
             flops["aggregator"] = 2.0 * n_img * (linear_params(self.aggregator)
                                                  + linear_params(self.aggregator_projection))
