@@ -176,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_eval_subcommand(sub)
     from .server import add_serve_subcommand  # imports no web framework until `lion serve` runs
+    from .train import add_train_subcommand
 
     add_serve_subcommand(sub)
+    add_train_subcommand(sub)
     return parser
 
 

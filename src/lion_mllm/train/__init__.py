@@ -1,0 +1,97 @@
+"""Stage-wise instruction tuning of LION: annotation files in, checkpoints and a bundle out.
+
+    lion train --config configs/lion_train_stage4.yaml               # one process
+    torchrun --nproc_per_node=8 -m lion_mllm.train --config FILE      # the same program on 8 GPUs
+    lion train --config FILE --resume outputs/lion_stage4/20240101120000
+
+The CLI mounts `add_train_subcommand(subparsers)`; `run_train(args)` runs it. Library use:
+`train(load_train_config(path))`. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_train_subcommand", "build_parser", "configure_parser", "load_train_config", "main", "run_train",
+           "train"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `lion train` / `python -m lion_mllm.train`."""
+    parser.add_argument("--config", "--cfg-path", dest="config", required=True,
+                        help="training YAML: model / run / train_datasets (configs/lion_train_stage*.yaml)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="continue a run exactly where it stopped: a run directory, one of its checkpoints, "
+                             "or nothing (the newest run under run.output_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set run.init_lr=1e-4 (repeatable)")
+    parser.add_argument("--output-dir", default=None, help="shortcut for --set run.output_dir=DIR")
+    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                        help="save a checkpoint and stop after N steps of this invocation (resume later)")
+    return parser
+
+
+def add_train_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `train` to an argparse sub-parsers object (the `lion` CLI); its `func` is `run_train`."""
+    parser = subparsers.add_parser(
+        "train", help="stage-wise instruction tuning (stages 1-4), one GPU or many (torchrun), resumable",
+        description="Train LION from annotation files; run under torchrun for several processes.")
+    configure_parser(parser)
+    parser.set_defaults(func=run_train)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stand-alone parser of `python -m lion_mllm.train`."""
+    parser = argparse.ArgumentParser(prog="python -m lion_mllm.train", description=__doc__.splitlines()[0])
+    return configure_parser(parser)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Execute `lion train` for parsed `args`; returns the process exit code (0 done or stopped as asked,
+    1 bad data / checkpoint problem, 2 config error)."""
+    from ..loading import CheckpointError
+    from .config import ConfigError, load_train_config
+    from .data import BadDataError
+    from .loop import train
+
+    overrides = list(args.overrides or [])
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    try:
+        config = load_train_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"lion train: config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    except BadDataError as error:
+        print(f"lion train: stopped: {error}", file=sys.stderr)
+        return 1
+    except CheckpointError as error:
+        print(f"lion train: checkpoint error: {error}", file=sys.stderr)
+        return 1
+    state = "finished" if result.finished else "stopped (resume with --resume)"
+    print(f"lion train: {state} at step {result.step}/{result.total_steps}; run directory {result.run_dir}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_train(build_parser().parse_args(argv))
+
+
+def load_train_config(source: Any, overrides: list[str] | None = None) -> Any:
+    """Read a training YAML (or mapping) into a checked `TrainConfig` (see `lion_mllm.train.config`)."""
+    from .config import load_train_config as load
+
+    return load(source, overrides)
+
+
+def train(config: Any, resume: Any = None, stop_after_steps: int | None = None) -> Any:
+    """Run or resume a training run; returns a `TrainResult` (see `lion_mllm.train.loop.train`)."""
+    from .loop import train as run
+
+    return run(config, resume=resume, stop_after_steps=stop_after_steps)

@@ -1,0 +1,376 @@
+"""The training configuration: the authors' README shape (`model`, `run`, `train_datasets`) as typed data.
+
+    model:            # the authors' model YAML block (bert_model, vit_model, llm_model, ram_model,
+                      # pretrained, visual_input, enable_semantic_tags) plus our own keys
+    run:              # optimisation, precision, output, checkpointing, bad-data policy
+    train_datasets:   # [{ann_path, vis_root, is_train, sample_ratio}]
+
+Relative input paths are looked up in the current directory first (the authors run from their
+repository root), then beside the config file. `output_dir` is relative to the current directory.
+Unknown keys are an error (a typo must not silently train with a default), except the LAVIS/authors'
+keys listed in `IGNORED_*`, which are accepted and reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger("lion_mllm.train")
+
+# Stage -> the model's visual_input (spec 5.1: stage 1 Q-Former road, stage 2 aggregator road, 3/4 both).
+STAGE_VISUAL_INPUT = {1: "qformer", 2: "aggregator", 3: "all", 4: "all"}
+
+# Keys of the authors' model YAML / LAVIS run block that mean nothing here; accepted so their files load.
+IGNORED_MODEL_KEYS = {"arch", "model_type", "load_finetuned", "finetuned", "vit_precision", "img_size",
+                      "drop_path_rate", "num_query_token", "freeze_vit", "prompt", "max_txt_len_eval"}
+IGNORED_RUN_KEYS = {"task", "lr_sched", "batch_size_eval", "world_size", "dist_url", "distributed", "evaluate",
+                    "train_splits", "valid_splits", "test_splits", "resume_ckpt_path", "lr_layer_decay",
+                    "num_beams", "max_len", "min_len", "runner", "iters_per_inner_epoch"}
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names the key."""
+
+
+@dataclass
+class DatasetSpec:
+    """One annotation file and the folder its image paths are relative to."""
+
+    ann_path: Path
+    vis_root: Path
+    is_train: bool = True
+    sample_ratio: float = 1.0
+    tag_cache: Path | None = None  # JSON {image path: tags} made once by `lion tag`
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.ann_path.name
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time image augmentation. Boxes stay right: a flip rewrites every box of a region-level
+    sample (x0, x1 -> 1-x1, 1-x0) and region-level samples are never cropped."""
+
+    hflip: float = 0.0  # probability of a horizontal flip (the authors' LAVIS transform: 0.5, blind)
+    random_resized_crop: tuple[float, float] | None = None  # area scale range, image-level samples only
+    swap_left_right: bool = True  # a flipped sample's text says "right" where it said "left"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ConfigError(f"run.augment.hflip must be a probability, got {self.hflip}")
+        if self.random_resized_crop is not None:
+            low, high = (float(v) for v in self.random_resized_crop)
+            if not 0.0 < low <= high <= 1.0:
+                raise ConfigError(f"run.augment.random_resized_crop must be [low, high] in (0, 1], got "
+                                  f"{self.random_resized_crop}")
+            self.random_resized_crop = (low, high)
+
+
+@dataclass
+class ModelSpec:
+    """Where the model comes from. Exactly one base:
+
+    - `pretrained` = the authors' `.pth` (with vit_model, llm_model, bert_model) -> `Lion.from_official`;
+    - `pretrained` = a directory written by `save_pretrained` (a finished run's `final/`) -> `Lion.from_pretrained`;
+    - no `pretrained`: ViT and T5 from vit_model / llm_model, LION's own parts initialised as the authors'
+      code does (stage 1 and 2 from scratch);
+    - `preset` (tests, benchmarks): a random model of a `lion_mllm.config` preset, tokenizers from
+      llm_model / bert_model.
+    Then `init_from` (earlier stages' checkpoints) overwrite LION's own parts; single adapters go into
+    their slot of the mixture (stage 2's -> adapters.0 (region), stage 1's -> adapters.1 (image)).
+    """
+
+    vit_model: Path | None = None
+    llm_model: Path | None = None
+    bert_model: Path | None = None
+    ram_model: Path | None = None  # not used by training (tags come from records or a tag cache)
+    pretrained: Path | None = None
+    visual_input: str | None = None
+    enable_semantic_tags: bool = True
+    init_from: list[Path] = field(default_factory=list)
+    preset: str | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    round_like_reference: bool = True
+    vit_num_heads: int | None = None
+    max_txt_len: int | None = None
+    max_output_txt_len: int | None = None
+    boost_lr_scale: float | None = None
+    use_grad_checkpoint: bool | None = None
+
+
+@dataclass
+class RunConfig:
+    stage: int = 4
+    init_lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_lr: float = 0.0  # learning rate at the first warm-up step's start (LAVIS `warmup_lr`)
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    lr_scale: float = 1.0
+    boost_lr_scale: float = 1.0  # multiplies the aggregator's learning rate (authors' `boost_lr_scale`)
+    max_epoch: int | None = None
+    iters_per_epoch: int | None = None  # optimizer steps per epoch; default: one pass over the data
+    max_steps: int | None = None  # total optimizer steps; overrides max_epoch * iters_per_epoch
+    warmup_steps: int = 0
+    batch_size_train: int = 1  # per process and micro-batch
+    accum_grad_iters: int = 1
+    max_grad_norm: float | None = 1.0  # None: no clipping (LAVIS does not clip)
+    mixed_precision: str = "bf16"  # bf16 (autocast on GPU; fp32 on CPU) | fp32
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"  # ddp | fsdp2
+    find_unused_parameters: bool = False
+    device: str = "auto"  # auto | cuda | cpu
+    seed: int = 42
+    num_workers: int = 4
+    num_threads: int | None = None  # torch intra-op threads (None: torch's default)
+    output_dir: str = "outputs/lion"
+    run_name: str | None = None  # default: the last part of output_dir
+    print_freq: int = 50
+    save_every_steps: int | None = None  # also saved at every epoch end and at the end
+    keep_checkpoints: int = 2
+    export_final: bool = True  # write a `save_pretrained` bundle to <run dir>/final
+    tensorboard: bool = True
+    progress_bar: bool = True
+    stop_after_steps: int | None = None  # save and stop after this many steps of this invocation
+    max_bad_fraction: float = 0.01
+    bad_check_min_samples: int = 200  # the bad fraction is only judged once this many samples were drawn
+    missing_tags: str = "skip"  # a record without tags (model with tags on): skip | empty | error
+    tag_cache: Path | None = None  # default tag cache for datasets that name none
+    freeze: list[str] = field(default_factory=list)  # extra name prefixes to keep frozen
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_VISUAL_INPUT:
+            raise ConfigError(f"run.stage must be 1, 2, 3 or 4, got {self.stage}")
+        self.mixed_precision = {"no": "fp32", "none": "fp32", "float32": "fp32", "bfloat16": "bf16"}.get(
+            str(self.mixed_precision).lower(), str(self.mixed_precision).lower())
+        if self.mixed_precision not in ("bf16", "fp32"):
+            raise ConfigError(f"run.mixed_precision must be bf16 or fp32 (fp16 overflows in T5), got "
+                              f"{self.mixed_precision!r}")
+        if self.parallel not in ("ddp", "fsdp2"):
+            raise ConfigError(f"run.parallel must be ddp or fsdp2, got {self.parallel!r}")
+        if self.missing_tags not in ("skip", "empty", "error"):
+            raise ConfigError(f"run.missing_tags must be skip, empty or error, got {self.missing_tags!r}")
+        if self.max_steps is None and self.max_epoch is None:
+            raise ConfigError("run needs max_steps or max_epoch")
+        for name in ("batch_size_train", "accum_grad_iters", "print_freq", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name} must be at least 1")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"run.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec
+    run: RunConfig
+    train_datasets: list[DatasetSpec]
+    source: Path | None = None  # the YAML this came from
+    raw: dict[str, Any] = field(default_factory=dict)  # the mapping as read (after overrides)
+
+    @property
+    def visual_input(self) -> str:
+        return STAGE_VISUAL_INPUT[self.run.stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config (absolute paths, every default), as written to the run directory."""
+
+        def plain(value: Any) -> Any:
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return {"model": plain(self.model), "run": plain(self.run),
+                "train_datasets": [plain(d) for d in self.train_datasets]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-5` (no dot) as a string; the authors' configs are full of those."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _build(kind: type, data: dict[str, Any], where: str, ignored: set[str] = frozenset()) -> Any:
+    known = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - set(known) - set(ignored))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    skipped = sorted(set(data) & set(ignored))
+    if skipped:
+        logger.info("%s: ignoring keys with no meaning here: %s", where, skipped)
+    values = {}
+    for name, value in data.items():
+        if name not in known:
+            continue
+        kind_name = str(known[name].type)
+        if isinstance(value, str) and any(t in kind_name for t in ("float", "int")):
+            value = _number(value)
+            if isinstance(value, str):
+                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+        if "float" in kind_name and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        values[name] = value
+    try:
+        return kind(**values)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+class PathResolver:
+    """Relative inputs: the current directory first (the authors' habit), then the config's folder."""
+
+    def __init__(self, config_dir: Path | None):
+        self.config_dir = config_dir
+
+    def __call__(self, value: Any, key: str, must_exist: bool = True) -> Path | None:
+        if value is None or value == "":
+            return None
+        path = Path(str(value)).expanduser()
+        if path.is_absolute():
+            candidates = [path]
+        else:
+            candidates = [Path.cwd() / path] + ([self.config_dir / path] if self.config_dir else [])
+        for candidate in candidates:
+            if candidate.exists():
+                return candidate.resolve()
+        if must_exist:
+            tried = " or ".join(str(c) for c in candidates)
+            raise ConfigError(f"{key}: {value} does not exist (looked for {tried})")
+        return candidates[0]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`run.init_lr=1e-4`, `train_datasets.0.sample_ratio=2`: dotted paths, YAML values."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. run.init_lr=1e-4)")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text else None
+        parts = key.strip().split(".")
+        node: Any = data
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+    return data
+
+
+def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training YAML (or an equivalent mapping), apply `--set` overrides and check every key."""
+    if isinstance(source, dict):
+        data, path = copy.deepcopy(source), None
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping with model, run, train_datasets")
+    data = apply_overrides(data, overrides or [])
+    unknown = sorted(set(data) - {"model", "run", "train_datasets", "datasets"})
+    if unknown:
+        raise ConfigError(f"unknown top-level keys {unknown}; expected model, run, train_datasets")
+    resolve = PathResolver(path.parent.resolve() if path else None)
+
+    model_data = dict(data.get("model") or {})
+    load_pretrained = model_data.pop("load_pretrained", True)
+    if model_data.get("freeze_vit") is False:
+        logger.warning("model.freeze_vit: False is ignored: the ViT always stays frozen")
+    for key in ("vit_model", "llm_model", "bert_model", "pretrained"):
+        model_data[key] = resolve(model_data.get(key), f"model.{key}")
+    model_data["ram_model"] = resolve(model_data.get("ram_model"), "model.ram_model", must_exist=False)
+    if not load_pretrained:
+        model_data["pretrained"] = None
+    init_from = model_data.get("init_from") or []
+    if isinstance(init_from, (str, Path)):
+        init_from = [init_from]
+    if isinstance(init_from, dict):  # {stage1: path, stage2: path}: applied in key order
+        init_from = list(init_from.values())
+    model_data["init_from"] = [resolve(p, "model.init_from") for p in init_from]
+    if isinstance(model_data.get("visual_input"), str):
+        model_data["visual_input"] = model_data["visual_input"].lower()
+    model = _build(ModelSpec, model_data, "model", IGNORED_MODEL_KEYS)
+
+    run_data = dict(data.get("run") or {})
+    if "amp" in run_data:  # LAVIS: amp: True -> bf16 here (fp16 is refused)
+        amp = run_data.pop("amp")
+        run_data.setdefault("mixed_precision", "bf16" if amp else "fp32")
+    if "grad_clip" in run_data:
+        run_data.setdefault("max_grad_norm", run_data.pop("grad_clip"))
+    if "warmup_start_lr" in run_data:
+        run_data.setdefault("warmup_lr", run_data.pop("warmup_start_lr"))
+    if isinstance(run_data.get("augment"), dict):
+        run_data["augment"] = _build(AugmentConfig, run_data["augment"], "run.augment")
+    if model.boost_lr_scale is not None:
+        if "boost_lr_scale" in run_data and float(run_data["boost_lr_scale"]) != model.boost_lr_scale:
+            raise ConfigError("boost_lr_scale is set differently in model and run; set it once")
+        run_data["boost_lr_scale"] = model.boost_lr_scale
+    if model.use_grad_checkpoint is not None:
+        run_data.setdefault("activation_checkpointing", model.use_grad_checkpoint)
+    run_data["tag_cache"] = resolve(run_data.get("tag_cache"), "run.tag_cache")
+    run = _build(RunConfig, run_data, "run", IGNORED_RUN_KEYS)
+
+    stage_input = STAGE_VISUAL_INPUT[run.stage]
+    if model.visual_input is not None and model.visual_input != stage_input:
+        raise ConfigError(f"run.stage {run.stage} trains a `{stage_input}` model but model.visual_input is "
+                          f"{model.visual_input!r}; stage 1 = QFORMER, 2 = AGGREGATOR, 3 and 4 = ALL")
+    if model.preset is not None and model.pretrained is not None:
+        raise ConfigError("model: `preset` builds a random model and `pretrained` loads one; give only one")
+    if model.preset is None and model.llm_model is None and (model.pretrained is None or
+                                                              model.pretrained.is_file()):
+        raise ConfigError("model: give `pretrained` (authors' .pth or a bundle directory), or vit_model + "
+                          "llm_model + bert_model, or a `preset`")
+
+    entries = data.get("train_datasets", data.get("datasets"))
+    if not entries or not isinstance(entries, list):
+        raise ConfigError("train_datasets: expected a list of {ann_path, vis_root, is_train, sample_ratio}")
+    datasets = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"train_datasets[{i}]: expected a mapping")
+        entry = dict(entry)
+        for key in ("ann_path", "vis_root"):
+            if key not in entry:
+                raise ConfigError(f"train_datasets[{i}]: `{key}` is missing")
+            entry[key] = resolve(entry[key], f"train_datasets[{i}].{key}")
+        entry["tag_cache"] = resolve(entry.get("tag_cache"), f"train_datasets[{i}].tag_cache")
+        spec = _build(DatasetSpec, entry, f"train_datasets[{i}]")
+        if spec.sample_ratio <= 0:
+            raise ConfigError(f"train_datasets[{i}].sample_ratio must be positive, got {spec.sample_ratio}")
+        datasets.append(spec)
+    if not any(d.is_train for d in datasets):
+        raise ConfigError("train_datasets: no entry has is_train: True")
+    return TrainConfig(model=model, run=run, train_datasets=datasets, source=path, raw=data)

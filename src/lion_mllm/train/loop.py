@@ -1,0 +1,611 @@
+"""The training loop: one program for one process or many (torchrun), resumable to the sample.
+
+Per optimizer step each process takes `accum_grad_iters` micro-batches of `batch_size_train` samples.
+The loss is the mean token cross-entropy over every valid target token of the step on all processes
+(token counts are summed across processes before the backward passes), so N processes of batch B
+compute the same update as one process of batch N x B, and accumulation the same as a bigger batch.
+
+Exact resume: a checkpoint stores LION's parameters, AdamW's state, the step of the schedule, the
+position of the sample stream and every process's random generators; augmentation is seeded by
+stream position and the DataLoader uses its own generator, so a resumed run sees the same next batch,
+learning rate and dropout masks as the uninterrupted one and ends bit-identical (same hardware and
+thread count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ..loading import CheckpointError
+from ..pipeline import Lion
+from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import STAGE_VISUAL_INPUT, TrainConfig
+from .data import AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler, MixtureSchedule
+from .data import load_tag_cache
+from .distributed import DistContext, gradient_sync, init_distributed, wrap_ddp, wrap_fsdp2
+from .stages import (STAGE_DESCRIPTIONS, WarmupCosineSchedule, build_lion, configure_trainable, is_lion_parameter,
+                     load_into, optimizer_param_groups)
+
+logger = logging.getLogger("lion_mllm.train")
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    finished: bool
+    last_checkpoint: Path | None
+    export_dir: Path | None
+    loss: float | None
+    bad: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad-data accounting
+
+
+class BadDataTracker:
+    """Counts malformed records (at load) and unusable samples (when drawn); judges the fraction."""
+
+    def __init__(self, limit: float, min_samples: int, log_file: Path | None):
+        self.limit, self.min_samples, self.log_file = limit, min_samples, log_file
+        self.drawn = 0  # over all processes
+        self.bad = 0
+        self.reasons: Counter[str] = Counter()  # this process's, by source
+        self.examples: list[str] = []
+        self.seen: set[str] = set()
+
+    def check_records(self, datasets: list[AnnotationDataset], is_main: bool) -> dict[str, Any]:
+        total = sum(d.total for d in datasets)
+        bad = [item for d in datasets for item in d.bad]
+        if is_main:
+            for item in bad:
+                logger.warning("skipped record %s", item)
+            for d in datasets:
+                logger.info("%s: %d records, %d usable, %d skipped", d.spec.ann_path, d.total, len(d), len(d.bad))
+        report = {"records": total, "skipped_records": len(bad)}
+        if total and len(bad) / total > self.limit:
+            raise BadDataError(f"{len(bad)} of {total} annotation records ({len(bad) / total:.1%}) are malformed, "
+                               f"over run.max_bad_fraction={self.limit}; first: {bad[0]}")
+        return report
+
+    def note(self, items: list[BadItem]) -> None:
+        """This process's unusable samples of a step: logged once per source, written to its file."""
+        for item in items:
+            self.reasons[item.reason.split(":")[-1].strip()[:80]] += 1
+            if item.source not in self.seen:
+                self.seen.add(item.source)
+                logger.warning("skipped sample %s", item)
+                if len(self.examples) < 5:
+                    self.examples.append(str(item))
+            if self.log_file is not None:
+                with open(self.log_file, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"source": item.source, "reason": item.reason}) + "\n")
+
+    def update(self, bad: int, drawn: int) -> None:
+        self.bad += bad
+        self.drawn += drawn
+        if self.drawn >= self.min_samples and self.drawn and self.bad / self.drawn > self.limit:
+            example = f"; e.g. {self.examples[0]}" if self.examples else ""
+            raise BadDataError(f"{self.bad} of {self.drawn} samples drawn so far ({self.bad / self.drawn:.1%}) "
+                               f"could not be used (unreadable or missing images), over "
+                               f"run.max_bad_fraction={self.limit}{example}")
+
+    def report(self) -> dict[str, Any]:
+        return {"samples_drawn": self.drawn, "samples_skipped": self.bad,
+                "distinct_bad_sources_this_process": len(self.seen), "examples": self.examples}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging and metrics
+
+
+class MetricsWriter:
+    """metrics.jsonl (always) and TensorBoard (when installed), on the main process only."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool):
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir else None
+        self.tb = None
+        if run_dir is not None and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard is an optional extra
+                logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _setup_logging(run_dir: Path | None, ctx: DistContext) -> list[logging.Handler]:
+    handlers: list[logging.Handler] = []
+    fmt = logging.Formatter(f"%(asctime)s [rank {ctx.rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
+    handlers.append(stream)
+    if run_dir is not None and ctx.is_main:
+        file = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        file.setLevel(logging.INFO)
+        handlers.append(file)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return handlers
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model preparation
+
+
+def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass: T5 blocks and Q-Former layers via transformers, the
+    aggregator's blocks via torch.utils.checkpoint (the ViT is frozen and keeps no activations)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def enable(module: torch.nn.Module) -> None:
+        # transformers 5 renamed gradient_checkpointing_enable (still there, deprecated)
+        if hasattr(module, "activation_checkpointing_enable"):
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    for part in (model.language_model, model.language_model.encoder, model.language_model.decoder):
+        part.config.use_cache = False  # no KV cache in training (it conflicts with recompute)
+    enable(model.language_model)
+    if getattr(model, "qformer", None) is not None:
+        enable(model.qformer)
+    if getattr(model, "aggregator", None) is not None:
+        for block in model.aggregator.blocks:
+            forward = block.forward
+            block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed token cross-entropy (float32) of a batch."""
+    output = model(**batch)
+    labels = batch["labels"]
+    return F.cross_entropy(output.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def _new_run_dir(cfg: TrainConfig, ctx: DistContext) -> Path:
+    base = Path(cfg.run.output_dir).expanduser()
+    if not base.is_absolute():
+        base = Path.cwd() / base
+    if cfg.run.run_name and base.name != cfg.run.run_name:
+        base = base / cfg.run.run_name
+    name = None
+    if ctx.is_main:
+        name = time.strftime("%Y%m%d%H%M%S")
+        while (base / name).exists():  # two runs started in the same second
+            time.sleep(1.0)
+            name = time.strftime("%Y%m%d%H%M%S")
+        (base / name).mkdir(parents=True)
+    return base / ctx.broadcast_object(name)
+
+
+def _steps_per_epoch(cfg: TrainConfig, total_samples: int, world_size: int) -> int:
+    if cfg.run.iters_per_epoch:
+        return cfg.run.iters_per_epoch
+    per_step = world_size * cfg.run.batch_size_train * cfg.run.accum_grad_iters
+    return max(1, math.ceil(total_samples / per_step))
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Run (or resume) a training run described by `cfg`; returns where it ended.
+
+    `resume`: a run directory, one of its checkpoints, or an output directory (newest run); "auto"
+    means the newest run under `run.output_dir`. `stop_after_steps`: save and return after this many
+    steps of this invocation (a scheduled stop; `run.stop_after_steps` in the config does the same).
+    """
+    run = cfg.run
+    ctx = init_distributed(run.device)
+    handlers: list[logging.Handler] = []
+    threads = torch.get_num_threads()
+    try:
+        if run.num_threads:
+            torch.set_num_threads(run.num_threads)
+        resume_point = None
+        if resume is not None:
+            target = Path(run.output_dir) if str(resume) == "auto" else Path(resume)
+            if str(resume) == "auto" and run.run_name and target.name != run.run_name:
+                target = target / run.run_name
+            resume_point = find_resume_point(target)
+            run_dir = resume_point.parent.parent
+        else:
+            run_dir = _new_run_dir(cfg, ctx)
+        handlers = _setup_logging(run_dir, ctx)
+        return _train(cfg, ctx, run_dir, resume_point, stop_after_steps or run.stop_after_steps)
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        torch.set_num_threads(threads)
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path | None,
+           stop_after: int | None) -> TrainResult:
+    run = cfg.run
+    device = ctx.device
+    use_bf16 = run.mixed_precision == "bf16" and device.type == "cuda"
+    if run.mixed_precision == "bf16" and device.type != "cuda":
+        logger.info("mixed_precision bf16 applies on GPU; on %s the run computes in float32", device.type)
+    if ctx.is_main:
+        resolved = {**cfg.to_dict(), "_resolved": {"world_size": ctx.world_size, "device": str(device),
+                                                   "source": str(cfg.source) if cfg.source else None,
+                                                   "torch": str(torch.__version__)}}
+        name = "config.yaml" if resume_point is None else f"config.resume-{time.strftime('%Y%m%d%H%M%S')}.yaml"
+        (run_dir / name).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    logger.info("run directory %s; stage %d (%s); %d process(es) on %s", run_dir, run.stage,
+                STAGE_DESCRIPTIONS[run.stage], ctx.world_size, device)
+
+    # -- model ------------------------------------------------------------------------------------------
+    fsdp = run.parallel == "fsdp2" and ctx.distributed
+    frozen_dtype = torch.bfloat16 if use_bf16 and not fsdp else torch.float32
+    build_device = torch.device("cpu") if fsdp else device
+    lion = build_lion(cfg.model, run.stage, build_device, frozen_dtype, seed=run.seed)
+    model = lion.model
+    if resume_point is None:
+        for path in cfg.model.init_from:
+            load_into(model, path)
+    trainable = configure_trainable(model, run.freeze)
+    with torch.no_grad():  # the optimizer updates float32 master weights, whatever the frozen dtype
+        for name, param in model.named_parameters():
+            if is_lion_parameter(name) and param.dtype != torch.float32:
+                param.data = param.data.float()
+    model.train()
+    model.vision_model.eval()  # the authors keep the frozen ViT in eval mode
+    if run.activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger.info("trainable: %d tensors, %s parameters of %s (%s model)", len(trainable), f"{n_train:,}",
+                f"{n_all:,}", model.config.visual_input)
+    if fsdp:
+        wrapped = wrap_fsdp2(model.to(device), ctx, use_bf16)
+    elif ctx.distributed:
+        wrapped = wrap_ddp(model, ctx, run.find_unused_parameters)
+    else:
+        wrapped = model
+    groups = optimizer_param_groups(model, run.weight_decay, run.lr_scale, run.boost_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=run.init_lr, betas=(run.beta1, run.beta2))
+    for group in groups:
+        logger.info("optimizer group %s: %d tensors, lr x %g, weight decay %g", group["group"],
+                    len(group["params"]), group["lr_scale"], group["weight_decay"])
+
+    # -- data ---------------------------------------------------------------------------------------------
+    need_tags = model.config.enable_semantic_tags
+    caches: dict[Path, dict[str, str]] = {}
+    datasets = []
+    for spec in cfg.train_datasets:
+        if not spec.is_train:
+            logger.info("%s: is_train is false, not used for training", spec.ann_path)
+            continue
+        cache_path = spec.tag_cache or run.tag_cache
+        if cache_path is not None and cache_path not in caches:
+            caches[cache_path] = load_tag_cache(cache_path)
+        datasets.append(AnnotationDataset(spec, need_tags, run.missing_tags, caches.get(cache_path)))
+    bad_file = run_dir / ("bad_data.jsonl" if ctx.is_main else f"bad_data.rank{ctx.rank}.jsonl")
+    tracker = BadDataTracker(run.max_bad_fraction, run.bad_check_min_samples, bad_file)
+    record_report = tracker.check_records(datasets, ctx.is_main)
+    for spec, d in zip([s for s in cfg.train_datasets if s.is_train], datasets):
+        if len(d) == 0:
+            raise BadDataError(f"{spec.ann_path}: no usable record (see the skipped records above)")
+    sizes = [len(d) for d in datasets]
+    ratios = [d.spec.sample_ratio for d in datasets]
+    steps_per_epoch = _steps_per_epoch(cfg, sum(sizes), ctx.world_size)
+    total_steps = run.max_steps if run.max_steps is not None else run.max_epoch * steps_per_epoch
+    scheduler = WarmupCosineSchedule(optimizer, run.init_lr, run.min_lr, total_steps, run.warmup_steps,
+                                     run.warmup_lr)
+    micro_batch, accum = run.batch_size_train, run.accum_grad_iters
+    logger.info("%d steps (%d per epoch) of %d x %d samples x %d process(es); datasets %s, ratios %s",
+                total_steps, steps_per_epoch, micro_batch, accum, ctx.world_size,
+                [d.spec.label for d in datasets], ratios)
+
+    # -- resume --------------------------------------------------------------------------------------------
+    step, schedule_state, saved_rng = 0, None, None
+    if resume_point is not None:
+        state = load_checkpoint(resume_point)
+        step, schedule_state, saved_rng = _restore(state, model, wrapped, optimizer, scheduler, tracker, ctx, fsdp)
+        logger.info("resumed from %s at step %d (lr %.3g)", resume_point, step, scheduler.lr_at(step))
+        _set_aside_later_checkpoints(run_dir, step, ctx)
+    schedule = MixtureSchedule(sizes, ratios, run.seed, ctx.rank, ctx.world_size, schedule_state)
+    loader = torch.utils.data.DataLoader(
+        MixtureDataset(datasets, model.config.vision.image_size, run.augment, run.seed, ctx.rank),
+        batch_size=micro_batch, sampler=MixtureSampler(sizes, ratios, run.seed, ctx.rank, ctx.world_size,
+                                                       schedule.state_dict()),
+        collate_fn=Collator(lion.processor), num_workers=run.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=run.num_workers > 0, generator=torch.Generator().manual_seed(run.seed),
+    )
+    dummy = _to_device(Collator(lion.processor).dummy(), device)
+    if resume_point is None:
+        torch.manual_seed(run.seed + ctx.rank)  # dropout differs between processes, is reproducible
+        if device.type == "cuda":
+            torch.cuda.manual_seed(run.seed + ctx.rank)
+    elif saved_rng is not None:
+        set_rng_state(saved_rng)
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    metrics = MetricsWriter(run_dir if ctx.is_main else None, run.tensorboard)
+    progress = None
+    if ctx.is_main and run.progress_bar and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            progress = tqdm(total=total_steps, initial=step, desc=f"stage {run.stage}", dynamic_ncols=True)
+        except ImportError:
+            pass
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and not fsdp else nullcontext
+    last_saved: Path | None = resume_point
+    saved_step = step if resume_point is not None else -1
+    window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0}
+    steps_this_run = 0
+    last_loss: float | None = None
+    grad_norm = float("nan")
+    iterator = iter(loader)
+
+    def save(current_step: int) -> Path:
+        nonlocal last_saved, saved_step
+        path = _save(run_dir, current_step, model, wrapped, optimizer, scheduler, schedule, tracker, ctx, fsdp,
+                     cfg, steps_per_epoch, run.keep_checkpoints)
+        last_saved, saved_step = path, current_step
+        return path
+
+    try:
+        while step < total_steps:
+            micro = [next(iterator) for _ in range(accum)]
+            local_tokens = sum(float((m["batch"]["labels"] != -100).sum()) for m in micro if m["batch"])
+            local_bad = sum(len(m["bad"]) for m in micro)
+            local_drawn = sum(m["size"] for m in micro)
+            tracker.note([item for m in micro for item in m["bad"]])
+            tokens, bad, drawn = ctx.all_reduce_sum([local_tokens, local_bad, local_drawn])
+            tracker.update(int(bad), int(drawn))  # raises BadDataError on every process alike
+            step_loss = torch.zeros((), dtype=torch.float64)
+            if tokens > 0:
+                for index, m in enumerate(micro):
+                    batch = _to_device(m["batch"], device) if m["batch"] else dummy
+                    weight = 1.0 if m["batch"] else 0.0  # an empty micro-batch still joins the all-reduce
+                    with gradient_sync(wrapped, index == accum - 1):
+                        with autocast():
+                            loss_sum = _token_loss_sum(wrapped, batch)
+                        # DDP/FSDP average gradients over processes: scale so the result is the token mean
+                        scaled = loss_sum * (weight * ctx.world_size / tokens)
+                        # recomputed T5 blocks (activation checkpointing) run their adapters again in the
+                        # backward pass: they need the batch's routes, which forward() has already unset
+                        with model.routing(batch["route_ids"]) if run.activation_checkpointing else nullcontext():
+                            scaled.backward()
+                    step_loss += loss_sum.detach().double().cpu() * weight
+                params = [p for p in model.parameters() if p.requires_grad]
+                max_norm = run.max_grad_norm if run.max_grad_norm is not None else float("inf")
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                optimizer.step()
+            else:
+                logger.warning("step %d: no usable sample on any process; no update", step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            schedule.advance(accum * micro_batch)
+            step += 1
+            steps_this_run += 1
+            window["loss"] += float(step_loss)
+            window["tokens"] += tokens
+            window["samples"] += drawn
+            window["region"] += sum(m["region"] for m in micro)
+            window["steps"] += 1
+            if progress is not None:
+                progress.update(1)
+                if tokens:
+                    progress.set_postfix(loss=f"{float(step_loss) / max(local_tokens, 1):.4f}")
+            epoch_end = step % steps_per_epoch == 0
+            if step % run.print_freq == 0 or step == total_steps or epoch_end:
+                loss_total = ctx.all_reduce_sum([window["loss"]])[0]
+                elapsed = time.time() - window["start"]
+                last_loss = loss_total / window["tokens"] if window["tokens"] else float("nan")
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
+                          "lr": scheduler.lr_at(step - 1), "grad_norm": grad_norm,
+                          "samples_per_s": window["samples"] / max(elapsed, 1e-9),
+                          "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                          "region_fraction_rank0": window["region"] / max(1, window["steps"] * accum * micro_batch),
+                          "samples_skipped": tracker.bad, "samples_drawn": tracker.drawn, "time": time.time()}
+                for group in optimizer.param_groups:  # the rates this step's update used
+                    record[f"lr_{group['group']}"] = record["lr"] * group["lr_scale"]
+                metrics.write(record)
+                logger.info("step %d/%d epoch %.2f loss %.4f lr %.3g grad_norm %.3g %.1f samples/s", step,
+                            total_steps, record["epoch"], last_loss, record["lr"], grad_norm,
+                            record["samples_per_s"])
+                window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0}
+            stopping = stop_after is not None and steps_this_run >= stop_after and step < total_steps
+            if (run.save_every_steps and step % run.save_every_steps == 0) or epoch_end or stopping:
+                save(step)
+            if stopping:
+                logger.info("stopping after %d steps of this invocation at step %d; resume with --resume %s",
+                            steps_this_run, step, run_dir)
+                return TrainResult(run_dir, step, total_steps, False, last_saved, None, last_loss, tracker.report())
+        if saved_step != step:
+            save(step)
+        export_dir = _export(run_dir, lion, model, wrapped, ctx, fsdp) if cfg.run.export_final else None
+        result = TrainResult(run_dir, step, total_steps, True, last_saved, export_dir, last_loss,
+                             {**record_report, **tracker.report()})
+        digests = None if fsdp else ctx.gather_objects(_digest(model))
+        if ctx.is_main:
+            summary = {"step": step, "total_steps": total_steps, "final_loss": last_loss,
+                       "checkpoint": str(last_saved), "export": str(export_dir) if export_dir else None,
+                       "world_size": ctx.world_size, "bad_data": result.bad,
+                       "replicas_identical": None if digests is None else len(set(digests)) == 1}
+            if digests is not None and len(set(digests)) != 1:
+                logger.error("the processes ended with different weights: %s", digests)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            logger.info("finished: %d steps; %d of %d records skipped at load, %d of %d drawn samples skipped; "
+                        "model exported to %s", step, record_report["skipped_records"], record_report["records"],
+                        tracker.bad, tracker.drawn, export_dir)
+        return result
+    finally:
+        if progress is not None:
+            progress.close()
+        metrics.close()
+
+
+def _digest(model: torch.nn.Module) -> str:
+    """sha256 of the trainable parameters' bytes: equal on every process of a healthy DDP run."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _set_aside_later_checkpoints(run_dir: Path, step: int, ctx: DistContext) -> None:
+    """Checkpoints newer than the resume point belong to an abandoned future: rename them so that
+    neither pruning nor a later --resume mixes the two histories."""
+    if not ctx.is_main:
+        return
+    for path in list_checkpoints(run_dir / "checkpoints"):
+        if int(path.name.split("_")[1]) > step:
+            target = path.with_name(f"superseded-{path.name}-{time.strftime('%Y%m%d%H%M%S')}")
+            logger.warning("setting aside %s (newer than the resume point) as %s", path.name, target.name)
+            path.rename(target)
+
+
+def _restore(state: dict[str, Any], model: torch.nn.Module, wrapped: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: WarmupCosineSchedule, tracker: BadDataTracker,
+             ctx: DistContext, fsdp: bool) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+    training = state["training_state"]
+    params = state["lion_params"]
+    expected = {n for n, _ in model.named_parameters() if is_lion_parameter(n)}
+    if set(params) != expected:
+        missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
+        raise CheckpointError(f"the checkpoint's parameters do not fit this model (another stage or size?): "
+                              f"missing {missing[:3]}, unexpected {extra[:3]}")
+    saved_names = [g["names"] for g in state["optimizer"]["param_groups"]]
+    current_names = [g["names"] for g in optimizer.param_groups]
+    if saved_names != current_names:
+        raise CheckpointError("the trainable parameters changed since the checkpoint (run.freeze or stage?); "
+                              "start a new run with model.init_from pointing at the checkpoint instead")
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(wrapped, params, options=options)
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=options)
+    else:
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, tensor in params.items():
+                named[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    tracker.bad, tracker.drawn = int(training["bad"]["samples_skipped"]), int(training["bad"]["samples_drawn"])
+    rngs = training["rng"]
+    if len(rngs) != ctx.world_size:
+        logger.warning("the checkpoint holds random states of %d processes, this run has %d: dropout "
+                       "masks will differ from the original run", len(rngs), ctx.world_size)
+    rng = rngs[ctx.rank] if ctx.rank < len(rngs) else None
+    return int(training["step"]), training["schedule"], rng
+
+
+def _save(run_dir: Path, step: int, model: torch.nn.Module, wrapped: torch.nn.Module,
+          optimizer: torch.optim.Optimizer, scheduler: WarmupCosineSchedule, schedule: MixtureSchedule,
+          tracker: BadDataTracker, ctx: DistContext, fsdp: bool, cfg: TrainConfig, steps_per_epoch: int,
+          keep: int) -> Path:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(wrapped, options=options)
+        params = {k: v for k, v in full.items() if is_lion_parameter(k)}
+        optimizer_state = get_optimizer_state_dict(wrapped, optimizer, options=options)
+        # keep the group names (checked on resume) next to the FQN-keyed state
+        for saved, group in zip(optimizer_state.get("param_groups", []), optimizer.param_groups):
+            saved["names"] = group["names"]
+    else:
+        params = {n: p for n, p in model.named_parameters() if is_lion_parameter(n)}
+        optimizer_state = optimizer.state_dict()
+    rngs = ctx.gather_objects(rng_state())
+    path = run_dir / "checkpoints" / f"step_{step:06d}"
+    if ctx.is_main:
+        training_state = {"step": step, "epoch": step // steps_per_epoch, "scheduler": scheduler.state_dict(),
+                          "schedule": schedule.state_dict(), "rng": rngs, "world_size": ctx.world_size,
+                          "bad": {"samples_skipped": tracker.bad, "samples_drawn": tracker.drawn}}
+        meta = {"stage": cfg.run.stage, "visual_input": STAGE_VISUAL_INPUT[cfg.run.stage],
+                "epoch": step / steps_per_epoch, "world_size": ctx.world_size, "lr": scheduler.lr_at(step),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "config": str(run_dir / "config.yaml")}
+        path = save_checkpoint(run_dir / "checkpoints", step, params, optimizer_state, training_state, meta, keep)
+        logger.info("checkpoint %s", path)
+    ctx.barrier()
+    return path
+
+
+def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn.Module, ctx: DistContext,
+            fsdp: bool) -> Path:
+    """The finished model as a `save_pretrained` bundle in <run dir>/final (written atomically)."""
+    final = run_dir / "final"
+    tmp = run_dir / ".tmp-final"
+    state = None
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        was_training = model.training
+        if state is None:
+            Lion(model, lion.processor).save_pretrained(tmp)
+        else:
+            from ..loading import save_state_sharded
+
+            tmp.mkdir(parents=True)
+            model.config.to_json(tmp / "config.json")
+            aliases = ("language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight")
+            save_state_sharded({k: v for k, v in state.items() if k not in aliases}, tmp)
+            lion.processor.save_pretrained(tmp)
+        model.train(was_training)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        logger.info("exported the trained model to %s (load with Lion.from_pretrained)", final)
+    ctx.barrier()
+    return final
