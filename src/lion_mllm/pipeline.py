@@ -73,7 +73,7 @@ class Lion:
     def from_official(cls, config_or_paths: str | Path | OfficialPaths, *, device: str | torch.device = "cpu",
                       dtype: torch.dtype | str | None = None, round_like_reference: bool = True,
                       ignore_unexpected: bool = False, vision_num_heads: int | None = None,
-                      tagger: Tagger | None = None) -> "Lion":
+                      tagger: Tagger | None = None, attn_implementation: str = "sdpa") -> "Lion":
         """From the authors' YAML (`configs/models/lion_flant5xl.yaml`, read as it is) or OfficialPaths.
 
         When the YAML names a `ram_model` and no tagger is given, RAM is attached lazily: its weights
@@ -84,7 +84,8 @@ class Lion:
         device = torch.device(device)
         model, _ = load_official_model(paths, device=device, dtype=resolve_dtype(device, dtype),
                                        round_like_reference=round_like_reference,
-                                       ignore_unexpected=ignore_unexpected, vision_num_heads=vision_num_heads)
+                                       ignore_unexpected=ignore_unexpected, vision_num_heads=vision_num_heads,
+                                       attn_implementation=attn_implementation)
         processor = LionProcessor.from_dirs(model.config, paths.llm_model, paths.bert_model)
         if tagger is None and paths.ram_model is not None and model.config.enable_semantic_tags:
             from .tagger import LazyRamTagger
@@ -94,11 +95,14 @@ class Lion:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None, tagger: Tagger | None = None) -> "Lion":
-        """From a bundle directory (`save_pretrained`), `local-dir:PATH`, or `hf-hub:owner/repo`."""
+                        dtype: torch.dtype | str | None = None, tagger: Tagger | None = None,
+                        attn_implementation: str = "sdpa") -> "Lion":
+        """From a bundle directory (`save_pretrained`), `local-dir:PATH`, or `hf-hub:owner/repo`.
+        `attn_implementation="eager"` runs attention as the authors' code does (for comparisons)."""
         directory = resolve_bundle(name_or_path)
         device = torch.device(device)
-        model = load_bundle_model(directory, device=device, dtype=resolve_dtype(device, dtype))
+        model = load_bundle_model(directory, device=device, dtype=resolve_dtype(device, dtype),
+                                  attn_implementation=attn_implementation)
         return cls(model, LionProcessor.from_pretrained(model.config, directory), tagger)
 
     def save_pretrained(self, directory: str | Path) -> Path:
