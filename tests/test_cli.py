@@ -101,12 +101,13 @@ def test_entry_point_caption_and_exit_codes(assets: dict[str, Path], tmp_path: P
     assert done.stdout == CAPTION + "\n"
     assert "loading" in done.stderr and "model ready" in done.stderr  # progress on stderr
 
-    # No --model, no $LION_MODEL, and the default demo model is not installed: one line, exit 1.
-    missing = _lion("caption", str(assets["image"]), env=_env(LION_MLLM_CACHE=str(tmp_path)))
+    # A published model that was never downloaded: one line, exit 1.
+    missing = _lion("caption", str(assets["image"]), "--model", "lion-flant5xxl",
+                    env=_env(LION_MLLM_CACHE=str(tmp_path)))
     assert missing.returncode == 1
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1, missing.stderr
-    assert lines[0].startswith("lion: error: model 'lion-shapes' is not installed") and "--model" in lines[0]
+    assert lines[0] == "lion: error: model 'lion-flant5xxl' is not downloaded; run `lion download lion-flant5xxl` first"
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(assets: dict[str, Path], tmp_path: Path,

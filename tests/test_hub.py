@@ -301,11 +301,11 @@ def test_resolve_model_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         hub.resolve_model(str(tmp_path / "other.yaml"))
     with pytest.raises(hub.ModelNotInstalledError, match="no such file or directory"):
         hub.resolve_model(str(tmp_path / "nothing" / "here"))
-    with pytest.raises(hub.ModelNotInstalledError, match="'lion-shapes' is not installed"):
-        hub.resolve_model(None)  # the default demo model is not shipped yet
+    # the default demo model ships inside the package
+    assert Path(hub.resolve_model(None)).parts[-3:] == ("assets", "models", "lion-shapes")
     with pytest.raises(hub.ModelNotInstalledError, match="run `lion download lion-flant5xxl`"):
         hub.resolve_model("lion-flant5xxl")
-    # An installed bundle under <cache>/models/<name> resolves by name; $LION_MODEL picks the default.
+    # A bundle installed under <cache>/models/<name> comes first; $LION_MODEL picks the default.
     bundle = tmp_path / "cache" / "models" / "lion-shapes"
     bundle.mkdir(parents=True)
     (bundle / "config.json").write_text("{}")

@@ -175,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_eval_subcommand(sub)
+    from .demo import add_demo_subcommand
     from .server import add_serve_subcommand  # imports no web framework until `lion serve` runs
     from .train import add_train_subcommand
 
+    add_demo_subcommand(sub)
     add_serve_subcommand(sub)
     add_train_subcommand(sub)
     return parser
@@ -229,6 +231,10 @@ def _load(args: argparse.Namespace):
         from .tagger import LazyRamTagger
 
         lion.tagger = LazyRamTagger(args.ram, config=args.ram_config, device=device)
+    elif lion.tagger is None and Path(str(resolved)).name == "lion-shapes":
+        from .shapes import ShapesTagger  # the demo world's tags, read off the pixels (RAM's stand-in)
+
+        lion.tagger = ShapesTagger()
     _say(args, f"model ready in {time.monotonic() - started:.1f} s")
     return lion
 

@@ -49,8 +49,9 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="serve a model over an OpenAI-compatible HTTP API and a web page",
         description="Serve LION: POST /v1/chat/completions (OpenAI format), /v1/models, /v1/tags, /health, "
                     "and a web page at /ui. Binds 127.0.0.1 unless --host says otherwise.")
-    parser.add_argument("--model", required=True,
-                        help="bundle directory, hf-hub:owner/repo, local-dir:PATH, or the authors' YAML")
+    parser.add_argument("--model", default=None,
+                        help="bundle directory, hf-hub:owner/repo, local-dir:PATH, the authors' YAML, or an "
+                             "installed name (default: $LION_MODEL or the built-in lion-shapes)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=defaults.model_name,
