@@ -5,7 +5,7 @@
 
 Three sides, each in its own process (so each one's peak RSS is its own):
   * `lion-mllm`: `Lion.from_official(OfficialPaths(...))`, SDPA attention, KV-cached decoding (defaults);
-  * `lion-mllm (authors' flow)`: `load_official_model(..., attn_implementation="eager")` and
+  * `lion-mllm (authors' flow)`: `Lion.from_official(..., attn_implementation="eager")` and
     `use_cache=False`, the authors' arithmetic and uncached decoding (their T5 copy never uses the
     cache under transformers 4.42);
   * `authors`: the official JiuTian-LION code (commit 7578437), run by `_reference_side.py` inside the
@@ -76,8 +76,7 @@ def our_worker(args: argparse.Namespace) -> None:
     import transformers
     from PIL import Image
 
-    from lion_mllm import Lion, LionProcessor, OfficialPaths
-    from lion_mllm.loading import load_official_model
+    from lion_mllm import Lion, OfficialPaths
 
     torch.set_num_threads(args.threads)
     import_s, rss_imports = time.time() - t0, _rss_gib()
@@ -88,10 +87,7 @@ def our_worker(args: argparse.Namespace) -> None:
     authors_flow = args.worker == "lion-mllm-authors-flow"
     t = time.time()
     if authors_flow:
-        model, _ = load_official_model(paths, vision_num_heads=heads, attn_implementation="eager")
-        lion = Lion(model, LionProcessor.from_dirs(model.config, paths.llm_model, paths.bert_model))
-    else:
-        lion = Lion.from_official(paths, vision_num_heads=heads)
+        lion = Lion.from_official(paths, vision_num_heads=heads, attn_implementation="eager")
     load_s = time.time() - t
     out.write(json.dumps({"import_s": import_s, "load_s": load_s, "rss_after_imports_gib": rss_imports,
                           "rss_after_load_gib": _rss_gib(), "peak_rss_after_load_gib": _peak_rss_gib(),

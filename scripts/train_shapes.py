@@ -117,10 +117,10 @@ def initialise(model: LionModel, tokenizer) -> None:
 # Data
 
 
-def make_batch(processor: LionProcessor, seeds: list[int], num_objects, rng: random.Random, rec_per_image: int,
-               tag_noise: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One caption, one VQA and `rec_per_image` referring samples per scene; returns the model batch (images
-    once each) and the image index of every sample."""
+def make_batch(processor: LionProcessor, seeds: list[int], num_objects, rng: random.Random, vqa_per_image: int,
+               rec_per_image: int, tag_noise: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One caption, `vqa_per_image` VQA and `rec_per_image` referring samples per scene; returns the model
+    batch (images once each) and the image index of every sample."""
     images, questions, tasks, tags, answers, index = [], [], [], [], [], []
     for i, seed in enumerate(seeds):
         scene = shapes.make_scene(seed, num_objects)
@@ -128,7 +128,7 @@ def make_batch(processor: LionProcessor, seeds: list[int], num_objects, rng: ran
         words = shapes.scene_tags(scene).split(", ")
         if rng.random() < tag_noise and len(words) > 1:  # the tagger may miss a word: do not trust tags blindly
             words.pop(rng.randrange(len(words)))
-        records = shapes.scene_samples(scene, "", rng, vqa_per_image=1, rec_per_image=rec_per_image)
+        records = shapes.scene_samples(scene, "", rng, vqa_per_image=vqa_per_image, rec_per_image=rec_per_image)
         for record in records:
             questions.append(record["question"])
             tasks.append("grounding" if record["category"] == "region_level" else "vqa")
@@ -255,12 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--images-per-step", type=int, default=12)
+    parser.add_argument("--vqa-per-image", type=int, default=1)
     parser.add_argument("--rec-per-image", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=150)
     parser.add_argument("--curriculum", type=int, default=400, help="steps of 1-2-object scenes first")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-count", type=int, default=100)
+    parser.add_argument("--eval-start", type=int, default=500, help="selection scenes: HELD_OUT_SEED_BASE + this on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the dense auxiliary loss")
     parser.add_argument("--threads", type=int, default=2)
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_counter += args.images_per_step
         counts = (1, 2) if step <= args.curriculum else (1, 2, 2, 3, 3, 4, 4)
         batch, index = make_batch(processor, [args.seed * 10_000_000 + s for s in seeds], counts, rng,
-                                  args.rec_per_image, tag_noise=0.15)
+                                  args.vqa_per_image, args.rec_per_image, tag_noise=0.15)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             text_loss, aux_loss = shared_forward(model, batch, index, head)
         loss = text_loss + args.aux_weight * aux_loss
@@ -338,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         last = step == args.steps or (args.deadline is not None and time.time() > args.deadline)
         if step % args.eval_every == 0 or last:
             model.eval()
-            metrics = shapes.evaluate_model(model, processor, args.eval_count, start=shapes.HELD_OUT_SEED_BASE + 500)
+            metrics = shapes.evaluate_model(model, processor, args.eval_count,
+                                            start=shapes.HELD_OUT_SEED_BASE + args.eval_start)
             score = metrics["rec_acc50"] + metrics["vqa_exact"] + metrics["caption_objects"]
             entry = {"step": step, "eval": metrics, "elapsed_s": round(time.time() - start, 1)}
             print(json.dumps(entry), flush=True)

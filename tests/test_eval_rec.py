@@ -84,3 +84,14 @@ def test_iou_exactly_at_threshold_counts():
     # (0,0,64,32) vs gt (0,0,64,64): IoU = 2048/4096 = 0.5 exactly (binary fractions).
     out = score_rec([("[0,0,1,0.5]", (0.0, 0.0, 64.0, 64.0), 64, 64)])
     assert out["Acc@0.5"] == 100.0 and out["Acc@0.7"] == 0.0
+
+
+def test_display_and_scoring_parsers_find_the_same_box():
+    from lion_mllm.boxes import find_boxes
+    from lion_mllm.boxes import parse_box as display_box
+
+    text = "Answer: [1,2] [0.7, -0.1, 0.2, 1.3e0] and [0.1,0.2,0.3,0.4]"
+    assert parse_box(text) == (0.7, -0.1, 0.2, 1.3)  # scoring sees what the model wrote
+    assert display_box(text).as_tuple() == (0.2, 0.0, 0.7, 1.0)  # display clamps and orders it
+    assert [b.as_tuple() for b in find_boxes(text)] == [(0.2, 0.0, 0.7, 1.0), (0.1, 0.2, 0.3, 0.4)]
+    assert parse_box("[nan,0,1,1]") is None and display_box("no box") is None and find_boxes("[a,b,c,d]") == []

@@ -198,6 +198,24 @@ def test_cli_parser_defaults_to_loopback():
     assert settings.max_batch_size == 4 and settings.allow_remote_images and settings.model_name == "lion"
 
 
+def test_served_model_answers_to_the_name_it_was_loaded_by(monkeypatch):
+    import argparse
+
+    from lion_mllm.server import settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_subcommand(parser.add_subparsers())
+    monkeypatch.delenv("LION_MODEL", raising=False)
+    default = settings_from_args(parser.parse_args(["serve"]))
+    assert default.serves("lion") and default.serves("lion-shapes") and not default.serves("gpt-4o")
+    local = settings_from_args(parser.parse_args(["serve", "--model", "local-dir:/models/lion-flant5xl"]))
+    assert local.serves("lion-flant5xl") and local.serves("local-dir:/models/lion-flant5xl")
+    hub = settings_from_args(parser.parse_args(["serve", "--model", "hf-hub:owner/lion-xl"]))
+    assert hub.serves("hf-hub:owner/lion-xl") and not hub.serves("lion-xl")
+    monkeypatch.setenv("LION_MODEL", "/opt/lion-flant5xxl")
+    assert settings_from_args(parser.parse_args(["serve"])).serves("lion-flant5xxl")
+
+
 # -- the live server with the real tiny model ---------------------------------------------------------
 
 

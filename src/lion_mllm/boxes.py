@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-_NUMBER = r"\s*(-?\d+(?:\.\d*)?|-?\.\d+)\s*"
-_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
+# Any bracketed group without nested brackets; its content must then be exactly four comma-separated
+# numbers, so "[1,2] then [0.1,0.2,0.3,0.4]" yields the second.
+_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -25,13 +29,34 @@ class Box:
         return (self.x0, self.y0, self.x1, self.y1)
 
 
+def box_values(text: str) -> Iterator[tuple[float, float, float, float]]:
+    """Every `[a,b,c,d]` of four finite numbers in `text`, in order, as written (spaces allowed, not
+    clamped): the one parser behind display (:func:`parse_box`) and scoring (`metrics_rec.parse_box`)."""
+    if not isinstance(text, str):
+        return
+    for match in _BRACKETS.finditer(text):
+        parts = [p.strip() for p in match.group(1).split(",")]
+        if len(parts) != 4 or not all(_NUMBER.fullmatch(p) for p in parts):
+            continue
+        values = tuple(float(p) for p in parts)
+        if all(math.isfinite(v) for v in values):
+            yield values  # type: ignore[misc]
+
+
+def clamped_box(values: tuple[float, float, float, float]) -> Box:
+    """Raw box values -> a Box inside the image: clamped to [0, 1], corners ordered."""
+    x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in values)
+    return Box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
 def parse_box(text: str) -> Box | None:
     """The first `[a,b,c,d]` in a model answer, clamped to [0, 1] and ordered; None if there is none."""
-    match = _BOX.search(text)
-    if match is None:
-        return None
-    x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in match.groups())
-    return Box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    return next((clamped_box(v) for v in box_values(text)), None)
+
+
+def find_boxes(text: str) -> list[Box]:
+    """Every `[x0,y0,x1,y1]` in an answer, in order, clamped and ordered."""
+    return [clamped_box(v) for v in box_values(text)]
 
 
 def format_box(box: tuple[float, float, float, float] | Box) -> str:

@@ -354,8 +354,11 @@ def _is_vit_linear(name: str) -> bool:
 def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, round_like_reference: bool = True,
                         ignore_unexpected: bool = False, vision_num_heads: int | None = None,
-                        attn_implementation: str = "sdpa") -> tuple[LionModel, list[str]]:
+                        attn_implementation: str = "sdpa", t5_tokenizer: Any = None) -> tuple[LionModel, list[str]]:
     """Build LION from the authors' files. Returns (model in eval mode, keys skipped on purpose).
+
+    The soft prompt's token id is read from `t5_tokenizer` (pass the one you already loaded from
+    `paths.llm_model`), else from a tokenizer loaded here.
 
     `round_like_reference` rounds T5 weights to bfloat16 and the ViT's linear/conv weights to float16
     before computing in `dtype`, as the authors' code does (their CPU path computes in float32 with
@@ -427,15 +430,13 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
         detail = "; ".join(f"{file}: {len(keys)} keys missing, e.g. {keys[:3]}" for file, keys in by_file.items())
         raise CheckpointError(f"weights missing: {detail}")
     _materialise(model, state, device)
-    model.config.language.soft_prompt_token_id = _soft_prompt_id(paths.llm_model)
+    if t5_tokenizer is None:
+        from transformers import AutoTokenizer
+
+        t5_tokenizer = AutoTokenizer.from_pretrained(str(paths.llm_model))
+    model.config.language.soft_prompt_token_id = t5_tokenizer.convert_tokens_to_ids("<extra_id_0>")
     model.requires_grad_(False)
     return model.eval(), skipped + [f"ignored {u}" for u in unexpected]
-
-
-def _soft_prompt_id(t5_dir: Path) -> int:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(t5_dir)).convert_tokens_to_ids("<extra_id_0>")
 
 
 # ----------------------------------------------------------------------------------------------------

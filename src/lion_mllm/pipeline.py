@@ -82,11 +82,12 @@ class Lion:
         paths = config_or_paths if isinstance(config_or_paths, OfficialPaths) else \
             OfficialPaths.from_yaml(config_or_paths)
         device = torch.device(device)
+        tokenizer, qformer_tokenizer = LionProcessor.load_tokenizers(paths.llm_model, paths.bert_model)
         model, _ = load_official_model(paths, device=device, dtype=resolve_dtype(device, dtype),
                                        round_like_reference=round_like_reference,
                                        ignore_unexpected=ignore_unexpected, vision_num_heads=vision_num_heads,
-                                       attn_implementation=attn_implementation)
-        processor = LionProcessor.from_dirs(model.config, paths.llm_model, paths.bert_model)
+                                       attn_implementation=attn_implementation, t5_tokenizer=tokenizer)
+        processor = LionProcessor(model.config, tokenizer, qformer_tokenizer)
         if tagger is None and paths.ram_model is not None and model.config.enable_semantic_tags:
             from .tagger import LazyRamTagger
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -94,15 +94,20 @@ class LionProcessor:
         self.qformer_tokenizer = qformer_tokenizer
         self.image_processor = LionImageProcessor(config.vision.image_size)
 
-    @classmethod
-    def from_dirs(cls, config: LionConfig, t5_dir: str | Path, bert_dir: str | Path | None) -> "LionProcessor":
+    @staticmethod
+    def load_tokenizers(t5_dir: str | Path, bert_dir: str | Path | None) -> tuple[Any, Any]:
+        """(T5 tokenizer, Q-Former tokenizer or None) from their folders; `[DEC]` added as the authors do."""
         tokenizer = AutoTokenizer.from_pretrained(str(t5_dir))
         qformer_tokenizer = None
         if bert_dir is not None:
             qformer_tokenizer = AutoTokenizer.from_pretrained(str(bert_dir))
             if "[DEC]" not in qformer_tokenizer.get_vocab():
-                qformer_tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as the authors do
-        return cls(config, tokenizer, qformer_tokenizer)
+                qformer_tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        return tokenizer, qformer_tokenizer
+
+    @classmethod
+    def from_dirs(cls, config: LionConfig, t5_dir: str | Path, bert_dir: str | Path | None) -> "LionProcessor":
+        return cls(config, *cls.load_tokenizers(t5_dir, bert_dir))
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(str(Path(directory) / "tokenizer"))

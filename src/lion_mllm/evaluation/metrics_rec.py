@@ -8,9 +8,9 @@ Acc@0.5 (IoU >= 0.5) is the standard REC "top-1 accuracy" of the paper's Table 2
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterable, Sequence
+
+from ..boxes import box_values
 
 __all__ = [
     "Box",
@@ -26,14 +26,9 @@ Box = tuple[float, float, float, float]
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
 
-# Any bracketed group without nested brackets; its content is then checked for exactly
-# four comma-separated numbers, so "[1,2] then [0.1,0.2,0.3,0.4]" yields the second.
-_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-
-
 def parse_box(text: str) -> Box | None:
-    """Return the first ``[a,b,c,d]`` of exactly four numbers in ``text``, else None.
+    """Return the first ``[a,b,c,d]`` of exactly four numbers in ``text`` as written (not clamped, since
+    scoring must see what the model said), else None.
 
     Spaces around numbers are allowed (``[0.44, 0.06, 0.65, 0.367]``); groups with
     another count of items, non-numeric items or non-finite values are skipped.
@@ -41,16 +36,7 @@ def parse_box(text: str) -> Box | None:
     >>> parse_box("Answer: [0.440,0.060,0.650,0.367]")
     (0.44, 0.06, 0.65, 0.367)
     """
-    if not isinstance(text, str):
-        return None
-    for match in _BRACKETS.finditer(text):
-        parts = [p.strip() for p in match.group(1).split(",")]
-        if len(parts) != 4 or not all(_NUMBER.fullmatch(p) for p in parts):
-            continue
-        values = tuple(float(p) for p in parts)
-        if all(math.isfinite(v) for v in values):
-            return values  # type: ignore[return-value]
-    return None
+    return next(box_values(text), None)
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> Box:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .settings import ServerSettings, is_loopback
@@ -79,8 +80,20 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def model_aliases(model: str | None) -> tuple[str, ...]:
+    """The names a client may know the `--model` by: the spec itself and, for a path, its last part
+    (`lion-shapes` for the built-in default, `lion-flant5xl` for an installed download)."""
+    from ..hub import DEFAULT_MODEL, MODEL_ENV
+
+    spec = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    names = [spec]
+    if not spec.startswith(("hf-hub:", "http://", "https://")):
+        names.append(Path(spec.removeprefix("local-dir:")).name)
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(model_name=args.served_model_name, max_batch_size=args.max_batch_size,
+    return ServerSettings(model_name=args.served_model_name, model_aliases=model_aliases(args.model), max_batch_size=args.max_batch_size,
                           max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout,
                           api_key=args.api_key or None, max_image_pixels=args.max_image_pixels,
                           max_body_bytes=args.max_body_bytes, allow_remote_images=args.allow_remote_images,

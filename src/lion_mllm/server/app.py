@@ -178,7 +178,7 @@ def create_app(lion: Any, settings: ServerSettings | None = None) -> FastAPI:
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", "invalid_json")
         model = body.get("model")
-        if model is not None and model != settings.model_name:
+        if model is not None and not settings.serves(model):
             raise APIError(404, f"model {model!r} is not served here; this server serves {settings.model_name!r}",
                            "model_not_found", "model")
         return body
@@ -195,7 +195,7 @@ def create_app(lion: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict[str, Any]:
-        if model_id != settings.model_name:
+        if not settings.serves(model_id):
             raise APIError(404, f"model {model_id!r} is not served here", "model_not_found")
         return _model_card(settings)
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from ..boxes import Box, parse_box
+from ..boxes import Box, find_boxes
 from .errors import APIError
 
 SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -99,16 +99,6 @@ async def fetch_remote_bytes(url: str, max_bytes: int, timeout_s: float) -> byte
     except httpx.HTTPError as error:
         raise APIError(400, f"fetching the image failed ({type(error).__name__})", "fetch_failed") from None
     return b"".join(chunks)
-
-
-def find_boxes(text: str) -> list[Box]:
-    """Every `[x0,y0,x1,y1]` in an answer, in order (parse_box finds the first; the text is cut at each `]`)."""
-    boxes = []
-    for piece in text.split("]")[:-1]:
-        box = parse_box(piece + "]")
-        if box is not None:
-            boxes.append(box)
-    return boxes
 
 
 def box_record(box: Box, width: int, height: int) -> dict:

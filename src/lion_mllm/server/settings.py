@@ -11,6 +11,8 @@ class ServerSettings:
     """Limits and defaults of one server. Every limit is enforced before the model sees a request."""
 
     model_name: str = "lion"
+    # other ids clients may send for the same model (the --model they know it by, e.g. "lion-shapes")
+    model_aliases: tuple[str, ...] = ()
     # batching
     max_batch_size: int = 8
     max_wait_ms: float = 10.0
@@ -31,6 +33,10 @@ class ServerSettings:
     repetition_penalty: float = 1.5
     # web page
     ui: bool = True
+
+    def serves(self, model: str) -> bool:
+        """Whether a request naming `model` is for this server's model."""
+        return model == self.model_name or model in self.model_aliases
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "queue_size", "timeout_s", "max_image_pixels", "max_body_bytes",
