@@ -86,8 +86,7 @@ def our_worker(args: argparse.Namespace) -> None:
     heads = SIZES[args.size]["vit"]["heads"]
     authors_flow = args.worker == "lion-mllm-authors-flow"
     t = time.time()
-    if authors_flow:
-        lion = Lion.from_official(paths, vision_num_heads=heads, attn_implementation="eager")
+    lion = Lion.from_official(paths, vision_num_heads=heads, attn_implementation="eager" if authors_flow else "sdpa")
     load_s = time.time() - t
     out.write(json.dumps({"import_s": import_s, "load_s": load_s, "rss_after_imports_gib": rss_imports,
                           "rss_after_load_gib": _rss_gib(), "peak_rss_after_load_gib": _peak_rss_gib(),

@@ -328,13 +328,19 @@ class LionModel(nn.Module):
         return self.language_model.shared.weight.dtype
 
     @contextlib.contextmanager
-    def routing(self, route_ids: torch.Tensor) -> Iterator[None]:
-        """Run the adapters with these per-sample routes (B,) inside the block. Not re-entrant."""
-        self.route_state.route_ids = route_ids
+    def routing(self, route_ids: torch.Tensor | None) -> Iterator[None]:
+        """Run the adapters with these per-sample routes (B,) inside the block; the previous ones after."""
+        previous, self.route_state.route_ids = self.route_state.route_ids, route_ids
         try:
             yield
         finally:
-            self.route_state.route_ids = None
+            self.route_state.route_ids = previous
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """`context_fn` for `torch.utils.checkpoint` (non-reentrant) around T5 blocks: a checkpointed block
+        is recomputed in the backward pass, after `forward` has left `routing`; the recompute gets back
+        the routes that its forward saw."""
+        return contextlib.nullcontext(), self.routing(self.route_state.route_ids)
 
     def vision_taps(self) -> tuple[int, ...]:
         taps: set[int] = set()

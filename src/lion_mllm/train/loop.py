@@ -173,16 +173,17 @@ def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
     aggregator's blocks via torch.utils.checkpoint (the ViT is frozen and keeps no activations)."""
     from torch.utils.checkpoint import checkpoint
 
-    def enable(module: torch.nn.Module) -> None:
+    def enable(module: torch.nn.Module, **kwargs: Any) -> None:
+        kwargs = {"use_reentrant": False, **kwargs}
         # transformers 5 renamed gradient_checkpointing_enable (still there, deprecated)
         if hasattr(module, "activation_checkpointing_enable"):
-            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     for part in (model.language_model, model.language_model.encoder, model.language_model.decoder):
         part.config.use_cache = False  # no KV cache in training (it conflicts with recompute)
-    enable(model.language_model)
+    enable(model.language_model, context_fn=model.checkpoint_contexts)  # adapters need their routes
     if getattr(model, "qformer", None) is not None:
         enable(model.qformer)
     if getattr(model, "aggregator", None) is not None:
@@ -410,10 +411,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
                             loss_sum = _token_loss_sum(wrapped, batch)
                         # DDP/FSDP average gradients over processes: scale so the result is the token mean
                         scaled = loss_sum * (weight * ctx.world_size / tokens)
-                        # recomputed T5 blocks (activation checkpointing) run their adapters again in the
-                        # backward pass: they need the batch's routes, which forward() has already unset
-                        with model.routing(batch["route_ids"]) if run.activation_checkpointing else nullcontext():
-                            scaled.backward()
+                        scaled.backward()
                     step_loss += loss_sum.detach().double().cpu() * weight
                 params = [p for p in model.parameters() if p.requires_grad]
                 max_norm = run.max_grad_norm if run.max_grad_norm is not None else float("inf")
