@@ -250,3 +250,26 @@ def test_lion_cli_mounts_train(data, tmp_path, capsys):
     bad = parser.parse_args(["train", "--config", str(cfg_file), "--set", "run.learning_rate=1"])
     assert bad.func(bad) == 2
     assert "config error" in capsys.readouterr().err
+
+
+def test_unfreeze_trains_the_vit_and_t5_too_and_resumes_exactly(data, tmp_path):
+    """`run.unfreeze` (models with nothing pretrained, e.g. lion-shapes): the named frozen-by-default parts
+    train, are checkpointed and come back on resume; a prefix that names nothing is an error."""
+    unfreeze = ["vision_model.", "language_model.lm_head."]
+    cfg = config(data, 3, tmp_path / "full", max_steps=4, unfreeze=unfreeze, init_lr=5e-3, export_final=False)
+    start = initial_lion(cfg).model.state_dict()
+    full = train(cfg)
+    params, _ = read_lion_checkpoint(full.last_checkpoint)
+    assert any(k.startswith("vision_model.") for k in params) and "language_model.lm_head.weight" in params
+    assert not any(k.startswith("language_model.encoder.block.0.layer.0.") for k in params)  # T5 blocks: frozen
+    for prefix in ("vision_model.layers.0.mlp.fc1.weight", "language_model.lm_head.weight"):
+        assert float((params[prefix] - start[prefix]).abs().max()) > 1e-4, prefix
+    # stopped after 2 steps and resumed: the same parameters as the uninterrupted run
+    stopped = train(config(data, 3, tmp_path / "resumed", max_steps=4, unfreeze=unfreeze, init_lr=5e-3,
+                           export_final=False), stop_after_steps=2)
+    resumed = train(config(data, 3, tmp_path / "resumed", max_steps=4, unfreeze=unfreeze, init_lr=5e-3,
+                           export_final=False), resume=stopped.run_dir)
+    for name, value in read_lion_checkpoint(resumed.last_checkpoint)[0].items():
+        torch.testing.assert_close(value, params[name], atol=0, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="unfreeze"):
+        train(config(data, 3, tmp_path / "typo", max_steps=1, unfreeze=["vit."]))

@@ -147,6 +147,9 @@ class RunConfig:
     missing_tags: str = "skip"  # a record without tags (model with tags on): skip | empty | error
     tag_cache: Path | None = None  # default tag cache for datasets that name none
     freeze: list[str] = field(default_factory=list)  # extra name prefixes to keep frozen
+    # name prefixes frozen by default that train too (`vision_model.`, `language_model.`): for models
+    # with nothing pretrained, such as the lion-shapes demo model
+    unfreeze: list[str] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:

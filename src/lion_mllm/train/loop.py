@@ -38,7 +38,7 @@ from .config import STAGE_VISUAL_INPUT, TrainConfig
 from .data import AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler, MixtureSchedule
 from .data import load_tag_cache
 from .distributed import DistContext, gradient_sync, init_distributed, wrap_ddp, wrap_fsdp2
-from .stages import (STAGE_DESCRIPTIONS, WarmupCosineSchedule, build_lion, configure_trainable, is_lion_parameter,
+from .stages import (STAGE_DESCRIPTIONS, WarmupCosineSchedule, build_lion, configure_trainable, is_trained_parameter,
                      load_into, optimizer_param_groups)
 
 logger = logging.getLogger("lion_mllm.train")
@@ -289,13 +289,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     if resume_point is None:
         for path in cfg.model.init_from:
             load_into(model, path)
-    trainable = configure_trainable(model, run.freeze)
+    trainable = configure_trainable(model, run.freeze, unfreeze=run.unfreeze)
     with torch.no_grad():  # the optimizer updates float32 master weights, whatever the frozen dtype
         for name, param in model.named_parameters():
-            if is_lion_parameter(name) and param.dtype != torch.float32:
+            if is_trained_parameter(name, run.unfreeze) and param.dtype != torch.float32:
                 param.data = param.data.float()
     model.train()
-    model.vision_model.eval()  # the authors keep the frozen ViT in eval mode
+    if not any(p.requires_grad for p in model.vision_model.parameters()):
+        model.vision_model.eval()  # the authors keep the frozen ViT in eval mode
     if run.activation_checkpointing:
         _enable_activation_checkpointing(model)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -347,7 +348,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     step, schedule_state, saved_rng = 0, None, None
     if resume_point is not None:
         state = load_checkpoint(resume_point)
-        step, schedule_state, saved_rng = _restore(state, model, wrapped, optimizer, scheduler, tracker, ctx, fsdp)
+        step, schedule_state, saved_rng = _restore(state, model, wrapped, optimizer, scheduler, tracker, ctx, fsdp,
+                                                        run.unfreeze)
         logger.info("resumed from %s at step %d (lr %.3g)", resume_point, step, scheduler.lr_at(step))
         _set_aside_later_checkpoints(run_dir, step, ctx)
     schedule = MixtureSchedule(sizes, ratios, run.seed, ctx.rank, ctx.world_size, schedule_state)
@@ -507,10 +509,10 @@ def _set_aside_later_checkpoints(run_dir: Path, step: int, ctx: DistContext) -> 
 
 def _restore(state: dict[str, Any], model: torch.nn.Module, wrapped: torch.nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: WarmupCosineSchedule, tracker: BadDataTracker,
-             ctx: DistContext, fsdp: bool) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+             ctx: DistContext, fsdp: bool, unfreeze: list[str]) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
     training = state["training_state"]
     params = state["lion_params"]
-    expected = {n for n, _ in model.named_parameters() if is_lion_parameter(n)}
+    expected = {n for n, _ in model.named_parameters() if is_trained_parameter(n, unfreeze)}
     if set(params) != expected:
         missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
         raise CheckpointError(f"the checkpoint's parameters do not fit this model (another stage or size?): "
@@ -553,13 +555,13 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, wrapped: torch.nn.Mo
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(wrapped, options=options)
-        params = {k: v for k, v in full.items() if is_lion_parameter(k)}
+        params = {k: v for k, v in full.items() if is_trained_parameter(k, cfg.run.unfreeze)}
         optimizer_state = get_optimizer_state_dict(wrapped, optimizer, options=options)
         # keep the group names (checked on resume) next to the FQN-keyed state
         for saved, group in zip(optimizer_state.get("param_groups", []), optimizer.param_groups):
             saved["names"] = group["names"]
     else:
-        params = {n: p for n, p in model.named_parameters() if is_lion_parameter(n)}
+        params = {n: p for n, p in model.named_parameters() if is_trained_parameter(n, cfg.run.unfreeze)}
         optimizer_state = optimizer.state_dict()
     rngs = ctx.gather_objects(rng_state())
     path = run_dir / "checkpoints" / f"step_{step:06d}"

@@ -63,14 +63,26 @@ def unused_parameters(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.startswith((last + "intermediate.", last + "output."))]
 
 
+def is_trained_parameter(name: str, unfreeze: list[str] | tuple[str, ...] = ()) -> bool:
+    """LION's own parameters plus those under an `unfreeze` prefix: what a run trains and checkpoints."""
+    return is_lion_parameter(name) or name.startswith(tuple(unfreeze))
+
+
 def configure_trainable(model: nn.Module, freeze: list[str] | tuple[str, ...] = (),
-                        include_unused: bool = False) -> list[str]:
-    """Freeze the ViT and T5, train LION's own parameters except names starting with a `freeze` prefix
-    (and, unless `include_unused`, the ones that never get a gradient). Returns the trainable names."""
+                        include_unused: bool = False, unfreeze: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Freeze the ViT and T5 (except names under an `unfreeze` prefix), train LION's own parameters except
+    names starting with a `freeze` prefix (and, unless `include_unused`, the ones that never get a
+    gradient). Returns the trainable names."""
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [p for p in unfreeze if not any(n.startswith(p) for n in names)]
+    if unknown:
+        raise ValueError(f"run.unfreeze: no parameter name starts with {unknown} (e.g. vision_model., "
+                         f"language_model.)")
     dead = set() if include_unused else set(unused_parameters(model))
     trainable = []
     for name, param in model.named_parameters():
-        train = is_lion_parameter(name) and name not in dead and not any(name.startswith(p) for p in freeze)
+        train = (is_trained_parameter(name, unfreeze) and name not in dead
+                 and not any(name.startswith(p) for p in freeze))
         param.requires_grad_(train)
         if train:
             trainable.append(name)
