@@ -159,3 +159,19 @@ def test_tokenizers_are_t5_and_bert_like():
     q = qformer("what colour is the small square?").input_ids
     assert q[0] == qformer.cls_token_id and q[-1] == qformer.sep_token_id and qformer.unk_token_id not in q
     assert "[DEC]" in qformer.get_vocab()
+
+
+def test_command_line_writes_training_and_benchmark_files(tmp_path, capsys):
+    from lion_mllm.train.data import read_annotations
+
+    assert shapes.main(["train-data", str(tmp_path / "train"), "--scenes", "3", "--first-seed", "5"]) == 0
+    records, bad = read_annotations(tmp_path / "train" / "shapes.jsonl")
+    assert not bad and {r.image for r in records} == {f"images/{s}.png" for s in (5, 6, 7)}
+    assert {r.category for r in records} == {"image_level", "region_level"}
+    assert shapes.main(["benchmarks", str(tmp_path / "bench"), "--count", "2"]) == 0
+    assert len((tmp_path / "bench" / "rec.jsonl").read_text().splitlines()) == 2
+    for argv in (["train-data", str(tmp_path / "x"), "--first-seed", str(shapes.HELD_OUT_SEED_BASE - 1)],
+                 ["benchmarks", str(tmp_path / "y"), "--first-seed", "0"]):
+        with pytest.raises(SystemExit):
+            shapes.main(argv)
+    assert "held" in capsys.readouterr().err
