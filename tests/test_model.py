@@ -152,6 +152,18 @@ def test_bundle_save_and_reload(tmp_path, tiny_lion):
     assert again.generate(*args, max_new_tokens=6) == tiny_lion.generate(*args, max_new_tokens=6)
 
 
+def test_bundle_stored_in_float16_is_half_the_size_and_loads_as_float32(tmp_path, tiny_lion):
+    full = tiny_lion.save_pretrained(tmp_path / "fp32")
+    half = tiny_lion.save_pretrained(tmp_path / "fp16", dtype="float16")
+    size = {d: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (full, half)}
+    assert size[half] < 0.55 * size[full]
+    again = Lion.from_pretrained(half)
+    assert again.model.dtype == torch.float32
+    for (name, a), (_, b) in zip(tiny_lion.model.state_dict().items(), again.model.state_dict().items()):
+        expected = a.to(torch.float16).to(a.dtype) if a.is_floating_point() else a
+        assert torch.equal(b, expected), name
+
+
 def test_tags_come_from_the_tagger_once_per_batch():
     lion = make_tiny_lion()
 

@@ -106,11 +106,17 @@ class Lion:
                                   attn_implementation=attn_implementation)
         return cls(model, LionProcessor.from_pretrained(model.config, directory), tagger)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+        """A bundle (config.json, safetensors shards, tokenizers); `dtype` (e.g. float16, for a smaller
+        file) is the storage dtype of floating-point weights, converted back on loading as usual."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.to_json(directory / "config.json")
-        save_state_sharded(bundle_state(self.model), directory)
+        state = bundle_state(self.model)
+        if dtype is not None:
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_state_sharded(state, directory)
         self.processor.save_pretrained(directory)
         return directory
 
