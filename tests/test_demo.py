@@ -39,7 +39,8 @@ def test_bundle_is_shipped_small_and_found_by_name():
     assert Path(resolve_model("lion-shapes")) == BUNDLE
     weights = list(BUNDLE.glob("*.safetensors"))
     assert weights and sum(w.stat().st_size for w in weights) <= 30 * 2**20
-    for name in ("config.json", "MODEL_CARD.md", "tokenizer/tokenizer.json", "qformer_tokenizer/tokenizer.json"):
+    for name in ("config.json", "MODEL_CARD.md", "tagger.json", "tokenizer/tokenizer.json",
+                 "qformer_tokenizer/tokenizer.json"):
         assert (BUNDLE / name).is_file(), name
     from safetensors import safe_open
 

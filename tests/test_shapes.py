@@ -175,3 +175,20 @@ def test_command_line_writes_training_and_benchmark_files(tmp_path, capsys):
         with pytest.raises(SystemExit):
             shapes.main(argv)
     assert "held" in capsys.readouterr().err
+
+
+def test_bundle_remembers_its_shapes_tagger(tmp_path):
+    from conftest import make_tiny_lion
+
+    from lion_mllm import Lion
+
+    lion = make_tiny_lion()
+    lion.tagger = shapes.ShapesTagger(min_pixels=30)
+    directory = lion.save_pretrained(tmp_path / "bundle")
+    again = Lion.from_pretrained(directory)
+    assert isinstance(again.tagger, shapes.ShapesTagger) and again.tagger.min_pixels == 30
+    scene = shapes.make_scene(3, 2)
+    assert again.tag([shapes.render(scene)]) == [shapes.scene_tags(scene)]
+    (directory / "tagger.json").write_text('{"type": "ram"}')
+    with pytest.raises(ValueError, match="tagger.json"):
+        Lion.from_pretrained(directory)

@@ -231,10 +231,6 @@ def _load(args: argparse.Namespace):
         from .tagger import LazyRamTagger
 
         lion.tagger = LazyRamTagger(args.ram, config=args.ram_config, device=device)
-    elif lion.tagger is None and Path(str(resolved)).name == "lion-shapes":
-        from .shapes import ShapesTagger  # the demo world's tags, read off the pixels (RAM's stand-in)
-
-        lion.tagger = ShapesTagger()
     _say(args, f"model ready in {time.monotonic() - started:.1f} s")
     return lion
 

@@ -73,7 +73,9 @@ def run_demo(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if getattr(args, "out", None) else Path(tempfile.gettempdir()) / "lion-demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(getattr(args, "model", None) or DEMO_MODEL)
-    lion = Lion.from_pretrained(model_path, tagger=ShapesTagger())
+    lion = Lion.from_pretrained(model_path)
+    if lion.tagger is None:  # a shapes bundle without tagger.json
+        lion.tagger = ShapesTagger()
     print(f"model: {model_path}")
     for example in load_examples():
         image = Image.open(example["path"]).convert("RGB")

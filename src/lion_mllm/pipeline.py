@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,31 @@ from .processing import ImageInput, LionProcessor, load_image
 CAPTION_PROMPT = "Please describe the image using a single short sentence."
 # The authors' playground REC prompt (a Shikra template, `<image>` kept literally).
 GROUNDING_PROMPT = "In the image <image>, can you locate {} and let me know its coordinates?"
+
+
+TAGGER_FILE = "tagger.json"
+
+
+def write_tagger_spec(tagger: Any, directory: Path) -> None:
+    """Record in a bundle which built-in tagger its model was trained with (`tagger.json`), for taggers
+    that can be rebuilt from a few settings (`bundle_spec`); RAM is attached by the caller instead."""
+    spec = getattr(tagger, "bundle_spec", None)
+    if spec is not None:
+        (Path(directory) / TAGGER_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def bundle_tagger(directory: Path) -> Any:
+    """The tagger a bundle's `tagger.json` names, or None without that file."""
+    path = directory / TAGGER_FILE
+    if not path.is_file():
+        return None
+    spec = json.loads(path.read_text())
+    kind = spec.pop("type", None)
+    if kind == "shapes":
+        from .shapes import ShapesTagger  # the demo world's pixel tagger (RAM's stand-in)
+
+        return ShapesTagger(**spec)
+    raise ValueError(f"{path}: unknown tagger type {kind!r} (known: 'shapes')")
 
 
 class Tagger(Protocol):
@@ -104,6 +130,8 @@ class Lion:
         device = torch.device(device)
         model = load_bundle_model(directory, device=device, dtype=resolve_dtype(device, dtype),
                                   attn_implementation=attn_implementation)
+        if tagger is None:
+            tagger = bundle_tagger(Path(directory))
         return cls(model, LionProcessor.from_pretrained(model.config, directory), tagger)
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | str | None = None) -> Path:
@@ -118,6 +146,7 @@ class Lion:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_state_sharded(state, directory)
         self.processor.save_pretrained(directory)
+        write_tagger_spec(self.tagger, directory)
         return directory
 
     # -- inference ----------------------------------------------------------------------------------

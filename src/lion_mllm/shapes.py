@@ -398,6 +398,11 @@ class ShapesTagger:
     def __init__(self, min_pixels: int = 40):
         self.min_pixels = min_pixels
 
+    @property
+    def bundle_spec(self) -> dict[str, Any]:
+        """What `Lion.save_pretrained` writes to `tagger.json`, so the bundle loads with this tagger."""
+        return {"type": "shapes", "min_pixels": self.min_pixels}
+
     def objects(self, image: Image.Image) -> list[tuple[str, str, tuple[int, int, int, int]]]:
         """(colour, shape, pixel box) of every blob large enough to be a shape."""
         pixels = np.asarray(image.convert("RGB"), dtype=np.int16)

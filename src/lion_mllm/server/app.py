@@ -24,7 +24,6 @@ import asyncio
 import hmac
 import json
 import logging
-from pathlib import Path
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -350,10 +349,6 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, *, settings: Se
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         resolved = resolve_model(model)  # None: $LION_MODEL or the built-in lion-shapes demo model
         lion = load_model(str(resolved), device=device, dtype=dtype)
-        if lion.tagger is None and Path(str(resolved)).name == "lion-shapes":
-            from ..shapes import ShapesTagger  # the demo world's tags, read off the pixels
-
-            lion.tagger = ShapesTagger()
     app = create_app(lion, settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
                 h11_max_incomplete_event_size=64 * 1024)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..loading import CheckpointError
-from ..pipeline import Lion
+from ..pipeline import Lion, write_tagger_spec
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import STAGE_VISUAL_INPUT, TrainConfig
 from .data import AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler, MixtureSchedule
@@ -593,7 +593,7 @@ def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn
             shutil.rmtree(tmp)
         was_training = model.training
         if state is None:
-            Lion(model, lion.processor).save_pretrained(tmp)
+            Lion(model, lion.processor, lion.tagger).save_pretrained(tmp)
         else:
             from ..loading import save_state_sharded
 
@@ -602,6 +602,7 @@ def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn
             aliases = ("language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight")
             save_state_sharded({k: v for k, v in state.items() if k not in aliases}, tmp)
             lion.processor.save_pretrained(tmp)
+            write_tagger_spec(lion.tagger, tmp)
         model.train(was_training)
         if final.exists():
             shutil.rmtree(final)
