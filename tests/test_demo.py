@@ -105,3 +105,12 @@ def test_demo_runs_offline_and_draws_the_named_shape(tmp_path):
     assert "caption:" in result.stdout and "question:" in result.stdout
     assert str(EXAMPLES_DIR)  # examples ship inside the package
     json.loads((EXAMPLES_DIR / "examples.json").read_text())
+
+
+def test_load_model_knows_the_built_in_name_and_its_tagger():
+    import lion_mllm
+
+    lion = lion_mllm.load_model("lion-shapes")
+    assert isinstance(lion.tagger, shapes.ShapesTagger)
+    scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + 7, 3)
+    assert lion.tag([shapes.render(scene)]) == [shapes.scene_tags(scene)]

@@ -11,7 +11,11 @@ __version__ = "0.1.0"
 
 
 def load_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = None, **kwargs) -> Lion:
-    """A `Lion` from a bundle directory, `hf-hub:`/`local-dir:` name, or the authors' YAML config."""
+    """A `Lion` from a bundle directory, `hf-hub:`/`local-dir:` name, the authors' YAML config, or an
+    installed name (`lion-shapes`, built in; `lion-flant5xl` after `lion download`)."""
+    from .hub import resolve_model
+
+    name_or_path = resolve_model(name_or_path)
     if str(name_or_path).endswith((".yaml", ".yml")):
         return Lion.from_official(name_or_path, device=device, dtype=dtype, **kwargs)
     return Lion.from_pretrained(name_or_path, device=device, dtype=dtype, **kwargs)
