@@ -12,7 +12,11 @@ once and its caption, VQA and referring samples are trained together on the shar
 training-only dense head on the aggregator's patch tokens (what object is centred in each patch, and
 its box) speeds up learning where things are; it is not part of the shipped model.
 The loop is written here on `LionModel`'s parts (the training package's schedule and LION-part init
-are reused: `lion_mllm.train.stages.WarmupCosineSchedule`, `init_lion_parts`).
+are reused: `lion_mllm.train.stages.WarmupCosineSchedule`, `init_lion_parts`) because from scratch
+it needs what `lion train` does not do: the auxiliary dense loss (grounding stays at a constant box
+without it), one ViT pass shared by an image's samples, data generated on the fly, and bf16 autocast
+on CPU (the trainer autocasts on GPU only). Once the model knows the world, `lion train` with
+`configs/shapes_finetune.yaml` (stage 4 + `run.unfreeze`) continues it on data written to disk.
 The best model so far (by held-out score) is written, in float16, to `<out>/best` and to `--ship`.
 """
 
