@@ -15,10 +15,9 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = No
     installed name (`lion-shapes`, built in; `lion-flant5xl` after `lion download`)."""
     from .hub import resolve_model
 
-    name_or_path = resolve_model(name_or_path)
     if str(name_or_path).endswith((".yaml", ".yml")):
         return Lion.from_official(name_or_path, device=device, dtype=dtype, **kwargs)
-    return Lion.from_pretrained(name_or_path, device=device, dtype=dtype, **kwargs)
+    return Lion.from_pretrained(resolve_model(name_or_path), device=device, dtype=dtype, **kwargs)
 
 
 __all__ = ["Box", "CheckpointError", "Grounding", "ImageLoadError", "Lion", "LionConfig", "LionModel",
