@@ -101,7 +101,8 @@ def test_demo_runs_offline_and_draws_the_named_shape(tmp_path):
         red = (image == np.array([255, 0, 0])).all(-1)
         x0, x1 = min(max(x0, 0), 511), min(max(x1, 0), 511)
         y0, y1 = min(max(y0, 0), 511), min(max(y1, 0), 511)
-        assert red[y0:y1 + 1, x0].mean() > 0.9 and red[y0:y1 + 1, x1].mean() > 0.9  # the outline's sides
+        # the outline's sides (the label, red with white letters, may cross one of them near the top)
+        assert red[y0:y1 + 1, x0].mean() > 0.8 and red[y0:y1 + 1, x1].mean() > 0.8
     assert "caption:" in result.stdout and "question:" in result.stdout
     assert str(EXAMPLES_DIR)  # examples ship inside the package
     json.loads((EXAMPLES_DIR / "examples.json").read_text())
