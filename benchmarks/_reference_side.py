@@ -20,6 +20,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 # Sizes. The authors' ViT factory fixes depth 39 (the aggregator taps blocks 38/28/18), so "base"
 # keeps depth 39 and only narrows the width (the refharness's `eva_width` patch).
@@ -78,6 +79,28 @@ class AnonPeak:
             time.sleep(self._interval)
 
 
+def serve(load: Callable[[], tuple[dict, Callable[[dict], dict]]]) -> None:
+    """The worker end of every side-by-side benchmark here. `load()` builds the side and returns its load
+    report and its request handler; then one JSON request per stdin line is answered by one JSON line on
+    the original stdout until {"cmd": "quit"} (anything the loaded code prints goes to stderr). Memory
+    figures (peak RSS, and peak anonymous memory sampled from before `load()`) are added to the report,
+    to every answer and to the final line."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    anon = AnonPeak()
+    report, handle = load()
+    report.update(rss_after_load_gib=current_rss_gib(), peak_rss_after_load_gib=peak_rss_gib(),
+                  peak_anon_after_load_gib=anon.peak)
+    out.write(json.dumps(report) + "\n")
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["cmd"] == "quit":
+            out.write(json.dumps({"peak_rss_gib": peak_rss_gib(), "peak_anon_gib": anon.peak}) + "\n")
+            break
+        out.write(json.dumps({**handle(req), "peak_rss_gib": peak_rss_gib()}) + "\n")
+
+
 def _import(args: argparse.Namespace):
     sys.path.insert(0, os.path.abspath(args.harness))
     from lionref import official  # noqa: E402  (the harness, beside the official checkout)
@@ -129,7 +152,6 @@ class Worker:
 
     def __init__(self, args: argparse.Namespace):
         t0 = time.time()
-        self.anon = AnonPeak()
         import torch
 
         self.torch = torch
@@ -167,8 +189,7 @@ class Worker:
 
     def loaded(self) -> dict:
         return {"import_s": self.import_s, "load_s": self.load_s, "rss_after_imports_gib": self.rss_after_imports,
-                "rss_after_load_gib": current_rss_gib(), "peak_rss_after_load_gib": peak_rss_gib(),
-                "peak_anon_after_load_gib": self.anon.peak, "threads": self.torch.get_num_threads(), "torch": self.torch.__version__,
+                "threads": self.torch.get_num_threads(), "torch": self.torch.__version__,
                 "transformers": __import__("transformers").__version__,
                 "dtypes": sorted({str(p.dtype) for p in self.model.parameters()})}
 
@@ -190,22 +211,15 @@ class Worker:
             text = self.model.generate(samples, num_beams=req["num_beams"], max_length=n, min_length=n + 1,
                                        repetition_penalty=req["repetition_penalty"])
         seconds = time.perf_counter() - t
-        return {"seconds": seconds, "ids": self.ids[-1].tolist(), "text": text, "peak_rss_gib": peak_rss_gib()}
+        return {"seconds": seconds, "ids": self.ids[-1].tolist(), "text": text}
 
 
 def worker(args: argparse.Namespace) -> None:
-    # answers go to the original stdout; anything the official code prints goes to stderr
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    w = Worker(args)
-    out.write(json.dumps(w.loaded()) + "\n")
-    for line in sys.stdin:
-        req = json.loads(line)
-        if req["cmd"] == "quit":
-            out.write(json.dumps({"peak_rss_gib": peak_rss_gib(), "peak_anon_gib": w.anon.peak}) + "\n")
-            break
-        out.write(json.dumps(w.run(req)) + "\n")
+    def load() -> tuple[dict, Callable[[dict], dict]]:
+        w = Worker(args)
+        return w.loaded(), w.run
+
+    serve(load)
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _reference_side import AnonPeak, _import, current_rss_gib, peak_rss_gib
+from _reference_side import _import, current_rss_gib, serve
 
 # `full`: the real ram_swin_large_14m shapes, read from the checkout's ram/configs.
 # `tiny`: for developing and testing the benchmark only (the refharness golden set A's RAM sizes).
@@ -108,7 +108,6 @@ class Worker:
 
     def __init__(self, args: argparse.Namespace):
         t0 = time.time()
-        self.anon = AnonPeak()
         import torch
 
         self.torch = torch
@@ -149,8 +148,7 @@ class Worker:
     def loaded(self) -> dict:
         m = self.lion.ram_model
         return {"import_s": self.import_s, "load_s": self.load_s, "rss_after_imports_gib": self.rss_after_imports,
-                "rss_after_load_gib": current_rss_gib(), "peak_rss_after_load_gib": peak_rss_gib(),
-                "peak_anon_after_load_gib": self.anon.peak, "threads": self.torch.get_num_threads(),
+                "threads": self.torch.get_num_threads(),
                 "torch": self.torch.__version__, "transformers": __import__("transformers").__version__,
                 "params": sum(p.numel() for p in m.parameters()), "training": m.training,
                 "mode": self.mode, "grad_enabled": not self.no_grad,
@@ -173,21 +171,15 @@ class Worker:
                 tags += self.lion.generate_tags(img)
             seconds.append(time.perf_counter() - t)
         logits = torch.cat(self.logits).tolist()
-        return {"seconds": seconds, "tags": tags, "logits": logits, "peak_rss_gib": peak_rss_gib()}
+        return {"seconds": seconds, "tags": tags, "logits": logits}
 
 
 def worker(args: argparse.Namespace) -> None:
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    w = Worker(args)
-    out.write(json.dumps(w.loaded()) + "\n")
-    for line in sys.stdin:
-        req = json.loads(line)
-        if req["cmd"] == "quit":
-            out.write(json.dumps({"peak_rss_gib": peak_rss_gib(), "peak_anon_gib": w.anon.peak}) + "\n")
-            break
-        out.write(json.dumps(w.run(req)) + "\n")
+    def load():
+        w = Worker(args)
+        return w.loaded(), w.run
+
+    serve(load)
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _reference_side import SIZES, AnonPeak, artifact_paths  # noqa: E402  (no torch at import time)
+from _reference_side import SIZES, artifact_paths, current_rss_gib, serve  # noqa: E402  (no torch at import time)
 
 SIDES = ("lion-mllm", "lion-mllm-authors-flow", "authors")
 LABELS = {"lion-mllm": "lion-mllm", "lion-mllm-authors-flow": "lion-mllm, authors' flow (eager, no cache)",
@@ -53,25 +52,13 @@ TAGS = "airport, dog, luggage, man, terminal"
 # Worker for our two sides (runs in a subprocess of this script, with lion-mllm's environment)
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def our_worker(args: argparse.Namespace) -> None:
     """Load lion-mllm from the authors' files, then answer JSON requests like `_reference_side.py`."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    serve(lambda: _load_ours(args))
+
+
+def _load_ours(args: argparse.Namespace):
     t0 = time.time()
-    anon = AnonPeak()
     import torch
     import transformers
     from PIL import Image
@@ -79,7 +66,7 @@ def our_worker(args: argparse.Namespace) -> None:
     from lion_mllm import Lion, OfficialPaths
 
     torch.set_num_threads(args.threads)
-    import_s, rss_imports = time.time() - t0, _rss_gib()
+    import_s, rss_imports = time.time() - t0, current_rss_gib()
     files = artifact_paths(args.artifacts)
     paths = OfficialPaths(vit_model=Path(files["vit"]), llm_model=Path(files["t5"]),
                           bert_model=Path(files["bert"]), pretrained=Path(files["lion"]))
@@ -87,17 +74,12 @@ def our_worker(args: argparse.Namespace) -> None:
     authors_flow = args.worker == "lion-mllm-authors-flow"
     t = time.time()
     lion = Lion.from_official(paths, vision_num_heads=heads, attn_implementation="eager" if authors_flow else "sdpa")
-    load_s = time.time() - t
-    out.write(json.dumps({"import_s": import_s, "load_s": load_s, "rss_after_imports_gib": rss_imports,
-                          "rss_after_load_gib": _rss_gib(), "peak_rss_after_load_gib": _peak_rss_gib(),
-                          "peak_anon_after_load_gib": anon.peak, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "transformers": transformers.__version__,
-                          "dtypes": sorted({str(p.dtype) for p in lion.model.parameters()})}) + "\n")
-    for line in sys.stdin:
-        req = json.loads(line)
-        if req["cmd"] == "quit":
-            out.write(json.dumps({"peak_rss_gib": _peak_rss_gib(), "peak_anon_gib": anon.peak}) + "\n")
-            break
+    report = {"import_s": import_s, "load_s": time.time() - t, "rss_after_imports_gib": rss_imports,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "transformers": transformers.__version__,
+              "dtypes": sorted({str(p.dtype) for p in lion.model.parameters()})}
+
+    def caption(req: dict) -> dict:
         n, b = req["new_tokens"], len(req["images"])
         t = time.perf_counter()
         images = [Image.open(p).convert("RGB") for p in req["images"]]
@@ -106,9 +88,9 @@ def our_worker(args: argparse.Namespace) -> None:
                                   repetition_penalty=req["repetition_penalty"], do_sample=False,
                                   use_cache=not authors_flow)
         text = lion.processor.decode(ids)
-        seconds = time.perf_counter() - t
-        out.write(json.dumps({"seconds": seconds, "ids": ids.tolist(), "text": text,
-                              "peak_rss_gib": _peak_rss_gib()}) + "\n")
+        return {"seconds": time.perf_counter() - t, "ids": ids.tolist(), "text": text}
+
+    return report, caption
 
 
 # ---------------------------------------------------------------------------------------------------

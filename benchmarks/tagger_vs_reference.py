@@ -40,7 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _reference_side import AnonPeak, current_rss_gib, peak_rss_gib
+from _reference_side import current_rss_gib, serve
 from _reference_tagger_side import SIZES
 from cpu_vs_reference import Side, machine, make_images, median
 
@@ -63,11 +63,11 @@ def vocabulary_files(args: argparse.Namespace, info: dict) -> tuple[str, str]:
 
 def our_worker(args: argparse.Namespace) -> None:
     """Load lion-mllm's tagger from the authors' file, then answer JSON requests."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    serve(lambda: _load_ours(args))
+
+
+def _load_ours(args: argparse.Namespace):
     t0 = time.time()
-    anon = AnonPeak()
     import torch
     import transformers
     from PIL import Image
@@ -83,20 +83,14 @@ def our_worker(args: argparse.Namespace) -> None:
     load_s = time.time() - t
     logits: list = []
     tagger.fc.register_forward_hook(lambda m, a, o: logits.append(o.detach().squeeze(-1).float()))
-    out.write(json.dumps({"import_s": import_s, "load_s": load_s, "rss_after_imports_gib": rss_imports,
-                          "rss_after_load_gib": current_rss_gib(), "peak_rss_after_load_gib": peak_rss_gib(),
-                          "peak_anon_after_load_gib": anon.peak, "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "transformers": transformers.__version__,
-                          "params": sum(p.numel() for p in tagger.parameters()),
-                          "config": tagger.config.to_dict(),
-                          "config_is_swin_large": tagger.config == RamConfig.swin_large(),
-                          "tag_list": tag_list, "dtypes": sorted({str(p.dtype) for p in tagger.parameters()})}) + "\n")
+    report = {"import_s": import_s, "load_s": load_s, "rss_after_imports_gib": rss_imports,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "params": sum(p.numel() for p in tagger.parameters()),
+              "config": tagger.config.to_dict(), "config_is_swin_large": tagger.config == RamConfig.swin_large(),
+              "tag_list": tag_list, "dtypes": sorted({str(p.dtype) for p in tagger.parameters()})}
     per_image = args.worker == "lion-mllm-per-image"
-    for line in sys.stdin:
-        req = json.loads(line)
-        if req["cmd"] == "quit":
-            out.write(json.dumps({"peak_rss_gib": peak_rss_gib(), "peak_anon_gib": anon.peak}) + "\n")
-            break
+
+    def tag(req: dict) -> dict:
         logits.clear()
         seconds, tags = [], []
         if per_image:
@@ -108,8 +102,9 @@ def our_worker(args: argparse.Namespace) -> None:
             t = time.perf_counter()
             tags = tagger.tag([Image.open(p).convert("RGB") for p in req["images"]])
             seconds.append(time.perf_counter() - t)
-        out.write(json.dumps({"seconds": seconds, "tags": tags, "logits": torch.cat(logits).tolist(),
-                              "peak_rss_gib": peak_rss_gib()}) + "\n")
+        return {"seconds": seconds, "tags": tags, "logits": torch.cat(logits).tolist()}
+
+    return report, tag
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -64,10 +64,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +72,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(HERE))
+from _reference_side import serve  # noqa: E402  (stdlib only)
+from cpu_vs_reference import Side, machine, median  # noqa: E402
 
 SIDES = ("lion-mllm", "lion-mllm-authors-flow", "instructblip")
 LABELS = {"lion-mllm": "lion-mllm (trainer step, SDPA, fp32)",
@@ -87,18 +86,6 @@ TOKENIZERS = {"tiny": (SHARED / "golden" / "lion-a" / "assets" / "flan-t5-tiny",
                        SHARED / "golden" / "lion-a" / "assets" / "bert-tiny-uncased"),
               "base": (Path("/tmp/lion-bench-base/flan-t5"), Path("/tmp/lion-bench-base/bert-base-uncased"))}
 INIT_LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 0.05, 1.0  # the trainer's defaults (RunConfig)
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,9 +229,10 @@ def _count_cpu_sdpa() -> None:
 
 def worker(args: argparse.Namespace) -> None:
     """Build one side, then answer JSON requests (one per line) with timed training steps."""
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    serve(lambda: _load_side(args))
+
+
+def _load_side(args: argparse.Namespace):
     t0 = time.time()
     import torch
     import transformers
@@ -330,8 +318,7 @@ def worker(args: argparse.Namespace) -> None:
 
     n_train = sum(p.numel() for p in params)
     info.update({
-        "import_s": import_s, "build_s": build_s, "rss_after_build_gib": _rss_gib(),
-        "peak_rss_after_build_gib": _peak_rss_gib(), "threads": torch.get_num_threads(),
+        "import_s": import_s, "build_s": build_s, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "param_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()}),
         "compute_dtype": "float32 (no autocast)", "parameters": sum(p.numel() for p in model.parameters()),
@@ -339,60 +326,20 @@ def worker(args: argparse.Namespace) -> None:
         "optimizer_groups": {g["group"]: len(g["params"]) for g in groups},
         "batch_digests": digests, "batch_shapes": shapes, "routes": routes, "flops_model_accounting": accounting,
     })
-    out.write(json.dumps(info) + "\n")
-    for line in sys.stdin:
-        req = json.loads(line)
-        if req["cmd"] == "quit":
-            out.write(json.dumps({"peak_rss_gib": _peak_rss_gib()}) + "\n")
-            break
+
+    def train_step(req: dict) -> dict:
         batch = batches[req["batch"]]
-        if req.get("count_flops"):
-            with FlopCounterMode(display=False) as counter:
-                answer = step(batch)
-            answer["counted_flops"] = counter.get_total_flops()
-        else:
+        if not req.get("count_flops"):
+            return step(batch)
+        with FlopCounterMode(display=False) as counter:
             answer = step(batch)
-        answer["peak_rss_gib"] = _peak_rss_gib()
-        out.write(json.dumps(answer) + "\n")
+        return {**answer, "counted_flops": counter.get_total_flops()}
+
+    return info, train_step
 
 
 # ---------------------------------------------------------------------------------------------------
 # Driver
-
-
-class Side:
-    """One side's worker process, spoken to with one JSON line per request."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path):
-        self.name = name
-        self.stderr = open(log_dir / f"{name}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env=env, cwd=str(ROOT))
-
-    def read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} worker died; see {self.stderr.name}")
-        return json.loads(line)
-
-    def ask(self, req: dict) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        return self.read()
-
-    def close(self) -> dict:
-        final = self.ask({"cmd": "quit"})
-        self.proc.wait(timeout=120)
-        self.stderr.close()
-        return final
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "mem_gib": round(mem / 2**20, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def start(name: str, args: argparse.Namespace, data_dir: Path, log_dir: Path) -> Side:
@@ -403,10 +350,6 @@ def start(name: str, args: argparse.Namespace, data_dir: Path, log_dir: Path) ->
            "--threads", str(args.threads), "--seed", str(args.seed), "--data", str(data_dir),
            "--t5-dir", args.t5_dir, "--bert-dir", args.bert_dir, "--batches", *map(str, args.batches)]
     return Side(name, cmd, env, log_dir)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def run(args: argparse.Namespace) -> dict:
