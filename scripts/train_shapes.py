@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lion_mllm import shapes  # noqa: E402
 from lion_mllm.config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig  # noqa: E402
-from lion_mllm.loading import bundle_state, save_state_sharded  # noqa: E402
 from lion_mllm.modeling_lion import LionModel  # noqa: E402
 from lion_mllm.processing import LionProcessor  # noqa: E402
 from lion_mllm.train.stages import WarmupCosineSchedule, init_lion_parts  # noqa: E402
@@ -236,13 +235,13 @@ def generate(model: LionModel, processor: LionProcessor, images, questions, task
 
 
 def save_bundle(model: LionModel, processor: LionProcessor, directory: Path, card: str | None = None) -> None:
-    """A `Lion.from_pretrained` bundle with float16 weights (written to a temporary folder, then swapped in)."""
+    """A `Lion.from_pretrained` bundle with float16 weights and the world's tagger (`tagger.json`), written
+    to a temporary folder, then swapped in."""
+    from lion_mllm import Lion
+
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.config.to_json(tmp / "config.json")
-    save_state_sharded({k: v.detach().to(torch.float16) for k, v in bundle_state(model).items()}, tmp)
-    processor.save_pretrained(tmp)
+    Lion(model, processor, shapes.ShapesTagger()).save_pretrained(tmp, dtype=torch.float16)
     for file in tmp.rglob("*"):
         if file.is_file():
             file.chmod(0o644)  # safetensors writes 0600; package data must be readable by everyone

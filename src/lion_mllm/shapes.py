@@ -642,11 +642,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         import torch
 
-        from .hub import resolve_model
-        from .pipeline import Lion
+        from . import load_model
 
         torch.set_flush_denormal(True)  # a small model trained on CPU: denormals would slow it ~2x
-        lion = Lion.from_pretrained(resolve_model(args.model))
+        lion = load_model(args.model)
         metrics = evaluate_model(lion.model, lion.processor, count=args.count, start=args.first_seed)
         print(json.dumps(metrics))
     return 0
