@@ -56,29 +56,57 @@ def test_rotations():
         assert rotate_options(opts, r)[rotated_answer(2, r, 4)] == "bird"
 
 
+# Cases worked out by hand from VLMEvalKit's exact matching (vlmeval/utils/matching_util.py:
+# punctuation ".()[],:;!*#{}" -> spaces, exactly one capital option letter among the words, else
+# exactly one option text contained in the lower-cased answer).
 @pytest.mark.parametrize(
     "answer,expected",
     [
         ("B", "B"),
         ("(C)", "C"),
         ("C.", "C"),
+        ("[D]", "D"),
+        ("**B**", "B"),
         ("B) dog", "B"),
         ("Answer: D", "D"),
         ("The answer is B.", "B"),
-        ("I think it is C", "C"),
+        ("I think it is C", "C"),  # "I" is not an option letter of a four-option question
         ("A", "A"),
-        ("A cat", "A"),  # article + option A's text
-        ("A dog", "B"),  # article, then option text "dog"
+        ("A cat", "A"),
+        ("A dog", "A"),  # VLMEvalKit reads the capital article as the letter A
+        ("A cat and a dog", "A"),  # lower-case "a" is no letter; one letter wins before the texts
         ("dog", "B"),
         ("The Bird!", "C"),
         ("a small fish", "D"),
         ("horse", None),
-        ("B or C", None),  # ambiguous
+        ("b", None),  # letters are case-sensitive
+        ("E", None),  # not an option of this question
+        # Several options named: none.
+        ("B or C", None),
+        ("A or C", None),
+        ("A and B", None),
+        ("Both A and B", None),
+        ("Answer: A or B", None),
+        ("(A) (B)", None),
+        ("cat or dog", None),
+        ("catfish", None),  # substring matching: "cat" and "fish" are both in it
         ("", None),
     ],
 )
-def test_extract_choice(answer, expected):
+def test_extract_choice_follows_vlmevalkit(answer, expected):
     assert extract_choice(answer, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) == expected
+
+
+def test_extract_choice_ambiguous_answers_fail_every_rotation():
+    """"A or C" once credited C; now a question answered that way is wrong in every rotation."""
+    opts = ["red", "green", "blue"]
+    items = []
+    for r in range(3):
+        shown = rotate_options(opts, r)
+        ans = "ABC"[rotated_answer(2, r, 3)]
+        items.append(MMBenchItem("q", r, "A or C", dict(zip("ABC", shown)), ans))
+    out = score_mmbench(items)
+    assert out["overall"] == 0.0 and out["vanilla"] == 0.0 and out["unmatched_answers"] == 3
 
 
 def test_mmbench_circular_one_wrong_rotation_fails_the_question():

@@ -3,13 +3,13 @@
 Each question with k options is asked k times, once per cyclic rotation of its options
 (rotation r shows original option (i + r) mod k under letter i). A question counts as
 correct only if the extracted choice is right in *every* rotation (MMBench
-"CircularEval"). The choice is extracted from the free-form answer by letter first,
-then by option text; an answer that cannot be mapped to exactly one option is wrong.
+"CircularEval"). The choice is extracted from the free-form answer by VLMEvalKit's exact
+matching (`extract_choice`): by letter first, then by option text; an answer that cannot be
+mapped to exactly one option is wrong.
 """
 
 from __future__ import annotations
 
-import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,96 +48,51 @@ def rotated_answer(answer_index: int, rotation: int, num_options: int) -> int:
     return (answer_index - rotation) % num_options
 
 
-_PREFIX = re.compile(
-    r"^\s*(?:the\s+)?(?:correct\s+|best\s+|right\s+)?(?:answer|option|choice)"
-    r"(?:\s+is)?\s*[:：]?\s*",
-    re.IGNORECASE,
-)
-# A letter at the very start, optionally in parentheses/brackets, followed by the end
-# or by punctuation/space ("B", "(B)", "B.", "B)", "B: text", "B text").
-_LEADING_LETTER = re.compile(r"^[(\[]?([A-Z])[)\]]?(?=$|[\s.:,;)\]])")
-_STANDALONE_LETTER = re.compile(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])")
+# VLMEvalKit's exact matching (vlmeval/utils/matching_util.py, `can_infer_option` then
+# `can_infer_text`, as of open-compass/VLMEvalKit commit 18fc37a): these characters become spaces
+# before the answer is split into words.
+_MATCHING_PUNCTUATION = ".()[],:;!*#{}"
 
 
-def _norm(text: str) -> str:
-    text = text.lower()
-    text = re.sub(r"[^\w\s]", " ", text)
-    return " ".join(text.split())
+def _option_letter(answer: str, letters: Sequence[str]) -> str | None:
+    """The one option letter written as a word of ``answer``, else None.
+
+    Letters are case-sensitive words after ``.()[],:;!*#{}`` become spaces: "(B)", "B.",
+    "Answer: B", "I think C" name one option; "A or C", "A and B", "Both A and B" name two and
+    so name none. An article "A" counts as the letter A ("A dog" is option A), as in VLMEvalKit
+    (whose warning about it is only logged in verbose mode).
+    """
+    words = answer
+    for ch in _MATCHING_PUNCTUATION:
+        words = words.replace(ch, " ")
+    named = [letter for letter in letters if letter in words.split()]
+    return named[0] if len(named) == 1 else None
 
 
-def _standalone_letters(text: str, letters: Sequence[str]) -> set[str]:
-    found = set()
-    for mm in _STANDALONE_LETTER.finditer(text):
-        letter = mm.group(1)
-        if letter not in letters:
-            continue
-        after = text[mm.end():mm.end() + 2]
-        # "A dog": the article, not a choice.
-        if letter == "A" and len(after) == 2 and after[0] == " " and after[1].islower():
-            continue
-        found.add(letter)
-    return found
+def _option_text(answer: str, options: Mapping[str, str]) -> str | None:
+    """The one option whose text (lower-cased) is a substring of the lower-cased answer, else None."""
+    lowered = answer.lower()
+    found = [letter for letter, text in options.items() if str(text).lower() in lowered]
+    return found[0] if len(found) == 1 else None
 
 
 def extract_choice(answer: str, options: Mapping[str, str]) -> str | None:
     """Map a model answer to one option letter of ``options`` (letter -> text), or None.
 
-    1. Letter: after an optional "Answer:"/"The answer is" prefix, a leading option
-       letter ("B", "(B)", "B.", "B) cat") wins. A bare "A " followed by lower-case
-       words is read as the English article unless the words are option A's text.
-       Failing that, a single distinct standalone capital option letter anywhere
-       ("I think C") is taken (ignoring "A" used as an article before a word).
-    2. Text: an answer equal to one option's text (case/punctuation-insensitive), else
-       the single option whose text occurs as whole words in the answer (the longest
-       if one contains the others).
+    VLMEvalKit's exact-matching rules (the step before its optional LLM judge), which
+    MMBench's published exact-matching numbers use: first the option letters written as words
+    (exactly one must appear), then the option texts contained in the answer (exactly one
+    must be contained, plain substring, case-insensitive). An answer naming several options
+    ("A or C", "Both A and B") or containing several option texts counts as none.
+    VLMEvalKit's special "Z" (refusal) result is not an option here, so it maps to None.
     """
     if not isinstance(answer, str):
         return None
     letters = [k for k in options if k in OPTION_LETTERS]
-    text = _PREFIX.sub("", answer.strip(), count=1).strip()
-
-    m = _LEADING_LETTER.match(text)
-    if m and m.group(1) in letters:
-        letter = m.group(1)
-        rest = text[m.end():].strip()
-        article_use = (
-            letter == "A"
-            and not text.startswith(("(", "["))
-            and text[1:2] == " "
-            and rest[:1].islower()
-            and not _norm(rest).startswith(_norm(str(options[letter])))
-        )
-        if not article_use:
-            # "B or C" / "A. cat B. dog": several letters named -> ambiguous.
-            others = _standalone_letters(rest, letters) - {letter}
-            return None if others else letter
-
-    found = _standalone_letters(text, letters)
-    if len(found) == 1:
-        return found.pop()
-    if len(found) > 1:
-        return None
-
-    norm_answer = _norm(text)
-    if not norm_answer:
-        return None
-    exact = [k for k in letters if _norm(str(options[k])) == norm_answer]
-    if len(exact) == 1:
-        return exact[0]
-    padded = f" {norm_answer} "
-    contained = [
-        k for k in letters if _norm(str(options[k])) and f" {_norm(str(options[k]))} " in padded
-    ]
-    if len(contained) == 1:
-        return contained[0]
-    if len(contained) > 1:
-        # Prefer the longest option text when it contains every other matched text
-        # ("red car" vs "car"), otherwise the answer is ambiguous.
-        longest = max(contained, key=lambda k: len(_norm(str(options[k]))))
-        long_text = f" {_norm(str(options[longest]))} "
-        if all(f" {_norm(str(options[k]))} " in long_text for k in contained):
-            return longest
-    return None
+    letter = _option_letter(answer, letters)
+    if letter is not None:
+        return letter
+    return _option_text(answer, {k: options[k] for k in letters})
 
 
 @dataclass(frozen=True)
