@@ -71,7 +71,7 @@ def test_rec_duplicate_ids_and_bad_box(tmp_path):
     p.write_text(json.dumps({"id": 1, "image": "a.jpg", "expression": "x", "bbox": [0, 0, 1, 1]}) + "\n"
                  + json.dumps({"id": 1, "image": "a.jpg", "expression": "y", "bbox": [0, 0, 1, 1]}) + "\n")
     with pytest.raises(AnnotationError, match="duplicate sample id '1'"):
-        load_rec(p, tmp_path)
+        load_rec(p, tmp_path, box_format="xywh")
     p.write_text(json.dumps({"image": "a.jpg", "expression": "x", "bbox": [5, 5, 1, 1]}) + "\n")
     with pytest.raises(AnnotationError, match=re.escape(f"{p}:1") + ".*negative size"):
         load_rec(p, tmp_path, box_format="xyxy")

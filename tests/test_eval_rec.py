@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import re
+from pathlib import Path
 
+import pytest
+from PIL import Image
+
+from lion_mllm.evaluation import AnnotationError, evaluate
+from lion_mllm.evaluation.datasets import load_rec
 from lion_mllm.evaluation.metrics_rec import box_iou, normalized_to_pixels, parse_box, score_rec, xywh_to_xyxy
 
 
@@ -95,3 +102,75 @@ def test_display_and_scoring_parsers_find_the_same_box():
     assert display_box(text).as_tuple() == (0.2, 0.0, 0.7, 1.0)  # display clamps and orders it
     assert [b.as_tuple() for b in find_boxes(text)] == [(0.2, 0.0, 0.7, 1.0), (0.1, 0.2, 0.3, 0.4)]
     assert parse_box("[nan,0,1,1]") is None and display_box("no box") is None and find_boxes("[a,b,c,d]") == []
+
+
+# --------------------------------------------------------------------------- box format of the files
+
+
+def _rec_file(tmp_path: Path, records: list[dict]) -> Path:
+    path = tmp_path / "REC_refcoco_unc_val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    Image.new("RGB", (200, 100), (200, 30, 30)).save(tmp_path / "img.jpg")
+    return path
+
+
+def _answer_right_box(images, questions, tasks):
+    # The object is x 120..190, y 10..90 of the 200 x 100 image.
+    return ["Answer: [0.600,0.100,0.950,0.900]"] * len(questions)
+
+
+def test_shikra_xyxy_file_is_detected_not_scored_as_xywh(tmp_path):
+    # Shikra writes x0,y0,x1,y1; read as x,y,w,h this box would end at x=310 on a 200 px image.
+    ann = _rec_file(tmp_path, [{"img_path": "img.jpg", "expression": "the right box", "bbox": [120, 10, 190, 90],
+                                "width": 200, "height": 100}])
+    samples = load_rec(ann, tmp_path)
+    assert samples[0].target == (120.0, 10.0, 190.0, 90.0)
+    assert samples[0].meta["box_format"] == "xyxy" and samples[0].meta["box_format_source"] == "detected"
+    report = evaluate("refcoco", _answer_right_box, ann, tmp_path)
+    assert report["metrics"]["Acc@0.5"] == 100.0
+    assert report["metrics"]["box_format"] == "xyxy (detected)"
+    # Declared wrongly: an error that names the format to pass, not a silent 0.0.
+    with pytest.raises(AnnotationError, match=re.escape(f"{ann}:1") + r".*read as x,y,w,h.*past the 200x100 image"
+                       r".*pass --box-format xyxy"):
+        load_rec(ann, tmp_path, box_format="xywh")
+    with pytest.raises(AnnotationError, match="pass --box-format xyxy"):
+        evaluate("refcoco", _answer_right_box, ann, tmp_path, box_format="xywh")
+
+
+def test_coco_xywh_file_declared_xyxy_names_xywh(tmp_path):
+    ann = _rec_file(tmp_path, [{"image": "img.jpg", "expression": "the right box", "bbox": [120, 10, 70, 80],
+                                "width": 200, "height": 100}])
+    assert load_rec(ann, tmp_path)[0].target == (120.0, 10.0, 190.0, 90.0)  # detected: x1 < x0 as xyxy
+    with pytest.raises(AnnotationError, match=r"negative size; it fits as x,y,w,h \(COCO\): pass --box-format xywh"):
+        load_rec(ann, tmp_path, box_format="xyxy")
+    assert evaluate("refcoco", _answer_right_box, ann, tmp_path)["metrics"]["Acc@0.5"] == 100.0
+
+
+def test_ambiguous_file_asks_for_the_format(tmp_path):
+    # [10, 10, 50, 50] fits a 200 x 100 image both as x,y,w,h and as x0,y0,x1,y1.
+    ann = _rec_file(tmp_path, [{"image": "img.jpg", "expression": "x", "bbox": [10, 10, 50, 50],
+                                "width": 200, "height": 100}])
+    with pytest.raises(AnnotationError, match=r"cannot tell the box format.*pass --box-format xywh or --box-format xyxy"):
+        load_rec(ann, tmp_path)
+    assert load_rec(ann, tmp_path, box_format="xyxy")[0].target == (10.0, 10.0, 50.0, 50.0)
+    assert load_rec(ann, tmp_path, box_format="xywh")[0].target == (10.0, 10.0, 60.0, 60.0)
+    # A line may declare its own format.
+    ann.write_text(json.dumps({"image": "img.jpg", "expression": "x", "bbox": [10, 10, 50, 50], "bbox_format": "xyxy",
+                               "width": 200, "height": 100}) + "\n")
+    assert load_rec(ann, tmp_path)[0].target == (10.0, 10.0, 50.0, 50.0)
+
+
+def test_box_past_the_image_in_both_formats_and_size_from_the_header(tmp_path):
+    ann = _rec_file(tmp_path, [{"image": "img.jpg", "expression": "x", "bbox": [150, 10, 160, 130],
+                                "width": 200, "height": 100}])
+    with pytest.raises(AnnotationError, match=r"past the 200x100 image; it does not fit as x0,y0,x1,y1 .* either"):
+        load_rec(ann, tmp_path, box_format="xywh")
+    # No width/height in the line: checked against the image header when scoring.
+    ann = _rec_file(tmp_path, [{"image": "img.jpg", "expression": "x", "bbox": [120, 10, 190, 90]}])
+    with pytest.raises(AnnotationError, match=re.escape(f"{ann}:1") + r".*pass --box-format xyxy"):
+        evaluate("refcoco", _answer_right_box, ann, tmp_path, box_format="xywh")
+    assert evaluate("refcoco", _answer_right_box, ann, tmp_path, box_format="xyxy")["metrics"]["Acc@0.5"] == 100.0
+    # A COCO box may pass the edge by a rounding error (x + w = 200.4 on a 200 px image).
+    ann = _rec_file(tmp_path, [{"image": "img.jpg", "expression": "x", "bbox": [120.2, 10, 80.2, 80],
+                                "width": 200, "height": 100}])
+    assert load_rec(ann, tmp_path)[0].meta["box_format"] == "xywh"

@@ -47,7 +47,7 @@ PathArg = str | os.PathLike | Sequence[str | os.PathLike]
 
 def load_task_samples(
     spec: Mapping[str, Any], annotation_path: PathArg, image_root: str | os.PathLike | None, *,
-    split: str | None = None, box_format: str = "xywh",
+    split: str | None = None, box_format: str = "auto",
 ) -> list[EvalSample]:
     """Run the loader of task ``spec`` on ``annotation_path``."""
     loader = spec["loader"]
@@ -214,7 +214,7 @@ def evaluate(
     decoding: Mapping[str, Any] | None = None,
     out_dir: str | os.PathLike | None = None,
     split: str | None = None,
-    box_format: str = "xywh",
+    box_format: str = "auto",
     model_name: str | None = None,
     spice: bool | None = None,
     progress: bool = False,
@@ -241,7 +241,8 @@ def evaluate(
         out_dir: where ``<stem>.report.json`` and ``<stem>.report.md`` are written.
         split: caption split for Karpathy files (default "test"), or the split label
             of REC/POPE reports (default: inferred from the file name).
-        box_format: ground-truth box layout of REC files, "xywh" or "xyxy".
+        box_format: ground-truth box layout of REC files: "xywh", "xyxy", or "auto" (the one
+            under which every box fits its image; ambiguous files and misfits are errors).
         model_name: label for the report and its markdown tables.
         spice: SPICE for captions (None = only if its models are installed).
         progress: show a tqdm progress bar.

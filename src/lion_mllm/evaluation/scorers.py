@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .datasets import EvalSample
+from .datasets import AnnotationError, EvalSample, _misfit_message, box_misfit
 from .metrics_caption import cider_per_group, score_captions
 from .metrics_mmbench import MMBenchItem, extract_choice, score_mmbench
 from .metrics_pope import score_pope
@@ -108,9 +108,19 @@ def score_task(
         items = []
         for p, s in zip(preds, samples):
             w, h = s.image_size()
+            fmt = s.meta.get("box_format")
+            if fmt is not None and box_misfit(s.meta["bbox"], fmt, w, h) is not None:
+                # Lines without width/height are checked here, against the image header.
+                raise AnnotationError(_misfit_message(s.meta["where"], s.meta["bbox"], fmt,
+                                                      box_misfit(s.meta["bbox"], fmt, w, h) or "", w, h))
             items.append((p, s.target, w, h))
         metrics = score_rec(items)
         metrics.pop("ious", None)
+        formats = sorted({f"{s.meta['box_format']} ({s.meta['box_format_source']})" for s in samples
+                          if s.meta.get("box_format")})
+        if formats:
+            metrics["box_format"] = ", ".join(formats)
+            notes.append(f"ground-truth boxes read as {metrics['box_format']}")
         return metrics, notes
 
     if kind == "pope":
