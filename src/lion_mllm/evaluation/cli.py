@@ -41,8 +41,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--split", default=None, help="Karpathy split to use (default test) / split label for REC and POPE")
-    p.add_argument("--box-format", choices=("xywh", "xyxy"), default="xywh",
-                   help="ground-truth bbox layout in REC files (Shikra REC_*.jsonl: xyxy)")
+    p.add_argument("--box-format", choices=("auto", "xywh", "xyxy"), default="auto",
+                   help="ground-truth bbox layout in REC files: xywh (COCO), xyxy (Shikra REC_*.jsonl) or auto "
+                        "(the one under which every box fits its image; an error names the format to pass)")
     p.add_argument("--spice", choices=("auto", "on", "off"), default="auto", help="SPICE for captions (auto: if installed)")
     p.add_argument("--model-name", default=None, help="label of this model in the markdown tables")
     p.add_argument("--summarize", action="store_true",
