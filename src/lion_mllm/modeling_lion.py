@@ -18,6 +18,7 @@ FLOPs per image (forward, multiply-add = 2 FLOPs), N = number of parameters a to
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -174,14 +175,32 @@ class VisionAggregator(nn.Module):
 
 
 class RouteState:
-    """The route (0 region-level, 1 image-level) of each sample of the batch being run.
+    """The route (0 region-level, 1 image-level) of each sample of the batch being run, per call.
 
-    Adapters sit deep inside T5, whose forward has no argument to carry a per-sample route, so the
-    model sets this object (shared by all its adapters) for the duration of one call.
+    Adapters sit deep inside T5, whose forward has no argument to carry a per-sample route, so every call
+    of `LionModel.forward`/`generate` (or a `LionModel.routing` block) binds its routes in a context
+    variable owned by this model. A context variable is local to the thread (and asyncio task) that set
+    it, so two threads running the same model at once each see only their own routes.
     """
 
     def __init__(self) -> None:
-        self.route_ids: torch.Tensor | None = None
+        # one variable per model (not per module): the routes belong to a call, not to the class
+        self._route_ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+            f"lion_route_ids_{id(self):x}", default=None)
+
+    @property
+    def route_ids(self) -> torch.Tensor | None:
+        """The routes bound in the calling context (None outside any call)."""
+        return self._route_ids.get()
+
+    @contextlib.contextmanager
+    def bound(self, route_ids: torch.Tensor | None) -> Iterator[None]:
+        """Bind `route_ids` in the calling context for the duration of the block."""
+        token = self._route_ids.set(route_ids)
+        try:
+            yield
+        finally:
+            self._route_ids.reset(token)
 
     def for_batch(self, batch: int) -> torch.Tensor:
         ids = self.route_ids
@@ -193,6 +212,10 @@ class RouteState:
                 raise RuntimeError(f"batch {batch} is not a multiple of the {ids.shape[0]} routed samples")
             ids = ids.repeat_interleave(batch // ids.shape[0])
         return ids
+
+    def __deepcopy__(self, memo: dict) -> "RouteState":
+        # a copied model gets its own (empty) routes; a ContextVar itself cannot be copied
+        return RouteState()
 
 
 class BottleneckAdapter(nn.Module):
@@ -327,19 +350,15 @@ class LionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.language_model.shared.weight.dtype
 
-    @contextlib.contextmanager
-    def routing(self, route_ids: torch.Tensor | None) -> Iterator[None]:
-        """Run the adapters with these per-sample routes (B,) inside the block; the previous ones after."""
-        previous, self.route_state.route_ids = self.route_state.route_ids, route_ids
-        try:
-            yield
-        finally:
-            self.route_state.route_ids = previous
+    def routing(self, route_ids: torch.Tensor | None) -> contextlib.AbstractContextManager[None]:
+        """Run the adapters with these per-sample routes (B,) inside the block, in this thread (and asyncio
+        task) only; the previous ones after. Other threads running the model meanwhile keep theirs."""
+        return self.route_state.bound(route_ids)
 
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """`context_fn` for `torch.utils.checkpoint` (non-reentrant) around T5 blocks: a checkpointed block
-        is recomputed in the backward pass, after `forward` has left `routing`; the recompute gets back
-        the routes that its forward saw."""
+        is recomputed in the backward pass, after `forward` has left `routing` and possibly on autograd's
+        own thread; the recompute gets back the routes that its forward saw."""
         return contextlib.nullcontext(), self.routing(self.route_state.route_ids)
 
     def vision_taps(self) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ question alone. T5 prompts are left-truncated to 128 tokens in training and not 
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -92,6 +93,9 @@ class LionProcessor:
         self.config = config
         self.tokenizer = tokenizer
         self.qformer_tokenizer = qformer_tokenizer
+        # HF tokenizers keep padding/truncation settings in their (Rust) backend and may rewrite them on
+        # a call: one call at a time per processor, so concurrent `Lion` calls cannot race on them.
+        self._tokenizer_lock = threading.RLock()
         self.image_processor = LionImageProcessor(config.vision.image_size)
 
     @staticmethod
@@ -148,32 +152,57 @@ class LionProcessor:
         prompts = [self.build_prompt(q, t, notebook_format) for q, t in zip(questions, tags)]
         truncate = answers is not None if truncate_prompt is None else truncate_prompt
         lang = self.config.language
-        self.tokenizer.truncation_side = "left"
-        text = self.tokenizer(prompts, padding="longest", truncation=truncate, max_length=lang.max_text_length
-                              if truncate else None, return_tensors="pt")
+        input_ids, attention_mask = self.encode_text(self.tokenizer, prompts,
+                                                     lang.max_text_length if truncate else None, "left")
         batch = {
             "pixel_values": pixel_values,
-            "input_ids": text.input_ids,
-            "attention_mask": text.attention_mask,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "route_ids": torch.tensor([route_id(t) for t in tasks], dtype=torch.long),
         }
         if self.config.uses_qformer:
             if self.qformer_tokenizer is None:
                 raise ValueError("this model has a Q-Former but no Q-Former tokenizer")
-            self.qformer_tokenizer.truncation_side = "left"
-            qtext = self.qformer_tokenizer(list(questions), padding="longest", truncation=True,
-                                           max_length=self.config.qformer.max_text_length, return_tensors="pt")
-            batch["qformer_input_ids"] = qtext.input_ids
-            batch["qformer_attention_mask"] = qtext.attention_mask
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = self.encode_text(
+                self.qformer_tokenizer, list(questions), self.config.qformer.max_text_length, "left")
         if answers is not None:
-            self.tokenizer.truncation_side = "right"
-            target = self.tokenizer(list(answers), padding="longest", truncation=True,
-                                    max_length=lang.max_output_text_length, return_tensors="pt")
-            self.tokenizer.truncation_side = "left"
-            batch["labels"] = target.input_ids.masked_fill(target.input_ids == self.tokenizer.pad_token_id, -100)
-            batch["decoder_attention_mask"] = target.attention_mask
+            target_ids, target_mask = self.encode_text(self.tokenizer, list(answers), lang.max_output_text_length,
+                                                       "right")
+            batch["labels"] = target_ids.masked_fill(target_ids == self.tokenizer.pad_token_id, -100)
+            batch["decoder_attention_mask"] = target_mask
         return batch
 
-    def decode(self, token_ids: torch.Tensor) -> list[str]:
+    def encode_text(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None,
+                    side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) as `tokenizer(texts, padding="longest", truncation=..., max_length=...)`
+        gives them when truncating on `side`, without setting the tokenizer's `truncation_side` (shared by
+        every caller): the text tokens are cut here, the template's special tokens (T5's `</s>`, BERT's
+        `[CLS]`/`[SEP]`) kept, as the tokenizer's own truncation does."""
+        with self._tokenizer_lock:
+            encoded = tokenizer(list(texts), return_special_tokens_mask=True)
+            template = tokenizer("a", return_special_tokens_mask=True).special_tokens_mask
+            head = template.index(0)  # special tokens the template puts before the text
+            tail = len(template) - head - 1  # and after it
+            pad_id, pad_left = tokenizer.pad_token_id, tokenizer.padding_side == "left"
+        rows = []
+        for ids in encoded.input_ids:
+            body = ids[head: len(ids) - tail]
+            if max_length is not None:
+                keep = max(max_length - head - tail, 0)
+                if len(body) > keep:
+                    body = body[len(body) - keep:] if side == "left" else body[:keep]
+            rows.append(ids[:head] + body + ids[len(ids) - tail:])
+        longest = max(map(len, rows), default=0)
+        input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(longest - len(row), longest) if pad_left else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, span] = 1
+        return input_ids, attention_mask
+
+    def decode(self, token_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         # transformers 4.42 (the authors') cleaned up tokenisation spaces by default; newer ones don't.
-        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        with self._tokenizer_lock:
+            return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True,
+                                               clean_up_tokenization_spaces=True)
