@@ -157,6 +157,12 @@ def test_vqav2_pair(tmp_path):
     rep2 = evaluate("vqav2", Fake(vqa_answer), ap, root)
     assert rep2["metrics"]["accuracy"] == 80.0
     assert "Not in the paper's tables" in rep2["markdown"]
+    assert rep["protocol"] == "vqa2016" and rep["metrics"]["protocol"] == "vqa2016"
+    # The 2021 master: q10 "Red" against ten "red" is not normalised (0.0); q20's split vote
+    # digit-maps both sides: ten "1" -> 1.0.
+    rep3 = evaluate("vqav2", Fake(vqa_answer), [qp, ap], root, protocol="vqa2021")
+    assert rep3["metrics"]["accuracy"] == 50.0
+    assert rep3["metrics"]["per_answer_type"] == {"number": 100.0, "other": 0.0}
 
 
 def test_gqa_and_other_vqa_formats(tmp_path):
@@ -195,8 +201,18 @@ def test_gqa_and_other_vqa_formats(tmp_path):
     assert evaluate("aokvqa_mc", mc, ak, root)["metrics"]["accuracy"] == 50.0
     assert "A. red\nB. blue\nC. green\nD. pink" in mc.calls[0][0]
     da = Fake(lambda im, q, t: "Blue" if "color" in q else "a square")
+    # allenai (default): exact strings, so "Blue" and "a square" match nothing.
+    rep = evaluate("aokvqa_da", da, ak, root)
+    assert rep["metrics"]["accuracy"] == 0.0 and rep["protocol"] == "allenai"
+    assert any("protocol 'allenai'" in n for n in rep["notes"])
+    # VQA soft accuracy: a1 "blue" 2 of 10 -> (2 * 1/3 + 8 * 2/3) / 10 = 0.6; a2 "square" -> 1 => 80.
+    rep = evaluate("aokvqa_da", da, ak, root, protocol="vqa")
+    assert rep["metrics"]["accuracy"] == pytest.approx(80.0) and rep["protocol"] == "vqa"
+    exact = Fake(lambda im, q, t: "blue" if "color" in q else "square")
     # a1: 2 matches -> 2/3; a2: 10 -> 1 => (2/3 + 1)/2
-    assert evaluate("aokvqa_da", da, ak, root)["metrics"]["accuracy"] == pytest.approx(100 * 5 / 6)
+    assert evaluate("aokvqa_da", exact, ak, root, protocol="lavis")["metrics"]["accuracy"] == pytest.approx(100 * 5 / 6)
+    with pytest.raises(ValueError, match="no scoring protocol 'vqa2021'.*allenai, lavis, vqa"):
+        evaluate("aokvqa_da", exact, ak, root, protocol="vqa2021")
 
     # VSR JSON Lines (label 1 = true statement).
     vp = write_jsonl(tmp_path / "vsr_test.jsonl", [
@@ -447,13 +463,15 @@ def test_cli_mounts_and_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(lion_mllm, "load_model", fake_load_model, raising=False)
     parser = argparse.ArgumentParser(prog="lion")
     add_eval_subcommand(parser.add_subparsers(dest="command"))
+    bundle = tmp_path / "my-lion"  # --model names are resolved (lion_mllm.hub.resolve_model) before loading
+    bundle.mkdir()
     out = tmp_path / "cli_out"
     args = parser.parse_args([
-        "eval", "--task", "pope", "--ann", str(ann), "--images", str(tmp_path / "val2014"), "--model", "my-lion",
+        "eval", "--task", "pope", "--ann", str(ann), "--images", str(tmp_path / "val2014"), "--model", str(bundle),
         "--device", "cpu", "--limit", "3", "--batch-size", "2", "--out", str(out), "--num-beams", "3",
     ])
     assert args.func(args) == 0
-    assert got["name"] == "my-lion" and got["device"] == "cpu" and got["num_beams"] == 3 and got["max_new_tokens"] == 10
+    assert got["name"] == str(bundle) and got["device"] == "cpu" and got["num_beams"] == 3 and got["max_new_tokens"] == 10
     report = json.loads((out / "pope_adversarial.report.json").read_text())
     assert report["num_samples"] == 3 and report["model"] == "my-lion"
     # Re-score without a model: the predictions are complete, so no model is needed.

@@ -17,8 +17,10 @@ from lion_mllm.evaluation.metrics_vqa import (
     normalize_answer,
     process_digit_article,
     process_punctuation,
+    score_aokvqa_direct_answer,
     score_vqa,
     vqa_accuracy,
+    VQA_REVISIONS,
 )
 
 CASES = [
@@ -130,8 +132,64 @@ def test_exact_match_and_aokvqa_direct_answer():
     assert exact_match("The Left.", "left") == 1.0
     assert exact_match("left side", "left") == 0.0
     assert exact_match("None", ["none"]) == 1.0  # both sides map to "0"
-    # A-OKVQA: min(1, matches/3) without leave-one-out: 2 of 10 -> 2/3; 4 of 10 -> 1.
+    # A-OKVQA (allenai and LAVIS): min(1, matches/3), exact strings, no leave-one-out:
+    # 2 of 10 -> 2/3; 4 of 10 -> 1; "Bus." is not "bus".
     das = ["bus"] * 2 + ["car"] * 8
-    assert aokvqa_direct_answer_accuracy("Bus.", das) == pytest.approx(2 / 3)
+    assert aokvqa_direct_answer_accuracy("bus", das) == pytest.approx(2 / 3)
+    assert aokvqa_direct_answer_accuracy("Bus.", das) == 0.0
+    assert aokvqa_direct_answer_accuracy("Bus.", das, "lavis") == 0.0
     assert aokvqa_direct_answer_accuracy("car", ["car"] * 4 + ["x"] * 6) == 1.0
     assert aokvqa_direct_answer_accuracy("train", das) == 0.0
+    # "vqa": the VQA soft accuracy: "Bus." -> "bus"; drop a bus -> 1/3 (x2), drop a car -> 2/3 (x8) = 0.6.
+    assert aokvqa_direct_answer_accuracy("Bus.", das, "vqa") == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="unknown A-OKVQA protocol 'official'"):
+        aokvqa_direct_answer_accuracy("bus", das, "official")
+
+
+def test_aokvqa_protocols_on_a_three_question_file():
+    # q1 right as written; q2 right only after normalisation; q3 right but marked difficult.
+    items = [("bus", ["bus"] * 10, False), ("Square.", ["square"] * 10, False), ("red", ["red"] * 10, True)]
+    allenai = score_aokvqa_direct_answer(items, "allenai")
+    assert allenai["accuracy"] == 50.0  # q3 dropped, q2 0 -> (1 + 0) / 2
+    assert (allenai["num_questions"], allenai["num_dropped_difficult"]) == (2, 1)
+    lavis = score_aokvqa_direct_answer(items, "lavis")
+    assert lavis["accuracy"] == pytest.approx(200 / 3) and lavis["num_dropped_difficult"] == 0
+    assert score_aokvqa_direct_answer(items, "vqa")["accuracy"] == 100.0
+    with pytest.raises(ValueError, match="all were marked difficult"):
+        score_aokvqa_direct_answer([("red", ["red"] * 10, True)], "allenai")
+
+
+# Hand cases for the two revisions of vqaEval.py (2016 = LAVIS's copy, 2021 = master a013f00):
+# 2021 strips the ground truth always and normalises both sides only when the answers disagree.
+REVISION_CASES = [
+    # Unanimous "2": 2016 maps the prediction "Two" -> "2" (1.0); 2021 compares "Two" as is (0.0).
+    ("Two", ["2"] * 10, 1.0, 0.0),
+    ("Yes", ["yes"] * 10, 1.0, 0.0),
+    ("dog", ["dog"] * 10, 1.0, 1.0),
+    # Unanimous with a trailing space: 2016 keeps "dog " (0 matches), 2021 strips it.
+    ("dog", ["dog "] * 10, 0.0, 1.0),
+    # Split vote "Two" x4 / "three" x6: 2016 leaves the GT "Two" (pred "2" matches nothing);
+    # 2021 digit-maps the GT too: 4 matches -> every leave-one-out subset has >= 3 -> 1.0.
+    ("two", ["Two"] * 4 + ["three"] * 6, 0.0, 1.0),
+    # Split vote, article in the GT: 2016 keeps "the dog" (pred "dog" matches the 7 "dog"), 2021
+    # maps all ten to "dog": both 1.0.
+    ("the dog", ["the dog"] * 3 + ["dog"] * 7, 1.0, 1.0),
+    # 3 "yes" / 7 "no" as in CASES: the same under both.
+    ("yes", ["yes"] * 3 + ["no"] * 7, 0.9, 0.9),
+]
+
+
+@pytest.mark.parametrize("pred,gts,acc2016,acc2021", REVISION_CASES)
+def test_vqa_revisions(pred, gts, acc2016, acc2021):
+    assert vqa_accuracy(pred, gts) == pytest.approx(acc2016)  # 2016 is the default
+    assert vqa_accuracy(pred, gts, "2016") == pytest.approx(acc2016)
+    assert vqa_accuracy(pred, gts, "2021") == pytest.approx(acc2021)
+
+
+def test_vqa_revision_is_named_and_checked():
+    assert set(VQA_REVISIONS) == {"2016", "2021"}
+    with pytest.raises(ValueError, match="unknown VQA evaluation revision '2019'"):
+        vqa_accuracy("a", ["a"], "2019")
+    items = [("Two", ["2"] * 10, None, None), ("dog", ["dog"] * 10, None, None)]
+    assert score_vqa(items)["accuracy"] == 100.0
+    assert score_vqa(items, revision="2021")["accuracy"] == 50.0

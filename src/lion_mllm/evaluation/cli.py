@@ -44,6 +44,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--box-format", choices=("auto", "xywh", "xyxy"), default="auto",
                    help="ground-truth bbox layout in REC files: xywh (COCO), xyxy (Shikra REC_*.jsonl) or auto "
                         "(the one under which every box fits its image; an error names the format to pass)")
+    p.add_argument("--protocol", default=None,
+                   help="scoring protocol: vqav2/okvqa vqa2016 (default, the vqaEval.py LAVIS ships) or vqa2021 "
+                        "(master); aokvqa_da allenai (default, official), lavis or vqa; see docs/evaluation.md")
     p.add_argument("--spice", choices=("auto", "on", "off"), default="auto", help="SPICE for captions (auto: if installed)")
     p.add_argument("--model-name", default=None, help="label of this model in the markdown tables")
     p.add_argument("--summarize", action="store_true",
@@ -156,6 +159,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model_name=args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else None),
         spice={"auto": None, "on": True, "off": False}[args.spice],
         progress=args.progress,
+        protocol=args.protocol,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(report["markdown"])

@@ -440,6 +440,13 @@ def load_gqa(annotation_path: PathLike, image_root: PathLike | None) -> list[Eva
     return _check_unique(samples, path)
 
 
+def _difficult_flag(rec: dict, where: str) -> bool:
+    value = rec.get("difficult_direct_answer", False)
+    if not isinstance(value, bool):
+        raise AnnotationError(f"{where}: 'difficult_direct_answer' must be true or false, got {value!r}")
+    return value
+
+
 def load_aokvqa(annotation_path: PathLike, image_root: PathLike | None) -> list[EvalSample]:
     """A-OKVQA ``aokvqa_v1p0_val.json``: list of ``{question_id, image_id, question,
     choices, correct_choice_idx, direct_answers}``. Images: COCO 2017
@@ -477,6 +484,7 @@ def load_aokvqa(annotation_path: PathLike, image_root: PathLike | None) -> list[
                     "choices": [str(c) for c in choices],
                     "correct_choice_idx": idx,
                     "direct_answers": [str(d) for d in rec.get("direct_answers") or []],
+                    "difficult_direct_answer": _difficult_flag(rec, where),
                 },
             )
         )

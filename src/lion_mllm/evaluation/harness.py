@@ -35,7 +35,7 @@ from .datasets import (
 from .metrics_caption import check_java
 from .report import render_markdown
 from .scorers import score_task
-from .tasks import get_task, infer_split
+from .tasks import get_task, infer_split, set_protocol
 
 __all__ = ["evaluate", "load_task_samples", "render_prompt", "read_predictions", "GenerateFn"]
 
@@ -218,6 +218,7 @@ def evaluate(
     model_name: str | None = None,
     spice: bool | None = None,
     progress: bool = False,
+    protocol: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on one benchmark and return the report.
 
@@ -246,6 +247,8 @@ def evaluate(
         model_name: label for the report and its markdown tables.
         spice: SPICE for captions (None = only if its models are installed).
         progress: show a tqdm progress bar.
+        protocol: scoring protocol of tasks that have several (vqav2/okvqa: "vqa2016" (default)
+            or "vqa2021"; aokvqa_da: "allenai" (default), "lavis" or "vqa"); reported.
 
     Returns:
         The report dict (also on non-zero ranks under torch.distributed), with
@@ -254,7 +257,7 @@ def evaluate(
     t0 = time.time()
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    spec = get_task(task_name)
+    spec = set_protocol(get_task(task_name), protocol)
     samples = _apply_limit(
         load_task_samples(spec, annotation_path, image_root, split=split, box_format=box_format), limit
     )
@@ -337,6 +340,7 @@ def evaluate(
                 "prompt": template,
                 "decoding": dec,
                 "primary_metric": spec["primary"],
+                "protocol": spec.get("protocol"),
                 "metrics": metrics,
                 "paper": spec["paper"],
                 "notes": notes,

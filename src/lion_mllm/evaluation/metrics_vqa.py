@@ -3,7 +3,20 @@
 `vqa_accuracy` re-implements the official VQA accuracy (GT-Vision-Lab/VQA,
 ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``) including its quirks, because
 published VQAv2 / OK-VQA numbers were produced with that script and any "cleaner"
-normalisation changes the score:
+normalisation changes the score. Two revisions of the script are in use:
+
+* ``"2016"`` (default): the file as of commit 458a8b2 (2016-10-08), which LAVIS ships as
+  ``lavis/common/vqa_tools/vqa_eval.py`` and so InstructBLIP-era papers (and LION, built on
+  LAVIS) scored with. The prediction is always normalised (below); the ground truth gets only
+  the punctuation step and only when its 10 answers are not all identical.
+* ``"2021"``: master since commit a013f00 (2021-03-11, "Fixed processing answers bug"). The
+  ground-truth answers are always stripped (newlines/tabs -> spaces); when they are not all
+  identical both sides get punctuation *and* digit/article processing, and when they are
+  unanimous *neither side is normalised* (the prediction is only stripped). So "Two" against
+  ten "2" scores 1.0 under 2016 and 0.0 under 2021; "two" against a split "Two"/"three" vote
+  scores 0.0 under 2016 and 1.0 under 2021.
+
+The normalisation steps:
 
 * punctuation: each of 21 characters is *deleted* when the raw answer contains it
   next to a space, or when the raw answer contains a comma between two digits
@@ -16,8 +29,6 @@ normalisation changes the score:
 * words: lower-cased, number words ``none``/``zero``..``ten`` -> digits, the articles
   a/an/the dropped, then a fixed contractions table (whose ``Im``/``Ive``/``Id've``
   keys are capitalised and so never match lower-cased text).
-* ground truth: only the punctuation step, and only when the 10 answers are not all
-  identical; no lower-casing / digit / article step.
 * accuracy = mean over the 10 leave-one-out subsets of ``min(1, #matches / 3)``.
 """
 
@@ -39,7 +50,16 @@ __all__ = [
     "exact_match",
     "score_exact_match",
     "aokvqa_direct_answer_accuracy",
+    "VQA_REVISIONS",
+    "AOKVQA_DA_PROTOCOLS",
+    "score_aokvqa_direct_answer",
 ]
+
+# Revisions of the official VQA evaluation script that `vqa_accuracy` reproduces.
+VQA_REVISIONS: dict[str, str] = {
+    "2016": "GT-Vision-Lab/VQA vqaEval.py at 458a8b2 (2016-10-08), the copy LAVIS ships",
+    "2021": "GT-Vision-Lab/VQA vqaEval.py at a013f00 (2021-03-11, master)",
+}
 
 # Contractions table of the official script, reproduced entry for entry (including
 # the odd "somebody'd" -> "somebodyd" and the capitalised keys that cannot match).
@@ -140,20 +160,34 @@ def normalize_answer(text: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+def _strip_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str], revision: str = "2016") -> float:
     """Official VQA accuracy of one prediction against its (usually 10) human answers.
 
-    Returns a value in [0, 1]. Ground-truth answers only get the punctuation step and
-    only when they are not unanimous (official behaviour). Leave-one-out is by
-    position: the official code removes the one answer dict that differs from the
-    others by ``answer_id``, so duplicates of the held-out string stay in.
+    Returns a value in [0, 1]. ``revision`` picks the official script's normalisation
+    (see the module docstring and `VQA_REVISIONS`). Leave-one-out is by position: the
+    official code removes the one answer dict that differs from the others by
+    ``answer_id``, so duplicates of the held-out string stay in.
     """
     if not gt_answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    res = normalize_answer(prediction)
+    if revision not in VQA_REVISIONS:
+        raise ValueError(f"unknown VQA evaluation revision {revision!r}; choose one of {sorted(VQA_REVISIONS)}")
     gts = list(gt_answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(g) for g in gts]
+    if revision == "2016":
+        res = normalize_answer(prediction)
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(g) for g in gts]
+    else:
+        res = _strip_whitespace(prediction)
+        gts = [_strip_whitespace(g) for g in gts]
+        # The unanimity test looks at the stripped answers, before any normalisation.
+        if len(set(gts)) > 1:
+            gts = [process_digit_article(process_punctuation(g)) for g in gts]
+            res = process_digit_article(process_punctuation(res))
     accs = []
     for i in range(len(gts)):
         matches = sum(1 for j, g in enumerate(gts) if j != i and g == res)
@@ -166,18 +200,19 @@ def _group_mean(values: Mapping[str, list[float]], ndigits: int) -> dict[str, fl
 
 
 def score_vqa(
-    items: Iterable[tuple[str, Sequence[str], str | None, str | None]], ndigits: int = 2
+    items: Iterable[tuple[str, Sequence[str], str | None, str | None]], ndigits: int = 2, revision: str = "2016"
 ) -> dict[str, object]:
     """Score ``(prediction, gt_answers, answer_type, question_type)`` tuples.
 
     Returns ``{"accuracy", "per_answer_type", "per_question_type", "num_questions"}``
-    with percentages rounded to ``ndigits`` like the official ``setAccuracy``.
+    with percentages rounded to ``ndigits`` like the official ``setAccuracy``, under the
+    official script's ``revision`` ("2016" or "2021").
     """
     accs: list[float] = []
     by_answer: dict[str, list[float]] = {}
     by_question: dict[str, list[float]] = {}
     for pred, gts, answer_type, question_type in items:
-        acc = vqa_accuracy(pred, gts)
+        acc = vqa_accuracy(pred, gts, revision)
         accs.append(acc)
         if answer_type is not None:
             by_answer.setdefault(answer_type, []).append(acc)
@@ -214,12 +249,51 @@ def score_exact_match(pairs: Iterable[tuple[str, str | Sequence[str]]]) -> dict[
     return {"accuracy": 100.0 * sum(scores) / len(scores), "num_questions": len(scores)}
 
 
-def aokvqa_direct_answer_accuracy(prediction: str, direct_answers: Sequence[str]) -> float:
-    """A-OKVQA direct-answer score: ``min(1, #matching direct answers / 3)``.
+# A-OKVQA direct-answer protocols: name -> (drops difficult_direct_answer questions, description).
+AOKVQA_DA_PROTOCOLS: dict[str, tuple[bool, str]] = {
+    "allenai": (True, "allenai/aokvqa evaluation/eval_predictions.py: questions marked difficult_direct_answer "
+                      "dropped; min(1, #direct answers equal to the prediction / 3), exact string comparison"),
+    "lavis": (False, "LAVIS AOKVQATask (InstructBLIP-era papers): every question; min(1, #direct answers equal "
+                     "to the prediction / 3), exact string comparison"),
+    "vqa": (False, "VQA soft accuracy (vqaEval.py 2016 revision: normalisation, 10 leave-one-out subsets) "
+                   "over the 10 direct answers; every question"),
+}
 
-    A-OKVQA's own evaluation does no leave-one-out (unlike VQAv2); both sides are
-    normalised with the VQA normaliser so that "Two." matches "2".
+
+def aokvqa_direct_answer_accuracy(prediction: str, direct_answers: Sequence[str], protocol: str = "allenai") -> float:
+    """A-OKVQA direct-answer score of one prediction under ``protocol`` (see `AOKVQA_DA_PROTOCOLS`).
+
+    "allenai" and "lavis" score ``min(1, #matching direct answers / 3)`` with exact string
+    comparison (no normalisation, no leave-one-out), as both reference scripts do; "vqa"
+    scores the VQA accuracy of `vqa_accuracy`.
     """
-    pred = normalize_answer(prediction)
-    matches = sum(1 for d in direct_answers if normalize_answer(d) == pred)
+    if protocol not in AOKVQA_DA_PROTOCOLS:
+        raise ValueError(f"unknown A-OKVQA protocol {protocol!r}; choose one of {sorted(AOKVQA_DA_PROTOCOLS)}")
+    if protocol == "vqa":
+        return vqa_accuracy(prediction, direct_answers, "2016")
+    matches = sum(1 for d in direct_answers if d == prediction)
     return min(1.0, matches / 3.0)
+
+
+def score_aokvqa_direct_answer(
+    items: Iterable[tuple[str, Sequence[str], bool]], protocol: str = "allenai"
+) -> dict[str, object]:
+    """Score ``(prediction, direct_answers, difficult_direct_answer)`` under ``protocol``.
+
+    Returns the accuracy (percent), the number of questions scored and of questions dropped
+    as difficult (allenai's protocol only).
+    """
+    if protocol not in AOKVQA_DA_PROTOCOLS:
+        raise ValueError(f"unknown A-OKVQA protocol {protocol!r}; choose one of {sorted(AOKVQA_DA_PROTOCOLS)}")
+    drops_difficult, _ = AOKVQA_DA_PROTOCOLS[protocol]
+    scores: list[float] = []
+    dropped = 0
+    for prediction, direct_answers, difficult in items:
+        if drops_difficult and difficult:
+            dropped += 1
+            continue
+        scores.append(aokvqa_direct_answer_accuracy(prediction, direct_answers, protocol))
+    if not scores:
+        raise ValueError("no A-OKVQA questions to score (all were marked difficult_direct_answer)")
+    return {"accuracy": 100.0 * sum(scores) / len(scores), "num_questions": len(scores),
+            "num_dropped_difficult": dropped, "protocol": protocol}

@@ -149,7 +149,8 @@ def render_markdown(reports: Sequence[Mapping[str, Any]], model_label: str = "th
         head = f"#### {r['benchmark']}" + (f" — {r['split']}" if r.get("split") else "")
         detail = _table(["Metric", "Value"], flat) if flat else "_not scored_"
         info = (f"{r.get('num_samples')} queries; prompt: `{json.dumps(r.get('prompt'))}`; "
-                f"decoding: `{json.dumps(r.get('decoding'))}`")
+                f"decoding: `{json.dumps(r.get('decoding'))}`"
+                + (f"; scoring protocol: `{r['protocol']}`" if r.get("protocol") else ""))
         notes = "".join(f"\n- {n}" for n in r.get("notes", []))
         parts.append(f"{head}\n\n{info}\n\n{detail}{notes}")
     return "\n\n".join(parts) + "\n"

@@ -10,7 +10,15 @@ from .metrics_caption import cider_per_group, score_captions
 from .metrics_mmbench import MMBenchItem, extract_choice, score_mmbench
 from .metrics_pope import score_pope
 from .metrics_rec import score_rec
-from .metrics_vqa import aokvqa_direct_answer_accuracy, exact_match, normalize_answer, score_exact_match, score_vqa
+from .metrics_vqa import (
+    AOKVQA_DA_PROTOCOLS,
+    VQA_REVISIONS,
+    exact_match,
+    normalize_answer,
+    score_aokvqa_direct_answer,
+    score_exact_match,
+    score_vqa,
+)
 
 __all__ = ["score_task", "binary_answer"]
 
@@ -65,9 +73,14 @@ def score_task(
         return metrics, notes
 
     if kind == "vqa":
-        return score_vqa(
-            (p, s.target, s.meta.get("answer_type"), s.meta.get("question_type")) for p, s in zip(preds, samples)
-        ), notes
+        revision = str(spec.get("protocol") or "vqa2016").removeprefix("vqa")
+        metrics = score_vqa(
+            ((p, s.target, s.meta.get("answer_type"), s.meta.get("question_type")) for p, s in zip(preds, samples)),
+            revision=revision,
+        )
+        metrics["protocol"] = f"vqa{revision}"
+        notes.append(f"VQA accuracy as {VQA_REVISIONS[revision]}")
+        return metrics, notes
 
     if kind == "exact":
         return score_exact_match((p, s.target) for p, s in zip(preds, samples)), notes
@@ -85,8 +98,12 @@ def score_task(
         return {"accuracy": _pct(scores), "num_questions": len(scores)}, notes
 
     if kind == "aokvqa_da":
-        scores = [aokvqa_direct_answer_accuracy(p, s.target["direct_answers"]) for p, s in zip(preds, samples)]
-        return {"accuracy": _pct(scores), "num_questions": len(scores)}, notes
+        protocol = spec.get("protocol") or "allenai"
+        metrics = score_aokvqa_direct_answer(
+            ((p, s.target["direct_answers"], s.target.get("difficult_direct_answer", False))
+             for p, s in zip(preds, samples)), protocol)
+        notes.append(f"A-OKVQA direct answer, protocol {protocol!r}: {AOKVQA_DA_PROTOCOLS[protocol][1]}")
+        return metrics, notes
 
     if kind == "choice_or_exact":
         scores = []

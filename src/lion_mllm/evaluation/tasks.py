@@ -25,7 +25,7 @@ import os
 import re
 from typing import Any
 
-__all__ = ["TASKS", "ALIASES", "get_task", "task_names", "infer_split", "PROMPT_FIELDS"]
+__all__ = ["TASKS", "ALIASES", "get_task", "set_protocol", "task_names", "infer_split", "PROMPT_FIELDS"]
 
 CAPTION_PROMPT = "Please describe the image using a single short sentence."
 VQA_PROMPT = "Question: {question} Short answer:"
@@ -98,6 +98,10 @@ def _pope(split: str | None) -> dict[str, Any]:
     }
 
 
+# Scoring protocols of the VQA tasks (`evaluate(protocol=...)`, `lion eval --protocol`): the
+# official vqaEval.py as LAVIS ships it (2016) or its 2021 master; see metrics_vqa.VQA_REVISIONS.
+_VQA_PROTOCOLS = {"protocol": "vqa2016", "protocols": ("vqa2016", "vqa2021")}
+
 # The one table. Keys are `lion eval --task` names.
 TASKS: dict[str, dict[str, Any]] = {
     # --- captioning (Table 1, CIDEr) -------------------------------------------------
@@ -106,9 +110,12 @@ TASKS: dict[str, dict[str, Any]] = {
     "textcaps": _caption("TextCaps", "TextCaps", {"LION-4B": 104.87, "LION-12B": 108.76}),
     "nocaps": _caption("NoCaps", None, None),  # not reported in the paper
     # --- VQA (Table 1, top-1 accuracy) ---------------------------------------------
-    "vqav2": _vqa("VQAv2", "vqa", "vqa_pair", None, None),  # not in the paper's tables
-    "okvqa": _vqa("OK-VQA", "vqa", "vqa_pair", "OKVQA", {"LION-4B": 51.08, "LION-12B": 57.33}),
-    "aokvqa_da": _vqa("A-OKVQA (direct answer)", "aokvqa_da", "aokvqa", "AOKVQA", {"LION-4B": 59.98, "LION-12B": 60.87}),
+    "vqav2": {**_vqa("VQAv2", "vqa", "vqa_pair", None, None), **_VQA_PROTOCOLS},  # not in the paper's tables
+    "okvqa": {**_vqa("OK-VQA", "vqa", "vqa_pair", "OKVQA", {"LION-4B": 51.08, "LION-12B": 57.33}), **_VQA_PROTOCOLS},
+    "aokvqa_da": {**_vqa("A-OKVQA (direct answer)", "aokvqa_da", "aokvqa", "AOKVQA",
+                         {"LION-4B": 59.98, "LION-12B": 60.87}),
+                  # allenai/aokvqa's own evaluation is the default; see metrics_vqa.AOKVQA_DA_PROTOCOLS.
+                  "protocol": "allenai", "protocols": ("allenai", "lavis", "vqa")},
     "aokvqa_mc": _vqa(
         "A-OKVQA (multiple choice)", "aokvqa_mc", "aokvqa", "AOKVQA", {"LION-4B": 59.98, "LION-12B": 60.87},
         prompt="Question: {question}\nOptions:\n{options}\n" + CHOICE_SUFFIX,
@@ -174,6 +181,18 @@ def get_task(name: str) -> dict[str, Any]:
         raise KeyError(f"unknown eval task {name!r}; choose one of: {', '.join(TASKS)}")
     spec = copy.deepcopy(TASKS[key])
     spec["name"] = key
+    return spec
+
+
+def set_protocol(spec: dict[str, Any], protocol: str | None) -> dict[str, Any]:
+    """Select the scoring ``protocol`` of task ``spec`` (None keeps its default); unknown names raise."""
+    if protocol is None:
+        return spec
+    allowed = spec.get("protocols", ())
+    if protocol not in allowed:
+        choices = ", ".join(allowed) if allowed else "none (this task has one scoring rule)"
+        raise ValueError(f"task {spec['name']!r} has no scoring protocol {protocol!r}; protocols: {choices}")
+    spec["protocol"] = protocol
     return spec
 
 
