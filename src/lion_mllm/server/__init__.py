@@ -1,4 +1,5 @@
-"""`lion serve`: an OpenAI-compatible HTTP API with batching and streaming, and a web page at `/ui`.
+"""`lion serve`: an OpenAI-compatible HTTP API with continuous batching and token streaming, and a web
+page at `/ui`.
 
     from lion_mllm.server import create_app, serve, ServerSettings
     serve("hf-hub:owner/lion-flant5xl", port=8000, api_key="secret")   # blocks; 127.0.0.1 by default
@@ -48,8 +49,11 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     defaults = ServerSettings()
     parser = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API and a web page",
-        description="Serve LION: POST /v1/chat/completions (OpenAI format), /v1/models, /v1/tags, /health, "
-                    "and a web page at /ui. Binds 127.0.0.1 unless --host says otherwise.")
+        description="Serve LION: POST /v1/chat/completions (OpenAI format, token streaming, continuous "
+                    "batching), /v1/models, /v1/tags, /health, /metrics (Prometheus), and a web page at /ui. "
+                    "Binds 127.0.0.1 unless --host says otherwise. Decoding defaults are the model's own "
+                    "(its generation config) unless --num-beams/--repetition-penalty/--default-max-tokens say "
+                    "otherwise; request fields override both.")
     parser.add_argument("--model", default=None,
                         help="bundle directory, hf-hub:owner/repo, local-dir:PATH, the authors' YAML, or an "
                              "installed name (default: $LION_MODEL or the built-in lion-shapes)")
@@ -57,12 +61,18 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=defaults.model_name,
                         help="the model id clients send (default %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--batching", choices=["continuous", "request"], default=defaults.batching,
+                        help="continuous: requests join and leave the decoding batch between decoder steps "
+                             "(default); request: whole requests share one generate call")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                        help="requests decoding at once")
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
-                        help="how long the first request of a batch waits for others")
+                        help="request-level batching: how long the first request of a batch waits for others")
     parser.add_argument("--queue-size", type=int, default=defaults.queue_size,
                         help="requests waiting beyond this are answered 429")
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="per-request seconds (504 after)")
+    parser.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout_s,
+                        help="on shutdown, seconds in-flight requests get to finish (the rest get 503)")
     parser.add_argument("--api-key", default=os.environ.get("LION_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LION_API_KEY; prefer the variable, "
                              "a command line is visible to other users)")
@@ -70,7 +80,14 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="let clients send http(s) image URLs that the server downloads")
-    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit)
+    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit,
+                        help="the most answer tokens a request may ask for")
+    parser.add_argument("--default-max-tokens", type=int, default=None,
+                        help="answer tokens when a request does not say (default: the model's own)")
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="beams when a request does not say (default: the model's own)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="repetition penalty when a request does not say (default: the model's own)")
     parser.add_argument("--no-ui", action="store_true", help="do not mount the web page at /ui")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -93,13 +110,13 @@ def model_aliases(model: str | None) -> tuple[str, ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(model_name=args.served_model_name, model_aliases=model_aliases(args.model), max_batch_size=args.max_batch_size,
-                          max_wait_ms=args.max_wait_ms, queue_size=args.queue_size, timeout_s=args.timeout,
+    return ServerSettings(model_name=args.served_model_name, model_aliases=model_aliases(args.model),
+                          batching=args.batching, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                          queue_size=args.queue_size, timeout_s=args.timeout, shutdown_timeout_s=args.shutdown_timeout,
                           api_key=args.api_key or None, max_image_pixels=args.max_image_pixels,
                           max_body_bytes=args.max_body_bytes, allow_remote_images=args.allow_remote_images,
-                          max_tokens_limit=args.max_tokens_limit,
-                          default_max_tokens=min(ServerSettings.default_max_tokens, args.max_tokens_limit),
-                          ui=not args.no_ui)
+                          max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                          num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, ui=not args.no_ui)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -1,20 +1,38 @@
-"""The OpenAI chat format as LION reads it: one image, one question, a task, optional tags.
+"""The OpenAI chat format as LION reads it: typed request models, checked in full before any work.
 
 LION is single-turn: the last user message gives the question, the last image in the user messages the
-image; system and assistant messages are ignored.
+image; system, developer and assistant messages are accepted and not read. A request is parsed into
+`ChatCompletionRequest` (pydantic, strict types, unknown fields refused), then `plan_chat` checks what
+the types cannot (limits of this server, combinations LION cannot honour) and resolves the decoding
+settings: request fields, else the operator's flags, else the model's own defaults
+(`lion.generation_config`, when the model carries one), else the authors'.
+
+Fields of the OpenAI API that LION cannot honour are refused with 400 rather than ignored: `n` > 1,
+`logprobs: true`, `top_logprobs`, a `response_format` other than text, non-zero `presence_penalty` /
+`frequency_penalty`, a `logit_bias`, `tools`/`functions`/`tool_choice`, `top_p` < 1 without sampling,
+`seed` with beam search. `user` and `metadata` are accepted and not used.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
-from ..pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..pipeline import GROUNDING_PROMPT
+from .engine import TRANSFORMERS_TOP_K, DecodingSettings
 from .errors import APIError
 from .settings import ServerSettings
+
+try:  # the model's own prompt templates and decoding defaults (lion_mllm.generation), when present
+    from ..generation import CAPTION_PROMPT
+except ImportError:  # pragma: no cover - older package layout
+    from ..pipeline import CAPTION_PROMPT
 
 CANONICAL_TASKS = {"caption": "caption", "vqa": "vqa", "ask": "vqa", "question": "vqa", "image_level": "vqa",
                    "grounding": "grounding", "ground": "grounding", "rec": "grounding",
@@ -22,6 +40,151 @@ CANONICAL_TASKS = {"caption": "caption", "vqa": "vqa", "ask": "vqa", "question":
 _GROUNDING_WORDS = re.compile(r"\b(locate|where is|where are|where's|find the|coordinates?|bounding box|"
                               r"point out)\b", re.IGNORECASE)
 _CAPTION_WORDS = re.compile(r"\b(describe|description|caption)\b", re.IGNORECASE)
+
+
+# -- request models -----------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # strict: no coercion ("5" is not 5, 5 is not "5", "yes" is not true); forbid: no silently dropped field
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; LION always reads 224x224 (or its size)
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatCompletionRequest(_Strict):
+    """`POST /v1/chat/completions`: the OpenAI fields, plus LION's own (`task`, `tags`, `num_beams`,
+    `repetition_penalty`, `length_penalty`, `min_tokens`, `top_k`)."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1, max_length=64)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    # LION's own
+    task: str | None = None
+    tags: str | list[str] | None = None
+    num_beams: int | None = Field(default=None, ge=1)
+    repetition_penalty: float | None = Field(default=None, ge=1.0, le=10.0)
+    length_penalty: float | None = Field(default=None, ge=-10.0, le=10.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0)
+
+
+class TagsRequest(_Strict):
+    """`POST /v1/tags`: `{"image": "data:image/png;base64,..."}` (or `image_url`, also as `{"url": ...}`)."""
+
+    image: ImageURL | str | None = None
+    image_url: ImageURL | str | None = None
+    model: str | None = None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _location(loc: tuple) -> str:
+    """A field path (`messages.0.content`) from pydantic's error location, without its union-branch tags
+    (`str`, `list[...]`, model class names)."""
+    return ".".join(str(part) for part in loc if isinstance(part, int) or not (
+        "[" in part or part in _TYPE_TAGS or part[:1].isupper()))
+
+
+def parse_model(kind: type[BaseModel], body: Any) -> Any:
+    """`kind` from a parsed JSON body; a 400 naming the first wrong field otherwise."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    try:
+        return kind.model_validate(body)
+    except ValidationError as error:
+        problems = error.errors(include_url=False)
+        first = problems[0]
+        where = _location(first["loc"]) or "body"
+        if first["type"] == "extra_forbidden":
+            message = f"unknown field {where!r}: this server does not support it"
+        else:
+            message = f"{where}: {first['msg']}"
+            if "input" in first and not isinstance(first["input"], (dict, list)):
+                message += f" (got {json.dumps(first['input'])[:80]})"
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+        raise APIError(400, message, "invalid_request", where.split(".")[0]) from None
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted without recursion; stops counting past `limit`."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> Any:
+    """The JSON of a request body; 400 when it is not JSON or nests deeper than `max_depth`."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # deeper than the parser's own limit (about 1000)
+        raise APIError(400, f"the request body nests deeper than {max_depth} levels", "json_too_deep") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+    if json_depth(body, max_depth) > max_depth:
+        raise APIError(400, f"the request body nests deeper than {max_depth} levels", "json_too_deep")
+    return body
+
+
+# -- what a request asks for ----------------------------------------------------------------------------
 
 
 def infer_task(text: str) -> str:
@@ -44,19 +207,25 @@ def canonical_task(task: str) -> str:
                        "task") from None
 
 
-def build_question(text: str, task: str) -> str:
-    """The model prompt: the authors' caption prompt for an empty caption request, their REC template
-    around a bare phrase (a grounding request without 'locate'/'where'/... in it), else the text."""
+def build_question(text: str, task: str, generation_config: Any = None) -> str:
+    """The model prompt. With the model's own templates (`generation_config.prompt`): its caption
+    instruction for an empty caption request, its question template around a question, its phrase
+    template around a bare phrase. A grounding request that is already a whole instruction ('where is',
+    'locate', ...) is passed as it is. Without them, the authors' prompts (questions as typed)."""
     text = text.strip()
+    if task == "grounding" and not text:
+        raise APIError(400, "a grounding request needs the phrase to locate", "missing_text", "messages")
+    if task == "vqa" and not text:
+        raise APIError(400, "a question is needed (or ask for a caption with task='caption')", "missing_text",
+                       "messages")
+    if task == "grounding" and _GROUNDING_WORDS.search(text):
+        return text
+    if generation_config is not None and hasattr(generation_config, "prompt"):
+        return generation_config.prompt(task, text or None)
     if task == "caption":
         return text or CAPTION_PROMPT
     if task == "grounding":
-        if not text:
-            raise APIError(400, "a grounding request needs the phrase to locate", "missing_text", "messages")
-        return text if _GROUNDING_WORDS.search(text) else GROUNDING_PROMPT.format(text)
-    if not text:
-        raise APIError(400, "a question is needed (or ask for a caption with task='caption')", "missing_text",
-                       "messages")
+        return GROUNDING_PROMPT.format(text)
     return text
 
 
@@ -83,44 +252,21 @@ class ParsedChat:
     image_url: str
 
 
-def parse_messages(messages: Any) -> ParsedChat:
+def read_messages(messages: list[Message]) -> ParsedChat:
     """The question text of the last user message and the last image among the user messages."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list", "invalid_messages", "messages")
     text: str | None = None
     image_url: str | None = None
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise APIError(400, f"messages[{index}] must be an object with a role", "invalid_messages", "messages")
-        if message["role"] != "user":
+    for message in messages:
+        if message.role != "user":
             continue
-        content = message.get("content")
-        parts_text: list[str] = []
-        images: list[str] = []
-        if isinstance(content, str):
-            parts_text.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    parts_text.append(part["text"])
-                elif kind == "image_url":
-                    ref = part.get("image_url")
-                    url = ref.get("url") if isinstance(ref, dict) else ref
-                    if not isinstance(url, str):
-                        raise APIError(400, f"messages[{index}]: image_url needs a 'url' string",
-                                       "invalid_image_url", "messages")
-                    images.append(url)
-                else:
-                    raise APIError(400, f"messages[{index}]: unsupported content part {kind!r} (use 'text' "
-                                        "and 'image_url')", "invalid_messages", "messages")
-        elif content is not None:
-            raise APIError(400, f"messages[{index}].content must be a string or a list of parts",
-                           "invalid_messages", "messages")
+        parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else \
+            (message.content or [])
+        images = [p.image_url if isinstance(p.image_url, str) else p.image_url.url
+                  for p in parts if isinstance(p, ImagePart)]
         if len(images) > 1:
             raise APIError(400, "LION reads one image per request; this message has several",
                            "too_many_images", "messages")
-        text = " ".join(t.strip() for t in parts_text if t.strip())
+        text = " ".join(p.text.strip() for p in parts if isinstance(p, TextPart) and p.text.strip())
         if images:
             image_url = images[0]
     if text is None:
@@ -131,59 +277,105 @@ def parse_messages(messages: Any) -> ParsedChat:
     return ParsedChat(text=text, image_url=image_url)
 
 
-def _number(body: dict, name: str, low: float, high: float, integer: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not (low <= value <= high):
-        kind = "an integer" if integer else "a number"
-        raise APIError(400, f"{name} must be {kind} in [{low}, {high}], got {value!r}", "invalid_value", name)
-    return value
+def refuse_unsupported(request: ChatCompletionRequest) -> None:
+    """400 for OpenAI fields LION cannot honour (never ignored in silence)."""
+    def refuse(field: str, why: str) -> APIError:
+        return APIError(400, f"{field} is not supported: {why}", "unsupported_parameter", field)
+
+    if request.tools or request.functions or request.tool_choice not in (None, "none"):
+        raise refuse("tools", "LION does not call tools or functions")
+    if request.logprobs:
+        raise refuse("logprobs", "this server does not return token log-probabilities")
+    if request.top_logprobs is not None:
+        raise refuse("top_logprobs", "this server does not return token log-probabilities")
+    if request.response_format is not None and request.response_format.type != "text":
+        raise refuse("response_format", "LION answers in plain text only (type 'text')")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, name):
+            raise refuse(name, "use LION's repetition_penalty (an extra body field) instead")
+    if request.logit_bias:
+        raise refuse("logit_bias", "LION's decoder takes no per-token biases")
 
 
-def decoding_from_body(body: dict, settings: ServerSettings) -> dict[str, Any]:
-    """`Lion.generate` keyword arguments. Without `temperature` (or with 0) decoding is deterministic beam
-    search with the authors' settings; `temperature` > 0 samples (1 beam unless `num_beams` says more)."""
-    max_tokens = _number(body, "max_completion_tokens", 1, settings.max_tokens_limit, True)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, settings.max_tokens_limit, True)
-    temperature = _number(body, "temperature", 0, 2)
-    top_p = _number(body, "top_p", 0, 1)
-    sampling = bool(temperature)
-    beams = _number(body, "num_beams", 1, settings.max_num_beams, True)
-    repetition = _number(body, "repetition_penalty", 1.0, 10.0)
-    length_penalty = _number(body, "length_penalty", -10.0, 10.0)
-    min_tokens = _number(body, "min_tokens", 0, settings.max_tokens_limit, True)
-    n = _number(body, "n", 1, 1, True)
-    del n  # only n=1: checked above
-    return {
-        "num_beams": beams if beams is not None else (1 if sampling else settings.num_beams),
-        "max_new_tokens": max_tokens if max_tokens is not None else settings.default_max_tokens,
-        "min_length": min_tokens if min_tokens is not None else 1,
-        "repetition_penalty": float(repetition) if repetition is not None else settings.repetition_penalty,
-        "length_penalty": float(length_penalty) if length_penalty is not None else 1.0,
-        "do_sample": sampling,
-        "temperature": float(temperature) if sampling else 1.0,
-        "top_p": float(top_p) if (sampling and top_p) else 0.9,
-    }
-
-
-def stop_strings(body: dict) -> list[str]:
-    stop = body.get("stop")
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > 4 or not all(stops):
         raise APIError(400, "stop must be a non-empty string or a list of up to 4 of them", "invalid_value", "stop")
-    return stop
+    return tuple(stops)
 
 
-def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text cut before the first stop string, and whether it was cut."""
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def model_defaults(lion: Any, task: str) -> dict[str, Any]:
+    """The model's own decoding defaults for `task` (`lion.generation_config.for_task`), when it has them."""
+    config = getattr(lion, "generation_config", None)
+    if config is not None and hasattr(config, "for_task"):
+        return dict(config.for_task(task))
+    return {}
+
+
+def resolve_decoding(request: ChatCompletionRequest, settings: ServerSettings, defaults: dict[str, Any]
+                     ) -> DecodingSettings:
+    """Decoding settings: request fields, else operator flags (`settings`), else the model's defaults,
+    else the authors' (5 beams, repetition penalty 1.5, up to 256 tokens). `temperature` > 0 samples,
+    `temperature: 0` is greedy; without it the model's default decides."""
+    def pick(value: Any, operator: Any, name: str, authors: Any) -> Any:
+        if value is not None:
+            return value
+        if operator is not None:
+            return operator
+        return defaults.get(name, authors)
+
+    limit = settings.max_tokens_limit
+    given = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    if given is not None and given > limit:
+        raise APIError(400, f"{name} must be at most {limit} on this server, got {given}", "invalid_value", name)
+    max_new = given if given is not None else min(pick(None, settings.default_max_tokens, "max_new_tokens", 256),
+                                                  limit)
+    if request.temperature is not None:
+        sampling = request.temperature > 0
+    else:
+        sampling = bool(defaults.get("do_sample", False))
+    temperature = request.temperature if request.temperature else defaults.get("temperature", 1.0)
+    if not sampling and request.top_p is not None and request.top_p < 1:
+        raise APIError(400, "top_p applies only when sampling: set temperature > 0 (temperature 0 or none is "
+                            "deterministic decoding)", "invalid_value", "top_p")
+    if not sampling and request.top_k is not None:
+        raise APIError(400, "top_k applies only when sampling: set temperature > 0", "invalid_value", "top_k")
+    beams = request.num_beams if request.num_beams is not None else \
+        (1 if sampling else pick(None, settings.num_beams, "num_beams", 5))
+    if beams > settings.max_num_beams:
+        raise APIError(400, f"num_beams must be at most {settings.max_num_beams} on this server, got {beams}",
+                       "invalid_value", "num_beams")
+    if sampling and beams > 1:
+        raise APIError(400, "sampling (temperature > 0) runs with one beam: drop num_beams or set temperature 0",
+                       "invalid_value", "num_beams")
+    if request.seed is not None and beams > 1:
+        raise APIError(400, "seed applies to sampling and greedy decoding, not to beam search", "invalid_value",
+                       "seed")
+    min_tokens = request.min_tokens if request.min_tokens is not None else None
+    if min_tokens is not None and min_tokens > max_new:
+        raise APIError(400, f"min_tokens ({min_tokens}) exceeds the answer's token limit ({max_new})",
+                       "invalid_value", "min_tokens")
+    try:
+        return DecodingSettings(
+            max_new_tokens=max_new, num_beams=beams,
+            # transformers' min_length counts the decoder start token: N answer tokens = min_length N + 1
+            min_length=min_tokens + 1 if min_tokens else defaults.get("min_length", 1),
+            repetition_penalty=float(pick(request.repetition_penalty, settings.repetition_penalty,
+                                          "repetition_penalty", 1.5)),
+            length_penalty=float(pick(request.length_penalty, None, "length_penalty", 1.0)),
+            do_sample=sampling, temperature=float(temperature) if sampling else 1.0,
+            top_p=float(request.top_p if request.top_p is not None else defaults.get("top_p", 0.9)) if sampling
+            else 1.0,
+            top_k=request.top_k if request.top_k is not None else TRANSFORMERS_TOP_K,
+            seed=request.seed if sampling else None)
+    except ValueError as error:
+        raise APIError(400, str(error), "invalid_value") from None
+
+
+# -- replies ---------------------------------------------------------------------------------------------
 
 
 def completion_id() -> str:

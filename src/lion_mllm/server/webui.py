@@ -1,33 +1,36 @@
 """The web page for people (Gradio, mounted at `/ui` on the API server).
 
 Upload an image, choose Caption / Ask / Ground, optionally give tags, and see the answer, the tags the
-model read, and the boxes drawn on the image. Requests go through the same batching worker as the API and
-the same image checks (format whitelist, pixel limit). Nothing is fetched from other hosts: analytics are
+model read, and the boxes drawn on the image (small images enlarged so boxes and numbers stay legible).
+Errors stay on the page in a status line. Requests go through the same decoding engine as the API and the
+same image checks (format whitelist, pixel limit); one that times out is cancelled. Nothing is fetched from other hosts: analytics are
 off and the theme uses system fonts.
 """
 
 from __future__ import annotations
 
-import hmac
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
 from fastapi import FastAPI
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from .batcher import Batcher, Job
+from ..boxes import Box
+
+from .engine import DecodingSettings, GenerationRequest
 from .errors import APIError
-from .images import box_record, decode_image_bytes, draw_boxes, find_boxes
-from .protocol import build_question, normalise_tags
+from .images import box_record, decode_image_bytes, find_boxes
+from .protocol import build_question, model_defaults, normalise_tags
 from .settings import ServerSettings
 
 MODES = {"Caption": "caption", "Ask": "vqa", "Ground": "grounding"}
 
 
-def run_request(lion: Any, batcher: Batcher, settings: ServerSettings, image_path: str | None, mode: str,
+def run_request(lion: Any, scheduler: Any, settings: ServerSettings, image_path: str | None, mode: str,
                 text: str, tags_text: str, num_beams: int, max_tokens: int) -> tuple[str, str, Image.Image | None,
                                                                                      list[dict]]:
     """One page request -> (answer, tags used, image with boxes, boxes). Raises APIError for bad input."""
@@ -47,42 +50,89 @@ def run_request(lion: Any, batcher: Batcher, settings: ServerSettings, image_pat
         raise APIError(400, "Type the phrase to locate (e.g. 'the dog on the left').")
     if task == "vqa" and not text:
         raise APIError(400, "Type a question.")
-    question = build_question(text, task)
+    question = build_question(text, task, getattr(lion, "generation_config", None))
     tags = normalise_tags(tags_text or None)
     if getattr(lion.config, "enable_semantic_tags", False) and tags is None and lion.tagger is None:
         raise APIError(400, "This model reads RAM tags and the server has no tagger: type a few tags "
                             "(e.g. 'dog, grass, ball').")
     beams = min(max(int(num_beams), 1), settings.max_num_beams)
     tokens = min(max(int(max_tokens), 1), settings.max_tokens_limit)
-    decoding = {"num_beams": beams, "max_new_tokens": tokens, "min_length": 1,
-                "repetition_penalty": settings.repetition_penalty, "length_penalty": 1.0, "do_sample": False,
-                "temperature": 1.0, "top_p": 0.9}
-    future = batcher.submit(Job(image=image, question=question, task=task, tags=tags,
-                                decoding=tuple(sorted(decoding.items()))))
-    result = future.result(timeout=settings.timeout_s)
+    defaults = model_defaults(lion, task)
+    repetition = settings.repetition_penalty or defaults.get("repetition_penalty", 1.5)
+    request = GenerationRequest(image, question, task, tags, DecodingSettings(
+        max_new_tokens=tokens, num_beams=beams, repetition_penalty=float(repetition),
+        length_penalty=float(defaults.get("length_penalty", 1.0))))
+    scheduler.submit(request)
+    try:
+        result = request.future.result(timeout=settings.timeout_s)
+    except BaseException:
+        request.cancel()  # a page request that timed out frees its slot at the next step
+        raise
     boxes = find_boxes(result.text) if task == "grounding" else []
     records = [box_record(b, *image.size) for b in boxes]
     used = result.tags if isinstance(result.tags, str) or result.tags is None else ", ".join(result.tags)
-    return result.text, used or "", draw_boxes(image, boxes, [f"{i + 1}" for i in range(len(boxes))]), records
+    return result.text, used or "", draw_page_boxes(image, boxes), records
 
 
-def build_webui(lion: Any, batcher: Batcher, settings: ServerSettings) -> Any:
+DISPLAY_SHORT_SIDE = 480  # small images are enlarged to this for drawing, so boxes and labels stay legible
+BOX_COLOURS = ((255, 32, 96), (32, 200, 255), (255, 200, 0), (120, 255, 60))
+
+
+def draw_page_boxes(image: Image.Image, boxes: Sequence[Box]) -> Image.Image:
+    """The image as the page shows it: enlarged (whole factor, nearest pixel) when its short side is under
+    DISPLAY_SHORT_SIDE, each box outlined in a line at least 3 px wide and numbered on a filled tag whose
+    font scales with the image."""
+    out = image.convert("RGB")
+    short = min(out.size)
+    factor = max(1, -(-DISPLAY_SHORT_SIDE // short)) if short < DISPLAY_SHORT_SIDE else 1
+    if factor > 1:
+        out = out.resize((out.width * factor, out.height * factor), Image.Resampling.NEAREST)
+    else:
+        out = out.copy()
+    draw = ImageDraw.Draw(out)
+    width, height = out.size
+    line = max(3, round(min(width, height) / 120))
+    font = ImageFont.load_default(size=max(16, round(min(width, height) / 22)))
+    for i, box in enumerate(boxes):
+        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+        x0, y0, x1, y1 = box.to_pixels(width, height)
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
+        label = str(i + 1)
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        pad = max(2, line // 2)
+        tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
+        tx = min(max(x0, 0), width - tag_w)
+        ty = y0 - tag_h if y0 - tag_h >= 0 else min(y0 + line, height - tag_h)  # above the box, else inside
+        draw.rectangle((tx, ty, tx + tag_w, ty + tag_h), fill=colour)
+        draw.text((tx + pad - left, ty + pad - top), label, fill=(0, 0, 0), font=font)
+    return out
+
+
+def build_webui(lion: Any, scheduler: Any, settings: ServerSettings) -> Any:
     """The Gradio Blocks of the page (not mounted)."""
     import concurrent.futures
 
     import gradio as gr
 
+    defaults = model_defaults(lion, "caption")
+    default_beams = min(settings.num_beams or defaults.get("num_beams", 5), settings.max_num_beams)
+    default_tokens = min(settings.default_max_tokens or defaults.get("max_new_tokens", 256), settings.max_tokens_limit)
+
     def handler(image_path: str | None, mode: str, text: str, tags_text: str, num_beams: float,
-                max_tokens: float) -> tuple[str, str, Image.Image | None, list[dict]]:
+                max_tokens: float) -> tuple[str, str, Image.Image | None, list[dict] | None, str]:
+        # Errors go to the status line, where they stay until the next run; raising gr.Error would show a
+        # toast that vanishes and mark every output panel "Error".
         try:
-            return run_request(lion, batcher, settings, image_path, mode, text, tags_text, int(num_beams),
-                               int(max_tokens))
+            answer, tags_used, drawn, records = run_request(lion, scheduler, settings, image_path, mode, text,
+                                                            tags_text, int(num_beams), int(max_tokens))
+            return answer, tags_used, drawn, records, ""
         except APIError as error:
-            raise gr.Error(error.message) from None
+            message = error.message
         except concurrent.futures.TimeoutError:
-            raise gr.Error("The server is busy: no answer in time. Try again.") from None
+            message = f"The server is busy: no answer within {settings.timeout_s:g} s. Try again."
         except Exception as error:  # noqa: BLE001 - show a message, keep the page alive
-            raise gr.Error(f"The model failed on this request ({type(error).__name__}).") from None
+            message = f"The model failed on this request ({type(error).__name__}); see the server log."
+        return "", "", None, None, f"**Error:** {message}"
 
     with gr.Blocks(title="LION", analytics_enabled=False) as demo:
         gr.Markdown("## LION: caption, ask or locate\nUpload an image, choose a task, and run. "
@@ -97,36 +147,28 @@ def build_webui(lion: Any, batcher: Batcher, settings: ServerSettings) -> Any:
                 tags = gr.Textbox(label="Tags (optional, comma-separated; RAM's are used when empty and "
                                         "a tagger is loaded)", elem_id="lion-tags")
                 with gr.Accordion("Decoding", open=False):
-                    beams = gr.Slider(1, settings.max_num_beams, value=min(settings.num_beams,
-                                                                           settings.max_num_beams),
-                                      step=1, label="Beams", elem_id="lion-beams")
-                    tokens = gr.Slider(1, settings.max_tokens_limit, value=settings.default_max_tokens, step=1,
+                    beams = gr.Slider(1, settings.max_num_beams, value=default_beams, step=1, label="Beams",
+                                      elem_id="lion-beams")
+                    tokens = gr.Slider(1, settings.max_tokens_limit, value=default_tokens, step=1,
                                        label="Max new tokens", elem_id="lion-max-tokens")
                 run = gr.Button("Run", variant="primary", elem_id="lion-run")
             with gr.Column():
+                status = gr.Markdown("", elem_id="lion-status")
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="lion-answer")
                 tags_used = gr.Textbox(label="Tags the model read", interactive=False, elem_id="lion-tags-used")
                 annotated = gr.Image(label="Boxes", type="pil", interactive=False, format="png",
                                      elem_id="lion-annotated")
-                boxes = gr.JSON(label="Boxes (normalised and in pixels)", elem_id="lion-boxes")
-        run.click(handler, [image, mode, text, tags, beams, tokens], [answer, tags_used, annotated, boxes],
-                  api_name="run", concurrency_limit=None)
+                boxes = gr.JSON(label="Boxes (normalised and in pixels of your image)", elem_id="lion-boxes")
+        run.click(handler, [image, mode, text, tags, beams, tokens], [answer, tags_used, annotated, boxes, status],
+                  api_name="run", concurrency_limit=None, show_progress="minimal")
     return demo
 
 
-def mount_webui(app: FastAPI, lion: Any, batcher: Batcher, settings: ServerSettings) -> FastAPI:
-    """Mount the page at `/ui`; with an API key set, the page asks for it as the password."""
+def mount_webui(app: FastAPI, lion: Any, scheduler: Any, settings: ServerSettings) -> FastAPI:
+    """Mount the page at `/ui`. With an API key set, the server's own login page (`/login`: one field, the
+    key) guards it (see `app.GuardMiddleware`); Gradio's login, which asks for an unused user name, is off."""
     import gradio as gr
 
-    auth = None
-    if settings.api_key is not None:
-        key = settings.api_key
-
-        def auth(_: str, password: str) -> bool:
-            return hmac.compare_digest(password.encode(), key.encode())
-
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    return gr.mount_gradio_app(app, build_webui(lion, batcher, settings), path="/ui", auth=auth,
-                               auth_message="Password: this server's API key" if auth else None,
-                               ssr_mode=False, theme=theme, max_file_size=settings.max_body_bytes,
-                               footer_links=[])
+    return gr.mount_gradio_app(app, build_webui(lion, scheduler, settings), path="/ui", ssr_mode=False,
+                               theme=theme, max_file_size=settings.max_body_bytes, footer_links=[])
