@@ -1,24 +1,64 @@
-"""lion-mllm: LION (CVPR 2024) on current PyTorch and transformers."""
+"""lion-mllm: LION (CVPR 2024) on current PyTorch and transformers.
 
-from .boxes import Box, format_box, parse_box
-from .config import LionConfig, flant5xl, flant5xxl
-from .loading import CheckpointError, OfficialPaths
-from .modeling_lion import LionModel
-from .pipeline import Grounding, Lion
-from .processing import ImageLoadError, LionProcessor
+The names below are imported on first use (PEP 562), so `import lion_mllm` and the `lion` command's
+`--help` do not pay for torch and transformers until a model is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_LAZY = {
+    "Box": ".boxes", "format_box": ".boxes", "parse_box": ".boxes",
+    "LionConfig": ".config", "flant5xl": ".config", "flant5xxl": ".config",
+    "CheckpointError": ".errors",
+    "GenerationDefaults": ".generation",
+    "OfficialPaths": ".loading",
+    "LionModel": ".modeling_lion",
+    "Grounding": ".pipeline", "Lion": ".pipeline",
+    "ImageLoadError": ".processing", "LionProcessor": ".processing",
+}
 
-def load_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = None, **kwargs) -> Lion:
+if TYPE_CHECKING:
+    from .boxes import Box, format_box, parse_box
+    from .config import LionConfig, flant5xl, flant5xxl
+    from .errors import CheckpointError
+    from .generation import GenerationDefaults
+    from .loading import OfficialPaths
+    from .modeling_lion import LionModel
+    from .pipeline import Grounding, Lion
+    from .processing import ImageLoadError, LionProcessor
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lion_mllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+def load_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = None, **kwargs: Any) -> "Lion":
     """A `Lion` from a bundle directory, `hf-hub:`/`local-dir:` name, the authors' YAML config, or an
-    installed name (`lion-shapes`, built in; `lion-flant5xl` after `lion download`)."""
+    installed name (`lion-shapes`, built in; `lion-flant5xl` after `lion download`). The model comes with
+    its tagger and generation config (decoding defaults, prompt templates)."""
     from .hub import resolve_model
+    from .pipeline import Lion
 
     if str(name_or_path).endswith((".yaml", ".yml")):
         return Lion.from_official(name_or_path, device=device, dtype=dtype, **kwargs)
     return Lion.from_pretrained(resolve_model(name_or_path), device=device, dtype=dtype, **kwargs)
 
 
-__all__ = ["Box", "CheckpointError", "Grounding", "ImageLoadError", "Lion", "LionConfig", "LionModel",
-           "LionProcessor", "OfficialPaths", "flant5xl", "flant5xxl", "format_box", "load_model", "parse_box"]
+__all__ = ["Box", "CheckpointError", "GenerationDefaults", "Grounding", "ImageLoadError", "Lion", "LionConfig",
+           "LionModel", "LionProcessor", "OfficialPaths", "flant5xl", "flant5xxl", "format_box", "load_model",
+           "parse_box"]

@@ -9,25 +9,34 @@
     lion convert --config lion_flant5xl.yaml --out bundle/
     lion eval ...                                   # benchmarks (when lion_mllm.evaluation is present)
 
-``--model`` takes a bundle directory, ``local-dir:``/``hf-hub:`` names, an authors' YAML config or an
-installed model name; it defaults to ``$LION_MODEL``, else ``lion-shapes``. Errors are one line on
-stderr (``lion: error: ...``; ``--debug`` adds the traceback). Exit codes: 0 ok, 1 runtime failure,
-2 usage error. Progress of long work goes to stderr, results to stdout.
+Every command that loads a model takes the same model options (:mod:`lion_mllm.model_options`):
+``--model`` (a bundle directory, ``local-dir:``/``hf-hub:`` names, an authors' YAML config or an
+installed model name; default ``$LION_MODEL``, else ``lion-shapes``), ``--device``, ``--dtype``,
+``--ram``, ``--ram-config``, ``--tags`` and the decoding flags, which default to the model's own
+generation config. Errors are one line on stderr (``lion: error: ...``; ``--debug`` adds the traceback).
+Exit codes: 0 ok, 1 runtime failure, 2 usage error. Progress of long work goes to stderr, results to
+stdout. torch and transformers are imported only once a command needs a model, so ``--help``, usage
+errors and bad paths answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from PIL import Image, ImageDraw, ImageFont
+from .model_options import (ModelOptionError, _positive_int, add_model_options, decoding_from_args, model_from_args,
+                            tagger_from_args)
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["build_parser", "draw_grounding", "main"]
 
@@ -47,32 +56,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"lion: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _tags(text: str) -> str:
-    """`--tags "a, b"` normalised to LION's `a, b` form."""
-    return ", ".join(t.strip() for t in text.split(",") if t.strip())
-
-
 # ---------------------------------------------------------------------------------------- parser
 
 
@@ -84,31 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                       help="no progress messages on stderr")
 
-    model = _Parser(add_help=False)
-    group = model.add_argument_group("model")
-    group.add_argument("--model", metavar="NAME_OR_PATH", default=None,
-                       help="bundle directory, local-dir:PATH, hf-hub:owner/repo, the authors' YAML config, or an "
-                            "installed name (lion-flant5xl after `lion download`); default: $LION_MODEL or lion-shapes")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    group.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "fp32", "bf16", "float16", "fp16"),
-                       help="weights dtype (default: float32 on CPU, bfloat16 on GPU; float16 is refused)")
-    group.add_argument("--ram", metavar="CHECKPOINT", default=None,
-                       help="RAM tagger checkpoint (ram_swin_large_14m.pth) to tag images, overriding the model's")
-    group.add_argument("--ram-config", metavar="DIR", default=None,
-                       help="RAM config folder (configs/ + data/ vocabulary) for --ram; default: infer from weights")
-    group.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
-
-    decode = _Parser(add_help=False)
-    group = decode.add_argument_group("decoding (defaults: the authors')")
-    group.add_argument("--tags", type=_tags, default=None, metavar='"a, b"',
-                       help="image tags for the prompt (default: the model's RAM tagger)")
-    group.add_argument("--num-beams", type=_positive_int, default=5)
-    group.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    group.add_argument("--repetition-penalty", type=_positive_float, default=1.5)
-    group.add_argument("--sample", action="store_true", help="sample instead of beam search")
-    group.add_argument("--temperature", type=_positive_float, default=1.0, help="with --sample")
-    group.add_argument("--top-p", type=_probability, default=0.9, help="with --sample")
-    group.add_argument("--seed", type=int, default=None, help="random seed (for --sample)")
+    output = _Parser(add_help=False)
+    output.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
+    model = add_model_options(_Parser(add_help=False))  # the shared model options (lion_mllm.model_options)
+    tagger_only = add_model_options(_Parser(add_help=False), decoding=False, tags=False)
 
     parser = _Parser(prog="lion", parents=[base],
                      description="LION (CVPR 2024): caption, ask, ground and tag images; batch runs; "
@@ -116,28 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("caption", parents=[base, model, decode], help="describe images in a sentence")
+    p = sub.add_parser("caption", parents=[base, model, output], help="describe images in a sentence")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--prompt", default=None, help="caption instruction (default: the authors')")
+    p.add_argument("--prompt", default=None, help="caption instruction (default: the model's)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.set_defaults(func=_cmd_caption)
 
-    p = sub.add_parser("ask", parents=[base, model, decode], help="answer a question about an image")
+    p = sub.add_parser("ask", parents=[base, model, output], help="answer a question about an image",
+                       description="The question goes into the model's question template (lion-shapes: "
+                                   "'Question: {question} Short answer:'; the authors' models: as typed).")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("question", metavar="QUESTION")
     p.set_defaults(func=_cmd_ask)
 
-    p = sub.add_parser("ground", parents=[base, model, decode], help="find the box of a phrase in an image")
+    p = sub.add_parser("ground", parents=[base, model, output], help="find the box of a phrase in an image")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("phrase", metavar="PHRASE")
     p.add_argument("--draw", metavar="OUT.png", default=None, help="save the image with the box and the phrase drawn")
     p.set_defaults(func=_cmd_ground)
 
-    p = sub.add_parser("tag", parents=[base, model], help="RAM tags of images")
+    p = sub.add_parser("tag", parents=[base, tagger_only, output],
+                       help="image tags from the model's tagger (RAM, or lion-shapes' built-in one)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=_cmd_tag)
 
-    p = sub.add_parser("run", parents=[base, model, decode], help="batch inference over a JSON Lines task file",
+    p = sub.add_parser("run", parents=[base, model, output], help="batch inference over a JSON Lines task file",
                        description="Each input line: {\"id\", \"image\", \"task\": caption|vqa|grounding, \"prompt\" "
                                    "(or \"phrase\" for grounding), optional \"tags\"}. Re-running skips ids already "
                                    "in the output.")
@@ -160,12 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("convert", parents=[base], help="authors' YAML config -> lion-mllm bundle (save_pretrained)")
+    p = sub.add_parser("convert", parents=[base], help="authors' YAML config -> lion-mllm bundle (save_pretrained)",
+                       description="Write the whole model as one bundle: weights, config, tokenizers, the RAM "
+                                   "tagger the YAML names (weights, config, vocabulary) and the generation "
+                                   "config (decoding defaults, prompt templates).")
     p.add_argument("--config", required=True, metavar="CONFIG.yaml",
                    help="the authors' model config (or a downloaded model name)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "fp32", "bf16"),
-                   help="dtype of the saved weights (default float32)")
+                   help="dtype of the saved LION weights (default float32; RAM stays float32)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_convert)
 
@@ -202,55 +170,34 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"lion: {message}", file=sys.stderr, flush=True)
 
 
-def _device(args: argparse.Namespace) -> str:
-    if args.device:
-        return args.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _check_paths(paths: Sequence[str]) -> None:
+    """Local image paths that do not exist fail before any heavy import (URLs are left to the loader)."""
+    for path in paths:
+        if "://" not in path and not path.startswith("data:") and not Path(path).expanduser().exists():
+            raise UsageError(f"{path}: no such image file")
 
 
 def _check_images(paths: Sequence[str]) -> list[Image.Image]:
-    """Read every image before the (slow) model load, so a typo fails at once."""
+    """Read every image before the (slow) model load, so a typo or a broken file fails at once."""
+    _check_paths(paths)
     from .processing import load_image
 
     return [load_image(p) for p in paths]
 
 
 def _load(args: argparse.Namespace):
-    """The Lion for `--model`, with `--ram` attached; progress on stderr."""
-    from . import load_model
-    from .hub import resolve_model
-
-    resolved = resolve_model(args.model)
-    device = _device(args)
-    _say(args, f"loading {resolved} on {device} ...")
-    started = time.monotonic()
-    lion = load_model(resolved, device=device, dtype=args.dtype)
-    if args.ram:
-        from .tagger import LazyRamTagger
-
-        lion.tagger = LazyRamTagger(args.ram, config=args.ram_config, device=device)
-    _say(args, f"model ready in {time.monotonic() - started:.1f} s")
-    return lion
+    """The Lion the shared model options describe; progress on stderr."""
+    return model_from_args(args, say=lambda message: _say(args, message))
 
 
 def _need_tags(args: argparse.Namespace, lion: Any) -> None:
     if lion.config.enable_semantic_tags and lion.tagger is None and args.tags is None:
-        raise UsageError('this model puts image tags in its prompt but has no RAM tagger: pass --tags "a, b" '
+        raise UsageError('this model puts image tags in its prompt but has no tagger: pass --tags "a, b" '
                          "or --ram ram_swin_large_14m.pth")
 
 
 def _decoding(args: argparse.Namespace) -> dict[str, Any]:
-    if args.seed is not None:
-        import torch
-
-        torch.manual_seed(args.seed)
-    options: dict[str, Any] = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
-                               "repetition_penalty": args.repetition_penalty, "do_sample": args.sample}
-    if args.sample:
-        options.update(temperature=args.temperature, top_p=args.top_p)
-    return options
+    return decoding_from_args(args)
 
 
 def _emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
@@ -268,6 +215,8 @@ def draw_grounding(image: Image.Image, box_pixels: Sequence[float], label: str |
     The outline lies inside the box (its outer edge on the box coordinates); the label sits on a filled
     tag above the box's top-left corner, or just inside it when there is no room above.
     """
+    from PIL import ImageDraw, ImageFont
+
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
@@ -299,9 +248,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     images = _check_images(args.images)
     lion = _load(args)
     _need_tags(args, lion)
-    from .pipeline import CAPTION_PROMPT
-
-    prompt = args.prompt or CAPTION_PROMPT
+    prompt = lion.generation_config.prompt("caption", args.prompt)
     decoding = _decoding(args)
     for start in range(0, len(images), args.batch_size):
         chunk = images[start:start + args.batch_size]
@@ -317,18 +264,21 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     (image,) = _check_images([args.image])
     lion = _load(args)
     _need_tags(args, lion)
-    answer = lion.ask(image, args.question, tags=[args.tags] if args.tags is not None else None, **_decoding(args))
+    answer = lion.ask(image, args.question, tags=args.tags, **_decoding(args))
     _emit(args, {"image": args.image, "question": args.question, "answer": answer}, answer)
     return 0
 
 
 def _cmd_ground(args: argparse.Namespace) -> int:
+    if args.draw:
+        from PIL import Image
+
+        if Path(args.draw).suffix.lower() not in Image.registered_extensions():
+            raise UsageError(f"--draw {args.draw}: unknown image file extension")
     (image,) = _check_images([args.image])
-    if args.draw and Path(args.draw).suffix.lower() not in Image.registered_extensions():
-        raise UsageError(f"--draw {args.draw}: unknown image file extension")
     lion = _load(args)
     _need_tags(args, lion)
-    result = lion.ground(image, args.phrase, tags=[args.tags] if args.tags is not None else None, **_decoding(args))
+    result = lion.ground(image, args.phrase, tags=args.tags, **_decoding(args))
     width, height = image.size
     record: dict[str, Any] = {
         "image": args.image, "phrase": args.phrase, "answer": result.text, "width": width, "height": height,
@@ -354,22 +304,10 @@ def _cmd_ground(args: argparse.Namespace) -> int:
 
 def _cmd_tag(args: argparse.Namespace) -> int:
     images = _check_images(args.images)
-    device = _device(args)
-    from .tagger import LazyRamTagger
-
-    if args.ram:
-        tagger = LazyRamTagger(args.ram, config=args.ram_config, device=device)
-    else:
-        # Only RAM is needed: read its path from the config instead of loading all of LION.
-        from .hub import resolve_model
-        from .loading import OfficialPaths
-
-        resolved = resolve_model(args.model)
-        ram = OfficialPaths.from_yaml(resolved).ram_model if resolved.endswith((".yaml", ".yml")) else None
-        if ram is None:
-            raise UsageError(f"{resolved} names no RAM tagger; pass --ram ram_swin_large_14m.pth")
-        tagger = LazyRamTagger(ram, config=args.ram_config, device=device)
-    _say(args, f"tagging {len(images)} image(s) with {tagger.checkpoint_path} ...")
+    # Only the tagger is needed: read it from the model (bundle or YAML) instead of loading all of LION.
+    tagger = tagger_from_args(args)
+    source = getattr(tagger, "checkpoint_path", None) or type(tagger).__name__
+    _say(args, f"tagging {len(images)} image(s) with {source} ...")
     for path, tags in zip(args.images, tagger.tag(images)):
         text = tags if len(images) == 1 else f"{path}: {tags}"
         _emit(args, {"image": path, "tags": [t.strip() for t in tags.split(",") if t.strip()]}, text)
@@ -440,8 +378,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     lion = Lion.from_official(config, device=args.device, dtype=args.dtype)
     _say(args, f"loaded in {time.monotonic() - started:.1f} s; writing {out} ...")
     lion.save_pretrained(out)
-    if lion.tagger is not None:
-        _say(args, "note: RAM is not part of a bundle; pass --ram CHECKPOINT (or --tags) when using it")
+    if lion.config.enable_semantic_tags and lion.tagger is None:
+        _say(args, "note: the YAML names no ram_model, so the bundle has no tagger; pass --tags (or --ram) "
+                   "when using it")
     print(str(out))
     return 0
 
@@ -471,15 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         # Library chatter (deprecations, generation-config notes) would bury the one line that matters.
         warnings.filterwarnings("ignore")
-        try:
+        if "transformers" in sys.modules:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
-        except ImportError:
-            pass
+        else:  # read by transformers when (and if) a command imports it
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return int(args.func(args) or 0)
-    except UsageError as error:
+    except (UsageError, ModelOptionError) as error:
         print(f"lion: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

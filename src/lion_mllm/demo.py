@@ -4,8 +4,11 @@
     lion demo --out DIR       # where the pictures with the drawn boxes go (default: <tmp>/lion-demo)
 
 Nothing is downloaded: the model ships inside the package (`lion_mllm/assets/models/lion-shapes`) and
-its image tags come from :class:`lion_mllm.shapes.ShapesTagger` (pixels), not from RAM. The CLI mounts
-`add_demo_subcommand(subparsers)`; `python -m lion_mllm.demo` runs it on its own.
+its image tags come from :class:`lion_mllm.shapes.ShapesTagger` (pixels), not from RAM. Decoding and
+prompts are the model's own (its `generation_config.json`: greedy, repetition penalty 1.0, the
+`Question: {question} Short answer:` template it was trained on); the shared model options
+(:mod:`lion_mllm.model_options`) can override them. The CLI mounts `add_demo_subcommand(subparsers)`;
+`python -m lion_mllm.demo` runs it on its own.
 """
 
 from __future__ import annotations
@@ -18,14 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .model_options import add_model_options, decoding_from_args, model_from_args
+
 __all__ = ["EXAMPLES_DIR", "DEMO_MODEL", "add_demo_subcommand", "configure_parser", "load_examples", "main",
            "run_demo"]
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 DEMO_MODEL = "lion-shapes"
-# Greedy decoding: the model is small and was trained for it; the authors' repetition penalty (1.5)
-# would forbid the repeated words and digits that captions and boxes need.
-DEMO_DECODING: dict[str, Any] = {"num_beams": 1, "max_new_tokens": 40, "repetition_penalty": 1.0}
 # Drawn pictures are enlarged from the 128 px scenes so that the box and its label are readable.
 DRAW_SCALE = 4
 
@@ -34,7 +36,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     """The (optional) options of `lion demo`."""
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="folder for the pictures with the drawn boxes (default: <tmp>/lion-demo)")
-    parser.add_argument("--model", default=DEMO_MODEL, help=argparse.SUPPRESS)
+    add_model_options(parser, tags=False, model_help="a shapes model (default: the built-in lion-shapes; the "
+                                                      "examples are shapes scenes)")
+    parser.set_defaults(model=DEMO_MODEL)
     return parser
 
 
@@ -66,23 +70,26 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from .cli import draw_grounding
     from .hub import resolve_model
-    from .pipeline import Lion
     from .shapes import ShapesTagger
 
     torch.set_flush_denormal(True)
     out_dir = Path(args.out) if getattr(args, "out", None) else Path(tempfile.gettempdir()) / "lion-demo"
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model(getattr(args, "model", None) or DEMO_MODEL)
-    lion = Lion.from_pretrained(model_path)
+    for name in ("device", "dtype", "ram", "ram_config"):  # `python -m lion_mllm.demo` callers may omit them
+        setattr(args, name, getattr(args, name, None))
+    args.model = getattr(args, "model", None) or DEMO_MODEL
+    model_path = resolve_model(args.model)
+    lion = model_from_args(args)
     if lion.tagger is None:  # a shapes bundle without tagger.json
         lion.tagger = ShapesTagger()
+    decoding = decoding_from_args(args)  # empty unless flags were given: the model's own settings
     print(f"model: {model_path}")
     for example in load_examples():
         image = Image.open(example["path"]).convert("RGB")
         tags = lion.tag([image])[0]
-        caption = lion.caption(image, tags=tags, **DEMO_DECODING)
-        answer = lion.ask(image, f"Question: {example['question']} Short answer:", tags=tags, **DEMO_DECODING)
-        grounding = lion.ground(image, example["phrase"], tags=tags, **DEMO_DECODING)
+        caption = lion.caption(image, tags=tags, **decoding)
+        answer = lion.ask(image, example["question"], tags=tags, **decoding)
+        grounding = lion.ground(image, example["phrase"], tags=tags, **decoding)
         print(f"\n{example['image']}  (tags: {tags})")
         print(f"  caption:  {caption}")
         print(f"  question: {example['question']}  ->  {answer}")

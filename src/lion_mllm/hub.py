@@ -69,7 +69,7 @@ class ModelNotInstalledError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class HubFile:
-    """One file of a Hugging Face hub repository."""
+    """One file of a Hugging Face hub repository, at a pinned commit where one is known."""
 
     repo_id: str
     filename: str
@@ -94,6 +94,14 @@ class HubFolder:
         return self.repo_id.rsplit("/", 1)[-1]
 
 
+# Commits the downloads are pinned to, so a later push to a repository cannot change what
+# `lion download` installs. The LION checkpoints' repositories have no commit recorded here yet and follow
+# `main` (their files are checked by loading: every key and shape must fit).
+FLAN_T5_XL_REVISION = "7d6315df2c2fb742f0f5b556879d730926ca9001"
+FLAN_T5_XXL_REVISION = "ae7c9136adc7555eeccc78cdd960dfd60fb346ce"
+BERT_BASE_UNCASED_REVISION = "86b5e0934494bd15c9632b12f734a8a67f723594"
+RAM_REVISION = "ebc52dc741e86466202a5ab8ab22eae6e7d48bf1"
+
 _T5_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _T5_FALLBACK = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -116,9 +124,10 @@ class PublishedModel:
     description: str
     checkpoint: HubFile
     llm: HubFolder
-    bert: HubFolder = HubFolder("google-bert/bert-base-uncased", _BERT_PATTERNS)
+    bert: HubFolder = HubFolder("google-bert/bert-base-uncased", _BERT_PATTERNS, revision=BERT_BASE_UNCASED_REVISION)
     vit: RemoteFile = EVA_VIT_G
-    ram: HubFile | None = HubFile("xinyu1205/recognize_anything_model", "ram_swin_large_14m.pth")
+    ram: HubFile | None = HubFile("xinyu1205/recognize_anything_model", "ram_swin_large_14m.pth",
+                                  revision=RAM_REVISION)
     # None: RAM's official tag list and thresholds (lion_mllm.tagger); () for none.
     ram_vocabulary: tuple[RemoteFile, ...] | None = None
     visual_input: str = "ALL"
@@ -135,13 +144,15 @@ PUBLISHED_MODELS: dict[str, PublishedModel] = {
         name="lion-flant5xl",
         description="LION-FlanT5-XL (LION-4B): EVA ViT-g + FlanT5-XL, stage-3 weights",
         checkpoint=HubFile("daybreaksly/LION-FlanT5-XL", "LION-FlanT5-XL.pth"),
-        llm=HubFolder("google/flan-t5-xl", _T5_PATTERNS, fallback_patterns=_T5_FALLBACK),
+        llm=HubFolder("google/flan-t5-xl", _T5_PATTERNS, revision=FLAN_T5_XL_REVISION,
+                      fallback_patterns=_T5_FALLBACK),
     ),
     "lion-flant5xxl": PublishedModel(
         name="lion-flant5xxl",
         description="LION-FlanT5-XXL (LION-12B): EVA ViT-g + FlanT5-XXL",
         checkpoint=HubFile("daybreaksly/LION-FlanT5-XXL", "LION-FlanT5-XXL.pth"),
-        llm=HubFolder("google/flan-t5-xxl", _T5_PATTERNS, fallback_patterns=_T5_FALLBACK),
+        llm=HubFolder("google/flan-t5-xxl", _T5_PATTERNS, revision=FLAN_T5_XXL_REVISION,
+                      fallback_patterns=_T5_FALLBACK),
     ),
 }
 
@@ -212,7 +223,11 @@ def resolve_model(spec: str | os.PathLike[str] | None = None) -> str:
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise ModelNotInstalledError(f"{text}: not a model bundle directory nor a .yaml config")
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{text}: a {path.suffix or 'plain'} file is not a model; pass a bundle directory "
+                              "(`lion convert` writes one from the authors' files) or the authors' .yaml config "
+                              "that names this file")
     if not _looks_like_name(text):
         raise ModelNotInstalledError(f"{text}: no such file or directory")
     found = installed_model(text)

@@ -10,6 +10,7 @@ Nothing is unpickled beyond tensors (`weights_only=True`).
 from __future__ import annotations
 
 import json
+import os
 import re
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -21,12 +22,14 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
+from .config import (SOFT_PROMPT_TOKEN, AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig,
+                     VisionConfig)
+from .errors import CheckpointError
 from .modeling_lion import LionModel
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the problem."""
+__all__ = ["CheckpointError", "OfficialPaths", "load_bundle_model", "load_official_model", "official_to_ours",
+           "ours_to_official", "save_state_sharded"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,6 +140,8 @@ def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     """A .pth/.bin state dict (`{'model': ...}` or bare), tensors only, memory-mapped."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a PyTorch checkpoint file (.pth/.bin)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -186,6 +191,9 @@ class LazySafetensors(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._handles[self._where[key]].get_tensor(key)
 
+    def file_of(self, key: str) -> Path:
+        return self._where[key]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -217,9 +225,21 @@ def read_hf_weights(directory: Path) -> tuple[Mapping[str, torch.Tensor], str]:
 # The authors' YAML
 
 
+# Keys of the authors' YAML that lion-mllm adds (the authors' own keys are read as they are). Paths are
+# relative to the YAML's folder.
+#   vit_num_heads: 16           attention heads of a ViT whose width is not EVA ViT-g's (head dim 88)
+#   ram_config: PATH | {...}    the RAM tagger's sizes: RAM's config folder (configs/ + data/), a JSON file
+#                               of lion_mllm.tagger.RamConfig fields, or those fields inline
+#   ram_tag_list: PATH          RAM's tag list and per-class thresholds (default: RAM's official files,
+#   ram_tag_list_threshold: PATH  or the data/ folder of a ram_config folder)
+#   generation: {...}           decoding defaults and prompt templates (lion_mllm.GenerationDefaults fields)
+EXTRA_YAML_KEYS = ("vit_num_heads", "ram_config", "ram_tag_list", "ram_tag_list_threshold", "generation")
+
+
 @dataclass
 class OfficialPaths:
-    """The five files of an authors' model config (`configs/models/lion_flant5xl.yaml`)."""
+    """The five files of an authors' model config (`configs/models/lion_flant5xl.yaml`), plus the
+    settings lion-mllm's documented extra keys give (`EXTRA_YAML_KEYS`)."""
 
     vit_model: Path
     llm_model: Path
@@ -229,6 +249,7 @@ class OfficialPaths:
     visual_input: str = "all"
     enable_semantic_tags: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None  # the YAML these came from (named in error messages)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "OfficialPaths":
@@ -237,11 +258,11 @@ class OfficialPaths:
             raise CheckpointError(f"{path}: no such config file")
         try:
             data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{path}: not valid YAML: {error}") from None
         model = data.get("model", data) if isinstance(data, dict) else None
         if not isinstance(model, dict):
-            raise CheckpointError(f"{path}: expected a `model:` mapping")
+            raise CheckpointError(f"{path}: expected a `model:` mapping (the authors' configs/models/*.yaml layout)")
 
         def resolve(key: str, required: bool = True) -> Path | None:
             value = model.get(key)
@@ -249,6 +270,8 @@ class OfficialPaths:
                 if required:
                     raise CheckpointError(f"{path}: `model.{key}` is missing")
                 return None
+            if not isinstance(value, (str, Path)):
+                raise CheckpointError(f"{path}: model.{key} must be a path, got {value!r}")
             candidate = Path(str(value)).expanduser()
             if not candidate.is_absolute():
                 candidate = path.parent / candidate
@@ -256,13 +279,63 @@ class OfficialPaths:
                 raise CheckpointError(f"{path}: model.{key}: {value} does not exist")
             return candidate
 
+        extra: dict[str, Any] = {}
+        heads = model.get("vit_num_heads")
+        if heads is not None:
+            if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+                raise CheckpointError(f"{path}: model.vit_num_heads must be a positive integer, got {heads!r}")
+            extra["vit_num_heads"] = heads
+        ram_config = model.get("ram_config")
+        if isinstance(ram_config, dict):
+            extra["ram_config"] = dict(ram_config)
+        elif ram_config is not None:
+            extra["ram_config"] = resolve("ram_config")
+        for key in ("ram_tag_list", "ram_tag_list_threshold"):
+            if model.get(key) is not None:
+                extra[key] = resolve(key)
+        if ("ram_tag_list" in extra) != ("ram_tag_list_threshold" in extra):
+            raise CheckpointError(f"{path}: give both model.ram_tag_list and model.ram_tag_list_threshold, or neither")
+        generation = model.get("generation")
+        if generation is not None:
+            from .generation import GenerationDefaults
+
+            extra["generation"] = GenerationDefaults.from_dict(generation, f"{path}: model.generation")
+        visual_input = str(model.get("visual_input", "ALL")).lower()
+        if visual_input not in ("all", "qformer", "aggregator"):
+            raise CheckpointError(f"{path}: model.visual_input must be ALL, QFORMER or AGGREGATOR, got "
+                                  f"{model.get('visual_input')!r}")
         return cls(
             vit_model=resolve("vit_model"), llm_model=resolve("llm_model"), bert_model=resolve("bert_model"),
             pretrained=resolve("pretrained"), ram_model=resolve("ram_model", required=False),
-            visual_input=str(model.get("visual_input", "ALL")).lower(),
-            enable_semantic_tags=bool(model.get("enable_semantic_tags", True)),
-            extra={k: v for k, v in model.items() if k in ("vit_num_heads",)},
+            visual_input=visual_input, enable_semantic_tags=bool(model.get("enable_semantic_tags", True)),
+            extra=extra, source=path,
         )
+
+    def ram_tagger_options(self) -> dict[str, Any]:
+        """`LazyRamTagger`/`RamTagger.from_official` keyword arguments from the YAML's RAM keys."""
+        options: dict[str, Any] = {}
+        config = self.extra.get("ram_config")
+        if isinstance(config, dict):
+            from .tagger import RamConfig
+
+            try:
+                options["config"] = RamConfig.from_dict(config)
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{self.source or 'config'}: model.ram_config: {error}") from None
+        elif isinstance(config, Path) and config.suffix.lower() == ".json":
+            from .tagger import RamConfig
+
+            try:
+                options["config"] = RamConfig.from_dict(json.loads(config.read_text()))
+            except (OSError, TypeError, ValueError) as error:
+                raise CheckpointError(f"{config}: not a RAM config (lion_mllm.tagger.RamConfig fields as JSON): "
+                                      f"{error}") from None
+        elif config is not None:
+            options["config"] = config  # RAM's own config folder
+        if "ram_tag_list" in self.extra:
+            options["tag_list"] = self.extra["ram_tag_list"]
+            options["thresholds"] = self.extra["ram_tag_list_threshold"]
+        return options
 
 
 def config_from_official(paths: OfficialPaths, vit_state: dict[str, torch.Tensor],
@@ -279,8 +352,10 @@ def config_from_official(paths: OfficialPaths, vit_state: dict[str, torch.Tensor
     heads = vision_num_heads or paths.extra.get("vit_num_heads")
     if heads is None:
         if width % 88:
-            raise CheckpointError(f"{paths.vit_model}: width {width} is not EVA ViT-g's (head dim 88): "
-                                  "pass vision_num_heads")
+            where = paths.source or "the model's YAML"
+            raise CheckpointError(f"{paths.vit_model}: width {width} is not EVA ViT-g's (head dim 88), so its "
+                                  f"attention heads cannot be inferred: add `vit_num_heads: N` under `model:` in "
+                                  f"{where} (or pass vision_num_heads=N)")
         heads = width // 88
     patch = vit_state["patch_embed.proj.weight"].shape[-1]
     grid = int(round((vit_state["pos_embed"].shape[1] - 1) ** 0.5))
@@ -349,6 +424,18 @@ def source_of(key: str, paths: OfficialPaths) -> Path:
 
 def _is_vit_linear(name: str) -> bool:
     return bool(re.search(r"(patch_embedding\.|qkv\.weight|projection\.|mlp\.fc[12]\.)", name))
+
+
+def soft_prompt_token_id(tokenizer: Any, where: str | Path, required: bool = True) -> int:
+    """The id of `<extra_id_0>`, whose embedding LION replaces with its learned tag hint. A tokenizer
+    without it (not a T5 vocabulary) cannot build LION's tag prompt."""
+    token_id = tokenizer.convert_tokens_to_ids(SOFT_PROMPT_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id or SOFT_PROMPT_TOKEN not in tokenizer.get_vocab():
+        if required:
+            raise CheckpointError(f"{where}: the tokenizer has no {SOFT_PROMPT_TOKEN} token, which LION's tag prompt "
+                                  "needs; use the FlanT5 tokenizer the model was trained with")
+        return -1 if token_id is None else int(token_id)
+    return int(token_id)
 
 
 def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "cpu",
@@ -434,7 +521,8 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
         from transformers import AutoTokenizer
 
         t5_tokenizer = AutoTokenizer.from_pretrained(str(paths.llm_model))
-    model.config.language.soft_prompt_token_id = t5_tokenizer.convert_tokens_to_ids("<extra_id_0>")
+    model.config.language.soft_prompt_token_id = soft_prompt_token_id(t5_tokenizer, paths.llm_model,
+                                                                      model.config.enable_semantic_tags)
     model.requires_grad_(False)
     return model.eval(), skipped + [f"ignored {u}" for u in unexpected]
 
@@ -444,6 +532,13 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
 
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def _normal_file_mode(path: Path) -> None:
+    """safetensors writes 0600; a bundle is meant to be shared like any other file (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def save_state_sharded(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2 << 30) -> None:
@@ -462,37 +557,92 @@ def save_state_sharded(state: dict[str, torch.Tensor], directory: Path, max_shar
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / file), metadata={"format": "pt"})
+        _normal_file_mode(directory / file)
         weight_map.update({name: file for name in shard})
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": weight_map}
     (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
+# config.json of a bundle: LionConfig's fields plus these two. Version 1 bundles (before the model type
+# was written) hold LionConfig's fields only and still load.
+BUNDLE_MODEL_TYPE = "lion"
+BUNDLE_FORMAT_VERSION = 2
+
+
+def write_bundle_config(config: LionConfig, directory: Path) -> Path:
+    path = Path(directory) / "config.json"
+    data = {"model_type": BUNDLE_MODEL_TYPE, "format_version": BUNDLE_FORMAT_VERSION, **config.to_dict()}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def read_bundle_config(directory: Path) -> LionConfig:
+    """A bundle's config.json; every way it can be wrong is a CheckpointError naming the file."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json, so not a lion-mllm bundle (write one with "
+                              "`lion convert` or Lion.save_pretrained)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    model_type = data.pop("model_type", BUNDLE_MODEL_TYPE)
+    if model_type != BUNDLE_MODEL_TYPE:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a lion-mllm bundle ({BUNDLE_MODEL_TYPE!r}); "
+                              "a transformers model folder goes in the authors' YAML (llm_model), not --model")
+    version = data.pop("format_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: bundle format {version} is newer than this lion-mllm reads "
+                              f"({BUNDLE_FORMAT_VERSION}); upgrade lion-mllm")
+    try:
+        return LionConfig.from_dict(data)
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise CheckpointError(f"{path}: does not fit LionConfig's schema: {error}") from None
+
+
 def load_bundle_model(directory: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                       attn_implementation: str = "sdpa") -> LionModel:
     """A model saved by `Lion.save_pretrained`: no pickle, each tensor read once into its place."""
     device = torch.device(device)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{directory}: no config.json (not a lion-mllm bundle)")
-    config = LionConfig.from_json(config_file)
+    config = read_bundle_config(directory)
     index_file = directory / WEIGHTS_INDEX
     if not index_file.is_file():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_INDEX}")
-    files = sorted({directory / f for f in json.loads(index_file.read_text())["weight_map"].values()})
+        raise CheckpointError(f"{directory}: no {WEIGHTS_INDEX} (an incomplete bundle; write it again with "
+                              "`lion convert` or Lion.save_pretrained)")
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        files = sorted({directory / f for f in weight_map.values()})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{index_file}: not a safetensors index (needs a weight_map): {error}") from None
+    absent = [f for f in files if not f.is_file()]
+    if absent:
+        raise CheckpointError(f"{index_file}: names {absent[0].name}, which is not in {directory}")
+    try:
+        with torch.device("meta"):
+            model = LionModel(config, attn_implementation)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{directory / 'config.json'}: describes no buildable LION ({error})") from None
+    targets = model.state_dict()
     lazy = LazySafetensors(files, device=device)
+    expected = set(expected_keys(model))
+    unexpected = sorted(set(lazy) - expected)
+    missing = sorted(expected - set(lazy))
+    if unexpected or missing:
+        raise CheckpointError(f"{directory}: the weights do not match config.json: {len(missing)} missing "
+                              f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (a config.json "
+                              "from another model? write the bundle again with Lion.save_pretrained)")
     state = {}
     for key in lazy:  # one tensor at a time: a dtype change never holds two copies of the model
         tensor = lazy[key]
+        if tuple(tensor.shape) != tuple(targets[key].shape):
+            raise CheckpointError(f"{lazy.file_of(key)}: {key} has shape {tuple(tensor.shape)}, config.json "
+                                  f"expects {tuple(targets[key].shape)} (a config.json from another model?)")
         state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    with torch.device("meta"):
-        model = LionModel(config, attn_implementation)
-    expected = set(expected_keys(model))
-    unexpected = sorted(set(state) - expected)
-    missing = sorted(expected - set(state))
-    if unexpected or missing:
-        raise CheckpointError(f"{directory}: bundle does not match its config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
     _materialise(model, state, device)
     model.requires_grad_(False)
     return model.eval()

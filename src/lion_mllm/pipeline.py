@@ -19,38 +19,66 @@ from PIL import Image
 
 from .boxes import Box, parse_box
 from .config import LionConfig
-from .loading import OfficialPaths, bundle_state, load_bundle_model, load_official_model, save_state_sharded
+from .errors import CheckpointError
+from .generation import CAPTION_PROMPT, GenerationDefaults
+from .loading import (OfficialPaths, bundle_state, load_bundle_model, load_official_model, save_state_sharded,
+                      soft_prompt_token_id, write_bundle_config)
 from .modeling_lion import LionModel
 from .processing import ImageInput, LionProcessor, load_image
 
-CAPTION_PROMPT = "Please describe the image using a single short sentence."
-# The authors' playground REC prompt (a Shikra template, `<image>` kept literally).
+# The authors' playground REC prompt (a Shikra template, `<image>` kept literally); `{}` is the phrase.
+# Models say their own template in `generation_config.prompts["grounding"]` (with `{phrase}`).
 GROUNDING_PROMPT = "In the image <image>, can you locate {} and let me know its coordinates?"
 
 
 TAGGER_FILE = "tagger.json"
 
 
-def write_tagger_spec(tagger: Any, directory: Path) -> None:
-    """Record in a bundle which built-in tagger its model was trained with (`tagger.json`), for taggers
-    that can be rebuilt from a few settings (`bundle_spec`); RAM is attached by the caller instead."""
+def write_tagger(tagger: Any, directory: Path) -> None:
+    """Put the model's tagger into a bundle, with `tagger.json` saying how to rebuild it: built-in taggers
+    by their few settings (`bundle_spec`), RAM by its weights, config and vocabulary (read lazily when
+    loaded). Other taggers cannot be stored and must be attached again after loading."""
     spec = getattr(tagger, "bundle_spec", None)
+    if spec is None:
+        from .tagger import LazyRamTagger, RamTagger
+
+        if isinstance(tagger, LazyRamTagger):
+            tagger = tagger.load()
+        if isinstance(tagger, RamTagger):
+            spec = tagger.save_bundle(directory)
     if spec is not None:
         (Path(directory) / TAGGER_FILE).write_text(json.dumps(spec, indent=1) + "\n")
 
 
-def bundle_tagger(directory: Path) -> Any:
-    """The tagger a bundle's `tagger.json` names, or None without that file."""
-    path = directory / TAGGER_FILE
+# Kept for callers of the first bundle format's name.
+write_tagger_spec = write_tagger
+
+
+def bundle_tagger(directory: Path, device: str | torch.device = "cpu") -> Any:
+    """The tagger a bundle's `tagger.json` names (RAM read lazily on `device`), or None without that file."""
+    path = Path(directory) / TAGGER_FILE
     if not path.is_file():
         return None
-    spec = json.loads(path.read_text())
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path}: expected a JSON object with a 'type'")
+    spec = dict(spec)
     kind = spec.pop("type", None)
     if kind == "shapes":
         from .shapes import ShapesTagger  # the demo world's pixel tagger (RAM's stand-in)
 
-        return ShapesTagger(**spec)
-    raise ValueError(f"{path}: unknown tagger type {kind!r} (known: 'shapes')")
+        try:
+            return ShapesTagger(**spec)
+        except TypeError as error:
+            raise CheckpointError(f"{path}: not a shapes tagger's settings: {error}") from None
+    if kind == "ram":
+        from .tagger import LazyRamTagger
+
+        return LazyRamTagger.from_bundle(directory, spec, device=device)
+    raise CheckpointError(f"{path}: unknown tagger type {kind!r} (known: 'ram', 'shapes')")
 
 
 class Tagger(Protocol):
@@ -67,8 +95,11 @@ class Grounding:
 def resolve_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torch.dtype:
     """float32 on CPU, bfloat16 on GPU by default; float16 refused (T5 overflows in it)."""
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+        dtype = names[dtype]
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype == torch.float16:
@@ -80,10 +111,13 @@ def resolve_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torc
 class Lion:
     """A LION model ready for text in, text out."""
 
-    def __init__(self, model: LionModel, processor: LionProcessor, tagger: Tagger | None = None):
+    def __init__(self, model: LionModel, processor: LionProcessor, tagger: Tagger | None = None,
+                 generation_config: GenerationDefaults | None = None):
         self.model = model
         self.processor = processor
         self.tagger = tagger
+        # decoding defaults and prompt templates: the model's own (generation_config.json), else the authors'
+        self.generation_config = generation_config or GenerationDefaults()
 
     @property
     def config(self) -> LionConfig:
@@ -103,7 +137,9 @@ class Lion:
         """From the authors' YAML (`configs/models/lion_flant5xl.yaml`, read as it is) or OfficialPaths.
 
         When the YAML names a `ram_model` and no tagger is given, RAM is attached lazily: its weights
-        are read the first time an image needs tags.
+        are read the first time an image needs tags, with the YAML's `ram_config` / `ram_tag_list` /
+        `ram_tag_list_threshold` when given. A `generation:` mapping in the YAML sets the decoding
+        defaults and prompt templates (default: the authors').
         """
         paths = config_or_paths if isinstance(config_or_paths, OfficialPaths) else \
             OfficialPaths.from_yaml(config_or_paths)
@@ -117,8 +153,8 @@ class Lion:
         if tagger is None and paths.ram_model is not None and model.config.enable_semantic_tags:
             from .tagger import LazyRamTagger
 
-            tagger = LazyRamTagger(paths.ram_model, device=device)
-        return cls(model, processor, tagger)
+            tagger = LazyRamTagger(paths.ram_model, device=device, **paths.ram_tagger_options())
+        return cls(model, processor, tagger, paths.extra.get("generation"))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
@@ -131,22 +167,33 @@ class Lion:
         model = load_bundle_model(directory, device=device, dtype=resolve_dtype(device, dtype),
                                   attn_implementation=attn_implementation)
         if tagger is None:
-            tagger = bundle_tagger(Path(directory))
-        return cls(model, LionProcessor.from_pretrained(model.config, directory), tagger)
+            tagger = bundle_tagger(Path(directory), device)
+        processor = LionProcessor.from_pretrained(model.config, directory)
+        if model.config.enable_semantic_tags:
+            token_id = soft_prompt_token_id(processor.tokenizer, Path(directory) / "tokenizer")
+            if token_id != model.config.language.soft_prompt_token_id:
+                raise CheckpointError(f"{Path(directory) / 'tokenizer'}: <extra_id_0> is token {token_id}, but "
+                                      f"config.json says {model.config.language.soft_prompt_token_id}: the "
+                                      "tokenizer is not the model's")
+        return cls(model, processor, tagger, GenerationDefaults.load(directory))
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | str | None = None) -> Path:
-        """A bundle (config.json, safetensors shards, tokenizers); `dtype` (e.g. float16, for a smaller
-        file) is the storage dtype of floating-point weights, converted back on loading as usual."""
+        """A bundle: the whole model in one folder. config.json (with model type and format version),
+        safetensors shards, tokenizers, the tagger (RAM's weights, config and vocabulary, or a built-in
+        tagger's settings: tagger.json) and generation_config.json (decoding defaults, prompt templates).
+        `dtype` (e.g. float16, for a smaller file) is the storage dtype of the model's floating-point
+        weights, converted back on loading as usual; RAM is stored in its own dtype."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.to_json(directory / "config.json")
+        write_bundle_config(self.config, directory)
         state = bundle_state(self.model)
         if dtype is not None:
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_state_sharded(state, directory)
         self.processor.save_pretrained(directory)
-        write_tagger_spec(self.tagger, directory)
+        write_tagger(self.tagger, directory)
+        self.generation_config.save(directory)
         return directory
 
     # -- inference ----------------------------------------------------------------------------------
@@ -157,33 +204,38 @@ class Lion:
         return self.tagger.tag([load_image(i) for i in images])
 
     def generate(self, images: Sequence[ImageInput], questions: Sequence[str], tasks: str | Sequence[str] = "vqa",
-                 tags: Sequence[str | Sequence[str] | None] | None = None, *, num_beams: int = 5,
-                 max_new_tokens: int = 256, min_length: int = 1, repetition_penalty: float = 1.5,
-                 length_penalty: float = 1.0, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 0.9, num_return_sequences: int = 1, use_cache: bool = True,
-                 static_cache: bool = False, notebook_format: bool = False) -> list[str]:
-        """One answer per (image, question, task); the authors' decoding defaults (5 beams, up to 256
-        new tokens, repetition penalty 1.5). Each sample has its own task: image-level ("caption",
-        "vqa") and region-level ("grounding") samples mix in one batch.
+                 tags: Sequence[str | Sequence[str] | None] | None = None, *, num_beams: int | None = None,
+                 max_new_tokens: int | None = None, min_length: int | None = None,
+                 repetition_penalty: float | None = None, length_penalty: float | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
+                 num_return_sequences: int = 1, use_cache: bool = True, static_cache: bool = False,
+                 notebook_format: bool = False) -> list[str]:
+        """One answer per (image, question, task); `questions` are the model's prompts as they are (see
+        `caption`/`ask`/`ground` for the model's templates). Decoding settings left at None come from
+        `self.generation_config` (the model's own; the authors' are 5 beams, up to 256 new tokens,
+        repetition penalty 1.5). Each sample has its own task: image-level ("caption", "vqa") and
+        region-level ("grounding") samples mix in one batch.
 
         `static_cache=True` preallocates the KV cache, which lets transformers compile the decoder step
         on a GPU (CUDA graphs): about 4x faster greedy decoding at small batches on an H200, after a
         first call that compiles for 30-50 s per batch shape. Same tokens as the dynamic cache."""
         if isinstance(tasks, str):
             tasks = [tasks] * len(questions)
+        given = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_length": min_length,
+                 "repetition_penalty": repetition_penalty, "length_penalty": length_penalty,
+                 "do_sample": do_sample, "temperature": temperature, "top_p": top_p}
+        decoding = {**self.generation_config.for_tasks(tasks), **{k: v for k, v in given.items() if v is not None}}
         pil_images = [load_image(i) for i in images]
         tags = self._complete_tags(pil_images, tags)
         batch = self.processor(pil_images, questions, tasks, tags, notebook_format=notebook_format)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        temperature, top_p = decoding.pop("temperature"), decoding.pop("top_p")
+        sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if decoding["do_sample"] else {}
         if static_cache:
             sampling["cache_implementation"] = "static"
-        output = self.model.generate(
-            **batch, num_beams=num_beams, max_new_tokens=max_new_tokens, min_length=min_length,
-            repetition_penalty=repetition_penalty, length_penalty=length_penalty, do_sample=do_sample,
-            num_return_sequences=num_return_sequences, use_cache=use_cache, **sampling,
-        )
+        output = self.model.generate(**batch, **decoding, num_return_sequences=num_return_sequences,
+                                     use_cache=use_cache, **sampling)
         return self.processor.decode(output)
 
     def _complete_tags(self, images: list[Image.Image], tags: Sequence[Any] | None) -> list[Any] | None:
@@ -197,18 +249,25 @@ class Lion:
                 tags[i] = found
         return tags
 
-    def caption(self, image: ImageInput, prompt: str = CAPTION_PROMPT, tags: str | Sequence[str] | None = None,
+    def caption(self, image: ImageInput, prompt: str | None = None, tags: str | Sequence[str] | None = None,
                 **kwargs: Any) -> str:
-        return self.generate([image], [prompt], "caption", [tags], **kwargs)[0]
+        """A caption; `prompt` replaces the model's caption instruction. Decoding: the model's defaults,
+        overridden by `kwargs` (`Lion.generate`'s keywords)."""
+        return self.generate([image], [self.generation_config.prompt("caption", prompt)], "caption", [tags],
+                             **kwargs)[0]
 
     def ask(self, image: ImageInput, question: str, tags: str | Sequence[str] | None = None, **kwargs: Any) -> str:
-        return self.generate([image], [question], "vqa", [tags], **kwargs)[0]
+        """The answer to `question`, put into the model's question template (`Question: {question} Short
+        answer:` for lion-shapes; as typed for the authors' models)."""
+        return self.generate([image], [self.generation_config.prompt("vqa", question)], "vqa", [tags], **kwargs)[0]
 
-    def ground(self, image: ImageInput, phrase: str, prompt: str = GROUNDING_PROMPT,
+    def ground(self, image: ImageInput, phrase: str, prompt: str | None = None,
                tags: str | Sequence[str] | None = None, **kwargs: Any) -> Grounding:
-        """The box of `phrase`, normalised and in pixels of the original image (None if unparsable)."""
+        """The box of `phrase`, normalised and in pixels of the original image (None if unparsable).
+        `prompt` (with `{}` for the phrase) replaces the model's grounding template."""
         pil = load_image(image)
-        text = self.generate([pil], [prompt.format(phrase)], "grounding", [tags], **kwargs)[0]
+        question = prompt.format(phrase) if prompt is not None else self.generation_config.prompt("grounding", phrase)
+        text = self.generate([pil], [question], "grounding", [tags], **kwargs)[0]
         box = parse_box(text)
         return Grounding(text, box, box.to_pixels(*pil.size) if box else None)
 

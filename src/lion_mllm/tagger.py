@@ -61,6 +61,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .downloads import RemoteFile, cache_dir, file_digest
+from .errors import CheckpointError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -68,6 +69,7 @@ __all__ = [
     "OFFICIAL_NUM_TAGS",
     "RAM_TAG_LIST_FILE",
     "RAM_THRESHOLDS_FILE",
+    "RAM_BUNDLE_WEIGHTS",
     "LazyRamTagger",
     "RamCheckpointError",
     "RamConfig",
@@ -111,11 +113,18 @@ RAM_THRESHOLDS_FILE = RemoteFile(
 )
 
 
-class RamCheckpointError(RuntimeError):
-    """The RAM checkpoint cannot be read or does not fit the tagger (message names the file)."""
+# A bundle's copy of RAM (written by RamTagger.save_bundle).
+RAM_BUNDLE_WEIGHTS = "ram.safetensors"
+_BUNDLE_TAG_LIST = "ram_tag_list.txt"
+_BUNDLE_THRESHOLDS = "ram_tag_list_threshold.txt"
 
 
-class RamVocabularyError(ValueError):
+class RamCheckpointError(CheckpointError, RuntimeError):
+    """The RAM checkpoint cannot be read or does not fit the tagger (message names the file). A
+    CheckpointError like every other loading problem; still a RuntimeError for older callers."""
+
+
+class RamVocabularyError(CheckpointError):
     """A tag list / threshold file is not the expected one or cannot be parsed."""
 
 
@@ -206,7 +215,8 @@ class RamConfig:
             swin = json.loads(swin_path.read_text(encoding="utf-8"))
             q2l = json.loads(q2l_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read RAM config folder {ram_dir}: {err}") from err
+            raise RamCheckpointError(f"cannot read RAM config folder {ram_dir} (it needs configs/q2l_config.json and "
+                                     f"configs/swin/config_swinL_{image_size}.json): {err}") from err
         if num_tags is None:
             tag_file = ram_dir / "data" / "ram_tag_list.txt"
             num_tags = (
@@ -892,6 +902,72 @@ class RamTagger(nn.Module):
             logger.warning("%s: ignored %d unexpected keys: %s", path, len(unexpected), unexpected[:10])
         return model.to(device=device, dtype=dtype)
 
+    # ---- a lion-mllm bundle's copy (safetensors weights in our layout, config and vocabulary as files) ----
+
+    def save_bundle(self, directory: PathLike) -> dict[str, Any]:
+        """Write the tagger into a model bundle; returns the `tagger.json` entry that finds it again."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.endswith("relative_position_index")}  # recomputed on loading
+        weights = directory / RAM_BUNDLE_WEIGHTS
+        save_file(state, str(weights), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        weights.chmod(0o666 & ~umask)  # safetensors writes 0600; bundles are shared like other files
+        (directory / _BUNDLE_TAG_LIST).write_text("".join(f"{tag}\n" for tag in self.tag_list), encoding="utf-8")
+        # float32 thresholds written exactly (repr of the float32 value reads back to the same float32)
+        (directory / _BUNDLE_THRESHOLDS).write_text(
+            "".join(f"{value!r}\n" for value in self.class_threshold.tolist()), encoding="utf-8")
+        return {"type": "ram", "config": self.config.to_dict(), "weights": RAM_BUNDLE_WEIGHTS,
+                "tag_list": _BUNDLE_TAG_LIST, "thresholds": _BUNDLE_THRESHOLDS}
+
+    @classmethod
+    def from_bundle(cls, directory: PathLike, spec: Mapping[str, Any], *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> RamTagger:
+        """The tagger `save_bundle` wrote (`spec` is its `tagger.json` entry)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        where = directory / "tagger.json"
+        try:
+            config = RamConfig.from_dict(spec["config"])
+            weights = directory / spec.get("weights", RAM_BUNDLE_WEIGHTS)
+            tag_list = directory / spec.get("tag_list", _BUNDLE_TAG_LIST)
+            thresholds = directory / spec.get("thresholds", _BUNDLE_THRESHOLDS)
+        except (KeyError, TypeError, ValueError) as err:
+            raise RamCheckpointError(f"{where}: not a RAM tagger entry (needs config, weights, tag_list, "
+                                     f"thresholds): {err}") from None
+        for path in (weights, tag_list, thresholds):
+            if not path.is_file():
+                raise RamCheckpointError(f"{where} names {path.name}, which is not in {directory}")
+        vocab = RamVocabulary.from_files(tag_list, thresholds, verify=False)
+        if len(vocab) != config.num_tags:
+            raise RamVocabularyError(f"{tag_list}: {len(vocab)} tags, but the RAM config in {where} has {config.num_tags}")
+        try:
+            state = load_file(str(weights))
+        except Exception as err:  # safetensors raises its own error types for a bad file
+            raise RamCheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+        with torch.device("meta"):
+            model = cls(config, vocab.tags, vocab.thresholds)
+        expected = {k: v for k, v in model.state_dict().items() if not k.endswith("relative_position_index")}
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise RamCheckpointError(f"{weights}: does not fit the RAM config in {where}: missing {missing[:5]}, "
+                                     f"unexpected {unexpected[:5]}")
+        for key, ref in expected.items():
+            if tuple(state[key].shape) != tuple(ref.shape):
+                raise RamCheckpointError(f"{weights}: {key} has shape {tuple(state[key].shape)}, the RAM config "
+                                         f"in {where} expects {tuple(ref.shape)}")
+        model.load_state_dict(state, strict=False, assign=True)
+        model._recompute_buffers()
+        model.requires_grad_(False)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:
+            raise RamCheckpointError(f"{weights}: no value for {leftover[:5]}")
+        return model.to(device=device, dtype=dtype)
+
     def _load_official_weights(self, weights: Mapping[str, Tensor], path: Path) -> None:
         mapped = official_to_ours(weights, swin_layout=_layout_of_keys(self.visual_encoder.state_dict().keys()))
         expected = {k: v for k, v in self.state_dict().items() if not k.endswith("relative_position_index")}
@@ -1035,6 +1111,15 @@ class LazyRamTagger:
         }
         self._tagger: RamTagger | None = None
         self._lock = threading.Lock()
+        self._bundle: tuple[Path, dict[str, Any]] | None = None
+
+    @classmethod
+    def from_bundle(cls, directory: PathLike, spec: Mapping[str, Any], *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> LazyRamTagger:
+        """A bundle's RAM (`RamTagger.from_bundle`), read when tags are first needed."""
+        lazy = cls(Path(directory) / str(spec.get("weights", RAM_BUNDLE_WEIGHTS)), device=device, dtype=dtype)
+        lazy._bundle = (Path(directory), dict(spec))
+        return lazy
 
     @property
     def is_loaded(self) -> bool:
@@ -1044,7 +1129,10 @@ class LazyRamTagger:
         """Load (once) and return the underlying :class:`RamTagger`."""
         if self._tagger is None:
             with self._lock:
-                if self._tagger is None:
+                if self._tagger is None and self._bundle is not None:
+                    self._tagger = RamTagger.from_bundle(*self._bundle, device=self._kwargs["device"],
+                                                         dtype=self._kwargs["dtype"])  # type: ignore[arg-type]
+                elif self._tagger is None:
                     self._tagger = RamTagger.from_official(self.checkpoint_path, **self._kwargs)  # type: ignore[arg-type]
         return self._tagger
 

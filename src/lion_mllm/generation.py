@@ -1,0 +1,200 @@
+"""How a model is meant to be asked: its decoding defaults and prompt templates (`generation_config.json`).
+
+A bundle records these as the model was trained, so every caller (the Python API, every `lion` command,
+the server) decodes the model the same way without flags::
+
+    lion = load_model("lion-shapes")
+    lion.generation_config.for_task("vqa")          # {'num_beams': 1, ..., 'repetition_penalty': 1.0}
+    lion.generation_config.prompt("vqa", "How many circles are there?")
+    # 'Question: How many circles are there? Short answer:'
+
+Explicit arguments (API keyword arguments, CLI flags, request fields) override these defaults. The
+defaults of this module are the authors' LION settings (5 beams, up to 256 new tokens, repetition
+penalty 1.5, questions passed as typed), used for the authors' YAML and for bundles without the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+__all__ = ["CAPTION_PROMPT", "DECODING_FIELDS", "GENERATION_CONFIG_FILE", "GROUNDING_TEMPLATE", "TASKS",
+           "VQA_TEMPLATE", "GenerationDefaults", "canonical_task"]
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+# The authors' caption instruction and their playground REC prompt (a Shikra template, `<image>` literal).
+CAPTION_PROMPT = "Please describe the image using a single short sentence."
+GROUNDING_TEMPLATE = "In the image <image>, can you locate {phrase} and let me know its coordinates?"
+# The authors' models take the question as typed.
+VQA_TEMPLATE = "{question}"
+
+# The three prompt kinds; other task names map onto them (the router only knows image vs region level).
+TASKS = ("caption", "vqa", "grounding")
+_TASK_ALIASES = {"caption": "caption", "vqa": "vqa", "ask": "vqa", "image_level": "vqa",
+                 "grounding": "grounding", "ground": "grounding", "rec": "grounding", "region_level": "grounding"}
+_PLACEHOLDERS = {"caption": None, "vqa": "question", "grounding": "phrase"}
+
+# The `Lion.generate` keyword arguments a generation config sets.
+DECODING_FIELDS = ("num_beams", "max_new_tokens", "min_length", "repetition_penalty", "length_penalty",
+                   "do_sample", "temperature", "top_p")
+
+
+def canonical_task(task: str) -> str:
+    """`caption`, `vqa` or `grounding` for any task name the model accepts (`ask`, `rec`, `region_level`...)."""
+    try:
+        return _TASK_ALIASES[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(_TASK_ALIASES)}") from None
+
+
+def _default_prompts() -> dict[str, str]:
+    return {"caption": CAPTION_PROMPT, "vqa": VQA_TEMPLATE, "grounding": GROUNDING_TEMPLATE}
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Decoding defaults and prompt templates of one model.
+
+    `prompts`: per task, the caption instruction (`caption`), the question template with `{question}`
+    (`vqa`) and the phrase template with `{phrase}` (`grounding`). `task_decoding`: per-task overrides of
+    the decoding fields, e.g. `{"caption": {"max_new_tokens": 30}}`.
+    """
+
+    num_beams: int = 5
+    max_new_tokens: int = 256
+    min_length: int = 1
+    repetition_penalty: float = 1.5
+    length_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.9
+    prompts: Mapping[str, str] = field(default_factory=_default_prompts)
+    task_decoding: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_decoding(self.decoding_fields(), "generation config")
+        prompts = {**_default_prompts(), **dict(self.prompts)}
+        for task, template in prompts.items():
+            if task not in TASKS:
+                raise ValueError(f"generation config: prompts has unknown task {task!r} (known: {list(TASKS)})")
+            if not isinstance(template, str) or not template.strip():
+                raise ValueError(f"generation config: prompts.{task} must be a non-empty string")
+            placeholder = _PLACEHOLDERS[task]
+            try:
+                filled = template.format(**({placeholder: "\0"} if placeholder else {}))
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(f"generation config: prompts.{task} {template!r} is not a valid template "
+                                 f"(only {{{placeholder}}} may appear)" if placeholder else
+                                 f"generation config: prompts.{task} {template!r} must hold no {{...}} field"
+                                 ) from error
+            if placeholder and "\0" not in filled:
+                raise ValueError(f"generation config: prompts.{task} {template!r} lacks {{{placeholder}}}")
+        per_task = {}
+        for task, overrides in dict(self.task_decoding).items():
+            if task not in TASKS:
+                raise ValueError(f"generation config: task_decoding has unknown task {task!r} (known: {list(TASKS)})")
+            unknown = sorted(set(overrides) - set(DECODING_FIELDS))
+            if unknown:
+                raise ValueError(f"generation config: task_decoding.{task} has unknown fields {unknown}")
+            _check_decoding({**self.decoding_fields(), **overrides}, f"generation config task_decoding.{task}")
+            per_task[task] = dict(overrides)
+        object.__setattr__(self, "prompts", prompts)
+        object.__setattr__(self, "task_decoding", per_task)
+
+    # -- use ----------------------------------------------------------------------------------------
+
+    def decoding_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in DECODING_FIELDS}
+
+    def for_task(self, task: str) -> dict[str, Any]:
+        """`Lion.generate` keyword arguments for one task (its overrides applied)."""
+        return {**self.decoding_fields(), **self.task_decoding.get(canonical_task(task), {})}
+
+    def for_tasks(self, tasks: Sequence[str]) -> dict[str, Any]:
+        """Keyword arguments for one batch: the tasks' common settings. A batch decodes with one set, so
+        tasks whose overrides disagree fall back to the model-wide defaults."""
+        settings = [self.for_task(t) for t in dict.fromkeys(tasks)]
+        if settings and all(s == settings[0] for s in settings):
+            return settings[0]
+        return self.decoding_fields()
+
+    def prompt(self, task: str, text: str | None = None) -> str:
+        """The model prompt for `text`: the question (vqa) or phrase (grounding) put into the model's
+        template; for captions `text` replaces the default instruction when given."""
+        kind = canonical_task(task)
+        template = self.prompts[kind]
+        if kind == "caption":
+            return text if text else template
+        if text is None or not str(text).strip():
+            raise ValueError(f"a {kind} prompt needs a {_PLACEHOLDERS[kind]}")
+        return template.format(**{_PLACEHOLDERS[kind]: text})
+
+    def replace(self, **changes: Any) -> "GenerationDefaults":
+        return dataclasses.replace(self, **changes)
+
+    # -- files --------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.decoding_fields(), "prompts": dict(self.prompts),
+                "task_decoding": {k: dict(v) for k, v in self.task_decoding.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path = "generation config") -> "GenerationDefaults":
+        """From `to_dict`'s form; any problem is a CheckpointError naming `source`."""
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{source}: expected a mapping of generation settings, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown generation settings {unknown} (known: {sorted(known)})")
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{source}: {error}") from None
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / GENERATION_CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "GenerationDefaults":
+        """A bundle's `generation_config.json`; the authors' defaults when the bundle has none."""
+        path = Path(directory) / GENERATION_CONFIG_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: not a readable JSON file ({error}); fix or delete it") from None
+        return cls.from_dict(data, path)
+
+
+def _check_decoding(values: Mapping[str, Any], where: str) -> None:
+    def bad(name: str, wanted: str) -> ValueError:
+        return ValueError(f"{where}: {name} must be {wanted}, got {values[name]!r}")
+
+    for name in ("num_beams", "max_new_tokens"):
+        if name in values and (not isinstance(values[name], int) or isinstance(values[name], bool)
+                               or values[name] < 1):
+            raise bad(name, "an integer of at least 1")
+    if "min_length" in values and (not isinstance(values["min_length"], int) or values["min_length"] < 0):
+        raise bad("min_length", "an integer of at least 0")
+    for name in ("repetition_penalty", "temperature"):
+        if name in values and (not isinstance(values[name], (int, float)) or isinstance(values[name], bool)
+                               or not values[name] > 0):
+            raise bad(name, "a number greater than 0")
+    if "length_penalty" in values and (not isinstance(values["length_penalty"], (int, float))
+                                       or isinstance(values["length_penalty"], bool)):
+        raise bad("length_penalty", "a number")
+    if "top_p" in values and (not isinstance(values["top_p"], (int, float)) or not 0 < values["top_p"] <= 1):
+        raise bad("top_p", "a number in (0, 1]")
+    if "do_sample" in values and not isinstance(values["do_sample"], bool):
+        raise bad("do_sample", "true or false")
