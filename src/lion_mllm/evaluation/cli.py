@@ -112,6 +112,7 @@ def _model_generate_fn(args: argparse.Namespace):
                 f"lion eval: {len(questions)}+ predictions are missing from the predictions file and no "
                 "--model was given to generate them"
             )
+        no_model.score_candidates = lambda images, prompts, candidates, tasks: no_model(images, prompts, tasks)
         return no_model
     import lion_mllm  # lazily: the model stack (torch, transformers) is heavy
 
@@ -120,6 +121,13 @@ def _model_generate_fn(args: argparse.Namespace):
     def generate_fn(images, questions, tasks, **decoding):
         return model.generate(images, questions, tasks=tasks, **decoding)
 
+    def score_candidates(images, prompts, candidates, tasks):
+        # VisDial: rank the candidate answers by the model's log-likelihood of each.
+        from .likelihood import candidate_log_likelihoods
+
+        return candidate_log_likelihoods(model, images, prompts, candidates, tasks)
+
+    generate_fn.score_candidates = score_candidates
     return generate_fn
 
 

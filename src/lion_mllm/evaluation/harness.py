@@ -30,6 +30,7 @@ from .datasets import (
     load_pope,
     load_rec,
     load_vqa_pair,
+    load_visdial,
     load_vsr,
 )
 from .metrics_caption import check_java
@@ -37,11 +38,14 @@ from .report import render_markdown
 from .scorers import score_task
 from .tasks import get_task, infer_split, set_protocol
 
-__all__ = ["evaluate", "load_task_samples", "render_prompt", "read_predictions", "GenerateFn"]
+__all__ = ["evaluate", "load_task_samples", "render_prompt", "read_predictions", "GenerateFn", "ScoreFn"]
 
 log = logging.getLogger(__name__)
 
 GenerateFn = Callable[[list[Any], list[str], list[str]], list[str]]
+# (images, prompts, candidate answers per query, tasks) -> one score per candidate (higher = better),
+# e.g. `likelihood.candidate_log_likelihoods`: the generative ranking of VisDial's 100 answers.
+ScoreFn = Callable[[list[Any], list[str], list[list[str]], list[str]], list[list[float]]]
 PathArg = str | os.PathLike | Sequence[str | os.PathLike]
 
 
@@ -57,6 +61,8 @@ def load_task_samples(
             raise FileNotFoundError(f"annotation file not found: {p}")
     if loader == "vqa_pair":
         return load_vqa_pair(paths if len(paths) > 1 else paths[0], image_root)
+    if loader == "visdial":
+        return load_visdial(paths if len(paths) > 1 else paths[0], image_root)
     if len(paths) != 1:
         raise ValueError(f"task {spec['name']!r} takes one annotation file, got {len(paths)}")
     path = paths[0]
@@ -201,6 +207,37 @@ def _generate(
     return out
 
 
+def _rank_candidates(
+    samples: Sequence[EvalSample], prompts: Mapping[str, str], score_fn: ScoreFn, route: str, batch_size: int,
+    task: str, split: str | None, sink: str | None,
+) -> dict[str, dict[str, Any]]:
+    """Score every candidate answer of each sample; records carry the scores and the best candidate."""
+    out: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        images = [s.load_image() for s in batch]
+        questions = [prompts[s.id] for s in batch]
+        candidates = [list(s.target["candidates"]) for s in batch]
+        scores = score_fn(images, questions, candidates, [route] * len(batch))
+        if not isinstance(scores, (list, tuple)) or len(scores) != len(batch):
+            raise RuntimeError(f"score_fn returned {len(scores) if hasattr(scores, '__len__') else '?'} score lists "
+                               f"for a batch of {len(batch)}")
+        recs = []
+        for s, q, cands, row in zip(batch, questions, candidates, scores):
+            row = [float(v) for v in row]
+            if len(row) != len(cands):
+                raise RuntimeError(f"score_fn returned {len(row)} scores for the {len(cands)} candidates of {s.id!r}")
+            best = max(range(len(row)), key=lambda i: (row[i], -i))
+            rec = {"id": s.id, "task": task, "split": split, "prompt": q, "prediction": cands[best], "scores": row}
+            out[s.id] = rec
+            recs.append(rec)
+        if sink is not None:
+            with open(sink, "a", encoding="utf-8") as fh:
+                for rec in recs:
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return out
+
+
 def evaluate(
     task_name: str,
     generate_fn: GenerateFn,
@@ -219,6 +256,7 @@ def evaluate(
     spice: bool | None = None,
     progress: bool = False,
     protocol: str | None = None,
+    score_fn: ScoreFn | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on one benchmark and return the report.
 
@@ -247,6 +285,8 @@ def evaluate(
         model_name: label for the report and its markdown tables.
         spice: SPICE for captions (None = only if its models are installed).
         progress: show a tqdm progress bar.
+        score_fn: ranks candidate answers (VisDial): ``(images, prompts, candidates, tasks) ->
+            scores``; without it, ``generate_fn.score_candidates`` is used when present.
         protocol: scoring protocol of tasks that have several (vqav2/okvqa: "vqa2016" (default)
             or "vqa2021"; aokvqa_da: "allenai" (default), "lavis" or "vqa"); reported.
 
@@ -294,8 +334,16 @@ def evaluate(
     mine = samples[rank::world]
     todo = [s for s in mine if s.id not in existing]
     sink = None if not pred_path else (pred_path if world == 1 else f"{pred_path}.rank{rank}")
-    new = _generate(todo, prompts, generate_fn, spec["route"], batch_size, dec, spec["name"], report_split, sink,
-                    progress)
+    if spec["kind"] == "visdial":
+        ranker = score_fn or getattr(generate_fn, "score_candidates", None)
+        if todo and ranker is None:
+            raise ValueError(f"task {spec['name']!r} ranks candidate answers: pass score_fn (e.g. "
+                             "lion_mllm.evaluation.likelihood.candidate_log_likelihoods) or an existing predictions file")
+        new = _rank_candidates(todo, prompts, ranker, spec["route"], batch_size, spec["name"], report_split, sink) \
+            if todo else {}
+    else:
+        new = _generate(todo, prompts, generate_fn, spec["route"], batch_size, dec, spec["name"], report_split, sink,
+                        progress)
 
     if world > 1:
         import torch.distributed as dist
@@ -320,7 +368,8 @@ def evaluate(
                 raise RuntimeError(f"{len(missing)} samples have no prediction, e.g. {missing[:3]}")
             reused = sum(1 for s in samples if s.id in existing)
             stale = sum(1 for s in samples if s.id in existing and existing[s.id].get("prompt") not in (None, prompts[s.id]))
-            metrics, notes = score_task(spec, samples, {s.id: merged[s.id]["prediction"] for s in samples}, spice=spice)
+            metrics, notes = score_task(spec, samples, {s.id: merged[s.id]["prediction"] for s in samples}, spice=spice,
+                                        candidate_scores={s.id: merged[s.id].get("scores") for s in samples})
             if stale:
                 notes.append(f"{stale} reused predictions were generated with a different prompt")
             paths = [annotation_path] if isinstance(annotation_path, (str, os.PathLike)) else list(annotation_path)

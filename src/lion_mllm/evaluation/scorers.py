@@ -10,6 +10,7 @@ from .metrics_caption import cider_per_group, score_captions
 from .metrics_mmbench import MMBenchItem, extract_choice, score_mmbench
 from .metrics_pope import score_pope
 from .metrics_rec import score_rec
+from .metrics_visdial import score_visdial
 from .metrics_vqa import (
     AOKVQA_DA_PROTOCOLS,
     VQA_REVISIONS,
@@ -42,8 +43,25 @@ def _pct(values: Sequence[float]) -> float:
     return 100.0 * sum(values) / len(values)
 
 
+def _score_visdial(samples: Sequence[EvalSample], candidate_scores: Mapping[str, Sequence[float] | None],
+                   notes: list[str]) -> tuple[dict[str, Any], list[str]]:
+    missing = [s.id for s in samples if candidate_scores.get(s.id) is None]
+    if missing:
+        raise ValueError(f"{len(missing)} VisDial rounds have no candidate scores in the predictions "
+                         f"(e.g. {missing[:3]}); they were made by generation, not ranking")
+    if all(s.target["gt_index"] is None and s.target["relevance"] is None for s in samples):
+        notes.append("annotation has no ground truth (e.g. the test split): ranks only, not scored")
+        return {}, notes
+    metrics = score_visdial((candidate_scores[s.id], s.target["gt_index"], s.target["relevance"]) for s in samples)
+    if metrics["NDCG"] is None:
+        notes.append("no dense relevance annotations given: NDCG not computed "
+                     "(pass visdial_1.0_val_dense_annotations.json as a second --ann file)")
+    return metrics, notes
+
+
 def score_task(
-    spec: Mapping[str, Any], samples: Sequence[EvalSample], predictions: Mapping[str, str], *, spice: bool | None = None
+    spec: Mapping[str, Any], samples: Sequence[EvalSample], predictions: Mapping[str, str], *, spice: bool | None = None,
+    candidate_scores: Mapping[str, Sequence[float] | None] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Score ``predictions`` (sample id -> model text) for the task ``spec``.
 
@@ -52,6 +70,8 @@ def score_task(
     """
     kind = spec["kind"]
     notes: list[str] = []
+    if kind == "visdial":
+        return _score_visdial(samples, candidate_scores or {}, notes)
     if any(s.target is None for s in samples):
         notes.append("annotation has no ground truth (e.g. a test split): predictions only, not scored")
         return {}, notes

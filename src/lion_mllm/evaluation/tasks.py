@@ -32,6 +32,8 @@ VQA_PROMPT = "Question: {question} Short answer:"
 REC_PROMPT = "In the image <image>, can you locate {expr} and let me know its coordinates?"
 YESNO_PROMPT = "{question} Please answer yes or no."
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+# VisDial: the caption and earlier rounds as text, then the question in the short-answer VQA form.
+VISDIAL_PROMPT = "Dialog history: {history}\nQuestion: {question} Short answer:"
 
 # Decoding defaults. The official generate() defaults are num_beams=5,
 # max_new_tokens=256 (spec 2.5); answers end at EOS long before the cap, so the
@@ -129,6 +131,15 @@ TASKS: dict[str, dict[str, Any]] = {
         "VSR", "binary", "vsr", "VSR", {"LION-4B": 72.96, "LION-12B": 73.77},
         prompt='Is the following statement about the image true? "{caption}" Please answer yes or no.',
     ),
+    # --- Visual Dialog (Table 1, last column) ----------------------------------------
+    # Generative ranking of the 100 candidate answers by the model's log-likelihood. The paper
+    # does not name the metric of its VisDial column; InstructBLIP, whose numbers it lists next to
+    # LION's, reports MRR, so MRR is the primary metric here (NDCG, R@k, mean rank reported too).
+    "visdial": {
+        "benchmark": "VisDial v1.0 (val)", "kind": "visdial", "loader": "visdial", "route": "vqa",
+        "prompt": VISDIAL_PROMPT, "decoding": {}, "primary": "MRR", "table": "table1", "column": "VisDial",
+        "paper": {"LION-4B": 50.02, "LION-12B": 50.42},
+    },
     # --- REC (Table 2, Acc@0.5) -----------------------------------------------------
     "refcoco": _rec("RefCOCO"),
     "refcoco+": _rec("RefCOCO+"),
@@ -151,7 +162,7 @@ ALIASES: dict[str, str] = {
     "coco": "coco_caption", "cococap": "coco_caption", "coco_karpathy": "coco_caption",
     "flickr": "flickr30k", "ok-vqa": "okvqa", "aokvqa": "aokvqa_da", "a-okvqa": "aokvqa_da",
     "refcoco_plus": "refcoco+", "refcocoplus": "refcoco+", "pope-random": "pope_random",
-    "pope-popular": "pope_popular", "pope-adversarial": "pope_adversarial", "mmbench_en": "mmbench",
+    "pope-popular": "pope_popular", "pope-adversarial": "pope_adversarial", "mmbench_en": "mmbench", "visdial_val": "visdial",
 }
 
 # Fields each loader provides to prompt templates (for error messages and docs).
@@ -165,6 +176,7 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
     "rec": ("expr", "question"),
     "pope": ("question",),
     "mmbench": ("question", "hint", "hint_block", "options"),
+    "visdial": ("question", "caption", "history"),
 }
 
 
