@@ -538,3 +538,144 @@ def test_full_queue_answers_429_and_slow_requests_504(lion):
         assert send(live.url, "fine").status_code == 200
         stats = live.health()["batching"]
         assert stats["cancelled_before_run"] >= 1 and stats["samples"] == len(double.calls)
+
+
+# -- the built-in lion-shapes model: token streaming, continuous batching, cancellation, metrics ---------
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from lion_mllm import load_model
+
+    return load_model("lion-shapes")
+
+
+@pytest.fixture(scope="module")
+def shapes_scene():
+    from lion_mllm.shapes import make_scene, render
+
+    return render(make_scene(3))
+
+
+@pytest.fixture(scope="module")
+def shapes_server(shapes):
+    settings = ServerSettings(api_key=KEY, model_aliases=("lion-shapes",), max_batch_size=2, ui=False)
+    with LiveServer(create_app(shapes, settings)) as live:
+        live.app_settings = settings
+        yield live
+
+
+def test_openai_stream_arrives_token_by_token_and_equals_the_plain_answer(shapes_server, shapes, shapes_scene):
+    client = openai.OpenAI(base_url=shapes_server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    # 60 forced tokens: long enough that "all at the end" and "as decoded" cannot be confused
+    kwargs = dict(model="lion-shapes", messages=user("Describe the picture.", data_url(shapes_scene)),
+                  max_tokens=60, extra_body={"min_tokens": 60, "task": "caption"})
+    plain = client.chat.completions.create(**kwargs)
+    assert plain.model == "lion-shapes" and plain.usage.completion_tokens == 60
+    assert plain.choices[0].finish_reason == "length"
+    started = time.monotonic()
+    arrivals: list[tuple[float, str]] = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append((time.monotonic() - started, chunk.choices[0].delta.content))
+    total = time.monotonic() - started
+    assert "".join(piece for _, piece in arrivals) == plain.choices[0].message.content
+    assert len(arrivals) >= 10  # token by token, not one burst
+    first, last = arrivals[0][0], arrivals[-1][0]
+    assert first < 0.5 * total and last - first > 0.3 * total, (first, last, total)
+    expected = shapes.generate([shapes_scene], ["Describe the picture."], "caption", num_beams=1, repetition_penalty=1.0,
+                               max_new_tokens=60, min_length=61)[0]
+    assert plain.choices[0].message.content == expected
+
+
+def test_cancelled_stream_frees_its_slot(shapes_server, shapes_scene):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    before = shapes_server.health()["batching"]
+    long_body = {"model": "lion", "messages": user("Describe the picture.", data_url(shapes_scene)), "stream": True,
+                 "max_tokens": 500, "min_tokens": 500, "task": "caption"}
+    with httpx.stream("POST", shapes_server.url + "/v1/chat/completions", json=long_body, headers=headers,
+                      timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")  # the role chunk
+        assert "content" in next(l for l in lines if l)  # a token: it is decoding
+    # the client closed its stream: the server notices and the engine drops the request at its next step
+    deadline = time.monotonic() + 20
+    while shapes_server.health()["batching"]["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, "the closed stream kept decoding"
+        time.sleep(0.05)
+    stats = shapes_server.health()["batching"]
+    assert stats["active"] == 0 and stats["finished"] == before["finished"]
+    # a request closed before its answer (non-streamed: the client gives up) is dropped the same way
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(shapes_server.url + "/v1/chat/completions", headers=headers, timeout=1.0,
+                   json={**long_body, "stream": False})
+    deadline = time.monotonic() + 20
+    while shapes_server.health()["batching"]["cancelled"] < stats["cancelled"] + 1:
+        assert time.monotonic() < deadline, "the abandoned request kept decoding"
+        time.sleep(0.05)
+    quick = httpx.post(shapes_server.url + "/v1/chat/completions", headers=headers, timeout=60, json={
+        "model": "lion", "messages": user("How many shapes are there?", data_url(shapes_scene)), "max_tokens": 5})
+    assert quick.status_code == 200 and quick.json()["choices"][0]["message"]["content"]
+
+
+def test_short_request_is_not_held_behind_a_long_one(shapes_server, shapes_scene):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long_body = {"model": "lion", "messages": user("Describe the picture.", data_url(shapes_scene)),
+                 "max_tokens": 300, "min_tokens": 300, "task": "caption"}
+    short_body = {"model": "lion", "messages": user("How many shapes are there?", data_url(shapes_scene)),
+                  "max_tokens": 5}
+    with ThreadPoolExecutor(2) as pool:
+        started = time.monotonic()
+        long_reply = pool.submit(lambda: httpx.post(shapes_server.url + "/v1/chat/completions", json=long_body,
+                                                    headers=headers, timeout=120))
+        time.sleep(0.3)  # the long one is decoding
+        short = httpx.post(shapes_server.url + "/v1/chat/completions", json=short_body, headers=headers, timeout=120)
+        short_done = time.monotonic() - started
+        long_done = long_reply.result().json()
+        long_time = time.monotonic() - started
+    assert short.status_code == 200 and short.json()["lion"]["batch_size"] == 2  # joined the running batch
+    assert long_done["usage"]["completion_tokens"] == 300
+    assert short_done < 0.6 * long_time, (short_done, long_time)
+
+
+def test_models_metrics_and_login(shapes_server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    models = httpx.get(shapes_server.url + "/v1/models", headers=headers, timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["lion", "lion-shapes"]
+    assert httpx.get(shapes_server.url + "/v1/models/lion-shapes", headers=headers, timeout=10).status_code == 200
+    assert httpx.get(shapes_server.url + "/metrics", timeout=10).status_code == 401
+    text = httpx.get(shapes_server.url + "/metrics", headers=headers, timeout=10).text
+    for name in ("lion_queue_depth", "lion_active_requests", "lion_batch_size_bucket", "lion_generated_tokens_total",
+                 "lion_tokens_per_second", "lion_request_latency_seconds_bucket",
+                 "lion_time_to_first_token_seconds_count"):
+        assert name in text, name
+    assert 'lion_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    # the web page's login asks for the key alone and sets a session cookie
+    page = httpx.get(shapes_server.url + "/ui/", headers={"accept": "text/html"}, timeout=10)
+    assert page.status_code == 303 and page.headers["location"] == "/login"
+    form = httpx.get(shapes_server.url + "/login", timeout=10).text
+    assert 'name=key type=password' in form and "user" not in form.lower()
+    assert httpx.post(shapes_server.url + "/login", data={"key": "nope"}, timeout=10).status_code == 401
+    ok = httpx.post(shapes_server.url + "/login", data={"key": KEY}, timeout=10)
+    assert ok.status_code == 303 and "lion_ui" in ok.cookies
+    # past the guard (no page mounted in this server: the app's own 404, in the OpenAI shape)
+    assert httpx.get(shapes_server.url + "/ui/", cookies=ok.cookies, timeout=10).status_code == 404
+
+
+def test_shutdown_finishes_in_flight_streams_then_refuses(shapes, shapes_scene):
+    from lion_mllm.server.errors import ServerStoppingError
+    from lion_mllm.server.engine import DecodingSettings, GenerationRequest
+
+    app = create_app(shapes, ServerSettings(max_batch_size=2, ui=False))
+    body = {"model": "lion", "messages": user("Describe the picture.", data_url(shapes_scene)), "stream": True,
+            "max_tokens": 80, "min_tokens": 80, "task": "caption"}
+    with LiveServer(app) as live:
+        with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert "content" in next(l for l in lines if l and "content" in l)
+            live.server.should_exit = True  # Ctrl-C / SIGTERM: the answer in flight still completes
+            rest = [l for l in lines if l]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(rest)
+    with pytest.raises(ServerStoppingError):  # stopped for good: no revival by a late request
+        app.state.scheduler.submit(GenerationRequest(shapes_scene, "x", "vqa", None, DecodingSettings(2)))

@@ -67,12 +67,20 @@ def test_page_captions_and_draws_a_grounding_box(tmp_path: Path):
 
             page.route("**/*", only_local)
             page.goto(server.url + "/ui/", wait_until="networkidle")
+            # an error stays on the page (no vanishing toast, no "Error" stamped on every panel)
+            page.locator("#lion-run").click()
+            status = page.locator("#lion-status")
+            expect(status).to_contain_text("Upload an image first", timeout=30_000)
+            page.wait_for_timeout(6_000)  # longer than a toast lives
+            expect(status).to_contain_text("Upload an image first")
+            assert page.get_by_text("Error", exact=True).count() == 0
             page.locator("#lion-image input[type=file]").set_input_files(str(image_path))
             expect(page.locator("#lion-image img").first).to_be_visible(timeout=30_000)
             page.locator("#lion-tags textarea").fill("red, square")
             page.locator("#lion-run").click()
             expect(page.locator("#lion-answer textarea")).to_have_value(expected_caption, timeout=60_000)
             expect(page.locator("#lion-tags-used textarea")).to_have_value("red, square")
+            expect(status).not_to_contain_text("Upload an image first")  # cleared by the next good run
 
             page.get_by_role("radio", name="Ground").check()
             page.locator("#lion-text textarea").fill("the white rectangle")
@@ -85,9 +93,12 @@ def test_page_captions_and_draws_a_grounding_box(tmp_path: Path):
             assert src
             png = page.request.get(src if src.startswith("http") else server.url + src).body()
             drawn = Image.open(io.BytesIO(png)).convert("RGB")
-            assert drawn.size == (320, 240)
-            # BOX_TEXT is [0.1,0.25,0.6,0.75]: the left edge runs at x=32 from y=60 to y=180
-            assert drawn.getpixel((33, 120)) == BOX_COLOUR and drawn.getpixel((20, 120)) == (70, 120, 200)
+            assert drawn.size == (640, 480)  # a small image is shown enlarged, so boxes and labels stay legible
+            # BOX_TEXT is [0.1,0.25,0.6,0.75]: the left edge runs at x=64 from y=120 to y=360, 4 px wide
+            assert all(drawn.getpixel((x, 240)) == BOX_COLOUR for x in range(64, 68))
+            assert drawn.getpixel((40, 240)) == (70, 120, 200)
+            tag = [drawn.getpixel((x, y)) for x in range(64, 90) for y in range(90, 120)]
+            assert tag.count(BOX_COLOUR) > 200 and (0, 0, 0) in tag  # the number "1" on a filled tag
             shot = tmp_path / "webui.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
@@ -99,15 +110,19 @@ def test_page_captions_and_draws_a_grounding_box(tmp_path: Path):
             browser.close()
 
 
-def test_page_asks_for_the_api_key_when_the_server_has_one():
+def test_page_asks_for_the_api_key_alone_when_the_server_has_one():
     settings = ServerSettings(api_key="page-key", default_max_tokens=4)
     with LiveServer(create_app(make_tiny_lion(seed=9), settings)) as server:
         assert httpx.get(server.url + "/ui/config", timeout=10).status_code == 401
-        assert httpx.post(server.url + "/ui/login", data={"username": "me", "password": "nope"},
-                          timeout=10).status_code == 400
+        redirect = httpx.get(server.url + "/ui/", headers={"accept": "text/html"}, timeout=10)
+        assert redirect.status_code == 303 and redirect.headers["location"] == "/login"
+        form = httpx.get(server.url + "/login", timeout=10).text
+        assert "type=password" in form and "username" not in form.lower()  # one field: the key
+        assert httpx.post(server.url + "/login", data={"key": "nope"}, timeout=10).status_code == 401
         with httpx.Client(base_url=server.url, timeout=10) as browser_like:
-            assert browser_like.post("/ui/login", data={"username": "me", "password": "page-key"}).status_code == 200
+            assert browser_like.post("/login", data={"key": "page-key"}).status_code == 303
             assert browser_like.get("/ui/config").status_code == 200  # the session cookie opens the page
+            assert browser_like.get("/v1/models").status_code == 401  # the API still wants the bearer key
         assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
         assert httpx.get(server.url + "/", timeout=10).headers["location"] == "/ui/"
