@@ -69,8 +69,11 @@ def test_bad_records_and_images_are_skipped_and_counted(dirty, tmp_path):
     skipped = [json.loads(x) for x in (result.run_dir / "bad_data.jsonl").read_text().splitlines()]
     reasons = {s["source"]: s["reason"] for s in skipped}
     assert set(reasons) == {f"{ann}:5", f"{ann}:8"}  # both drawn in the first pass over the 10 records
+    assert {s["kind"] for s in skipped} == {"image"}
     assert "missing.png" in reasons[f"{ann}:5"] and "no such file" in reasons[f"{ann}:5"]
-    assert "corrupt.png" in reasons[f"{ann}:8"] and "not a readable image" in reasons[f"{ann}:8"]
+    assert "corrupt.png" in reasons[f"{ann}:8"]  # the decoder's own words follow
+    assert summary["samples_skipped_by_kind"] == {"image": summary["samples_skipped"]}
+    assert summary["skipped_records_by_kind"] == {"fields": 3}
     assert len(skipped) == summary["samples_skipped"]
     assert f"skipped sample {ann}:5: " in log
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lion_mllm.boxes import parse_box
 from lion_mllm.train.config import AugmentConfig, ConfigError, DatasetSpec, load_train_config
-from lion_mllm.train.data import (AnnotationDataset, MixtureSchedule, Record, augment, flip_box_text,
+from lion_mllm.train.data import (AnnotationDataset, AnnotationFileError, BadDataError, MixtureSchedule, Record, augment, flip_box_text,
                                   load_tag_cache, read_annotations, swap_left_right, write_tag_cache)
 
 
@@ -56,7 +56,7 @@ def test_json_lines_skip_broken_lines(tmp_path):
 def test_a_truncated_json_list_is_a_clear_error(tmp_path):
     path = tmp_path / "ann.json"
     path.write_text('[\n' + json.dumps(record()) + ',\n{"image": "b.png", "quest')
-    with pytest.raises(ValueError, match=r"ann\.json:3: not valid JSON"):
+    with pytest.raises(ValueError, match=r"ann\.json:3:\d+: not valid JSON"):
         read_annotations(path)
 
 
@@ -118,7 +118,7 @@ def test_tags_from_record_then_cache_else_skipped(tmp_path):
     assert len(dataset.bad) == 1 and dataset.bad[0].source == f"{ann}:3" and "no tags" in dataset.bad[0].reason
     empty = AnnotationDataset(spec, need_tags=True, missing_tags="empty")
     assert [r.tags for r in empty.records] == ["own", "", ""]
-    with pytest.raises(ValueError, match="no tags"):
+    with pytest.raises(BadDataError, match="no tags"):  # `lion train` reports it in one line, exit 1
         AnnotationDataset(spec, need_tags=True, missing_tags="error")
     assert len(AnnotationDataset(spec, need_tags=False).records) == 3
 
@@ -222,3 +222,63 @@ def test_shipped_stage_configs_are_complete(stage, tmp_path):
     assert cfg.run.stage == stage and cfg.visual_input == {1: "qformer", 2: "aggregator"}.get(stage, "all")
     assert cfg.run.mixed_precision == "bf16" and cfg.run.init_lr > 0
     assert cfg.run.output_dir == f"outputs/lion_stage{stage}"
+
+
+def test_a_file_with_one_bad_line_of_each_kind_loses_only_those_lines(tmp_path):
+    """JSON Lines: a non-UTF-8 byte, broken JSON, missing fields, bad tags and every malformed box are
+    each one skipped record with file:line and a reason; every good line is kept."""
+    good = [record(image=f"g{i}.png", answer=f"a{i}") for i in range(3)]
+    region = lambda answer: json.dumps(record(category="region_level", answer=answer))  # noqa: E731
+    lines = [
+        json.dumps(good[0]).encode(),
+        b'{"image": "x.png", "question": "caf\xe9?", "answer": "a", "category": "image_level"}',  # latin-1
+        b'{"image": "y.png", "question": "q"',                                                     # broken
+        json.dumps(good[1]).encode(),
+        json.dumps(record(answer=None)).encode(),                                                  # no answer
+        json.dumps(record(tags=7)).encode(),                                                       # bad tags
+        region("Answer: [0.120,0.340,0.560]").encode(),                                            # 3 numbers
+        region("Answer: [0.1,0.2,abc,0.3]").encode(),                                              # a word
+        region("Answer: [0.1,0.2,0.3,0.4,0.5]").encode(),                                          # 5 numbers
+        region("Answer: [0.1,0.2,1.3,0.4]").encode(),                                              # outside [0, 1]
+        region("Answer: [0.100,0.200,0.300,0.400]").encode(),                                      # a good box
+        json.dumps(good[2]).encode(),
+    ]
+    path = tmp_path / "ann.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    records, bad = read_annotations(path)
+    assert [r.source for r in records] == [f"{path}:{n}" for n in (1, 4, 11, 12)]
+    found = {b.source: (b.kind, b.reason) for b in bad}
+    assert list(found) == [f"{path}:{n}" for n in (2, 3, 5, 6, 7, 8, 9, 10)]
+    column = lines[1].index(b"\xe9") + 1  # 36
+    assert found[f"{path}:2"] == ("encoding", f"byte 0xe9 at column {column} is not UTF-8")
+    assert found[f"{path}:3"][0] == "json" and "column" in found[f"{path}:3"][1]
+    assert found[f"{path}:5"][0] == "fields" and found[f"{path}:6"][0] == "tags"
+    assert found[f"{path}:7"] == ("box", "answer: box [0.120,0.340,0.560] has 3 values, expected 4 ([x0,y0,x1,y1])")
+    assert found[f"{path}:8"] == ("box", "answer: box [0.1,0.2,abc,0.3] holds a value that is not a number")
+    assert "has 5 values" in found[f"{path}:9"][1]
+    assert found[f"{path}:10"][0] == "box" and "normalised to [0,1]" in found[f"{path}:10"][1]
+
+
+def test_json_list_element_with_a_bad_byte_is_one_bad_record(tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_bytes(b'[\n' + json.dumps(record(image="a.png")).encode() + b',\n'
+                     b'{"image": "b.png", "question": "\xff", "answer": "a", "category": "image_level"},\n'
+                     + json.dumps(record(image="c.png")).encode() + b'\n]\n')
+    records, bad = read_annotations(path)
+    assert [r.image for r in records] == ["a.png", "c.png"]
+    assert [(b.source, b.kind, b.reason) for b in bad] == [
+        (f"{path}:3", "encoding", "byte 0xff at line 3 column 33 is not UTF-8")]
+
+
+def test_a_json_list_broken_mid_file_names_file_line_and_column(tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_text("[\n" + json.dumps(record()) + ",\n" + json.dumps(record())[:-1] + ' "x" }\n]\n')
+    with pytest.raises(AnnotationFileError) as caught:
+        read_annotations(path)
+    column = len(json.dumps(record())[:-1]) + 2
+    assert str(caught.value).startswith(f"{path}:3:{column}: not valid JSON (Expecting ',' delimiter)")
+    # on one line (json.dump's default layout) the column is what finds the place
+    text = json.dumps([record(), record()])[:-2] + ", ]"  # a trailing comma in the second record
+    path.write_text(text)
+    with pytest.raises(AnnotationFileError, match=rf"ann\.json:1:{text.rindex(']') + 1}: not valid JSON"):
+        read_annotations(path)

@@ -120,7 +120,14 @@ def test_kill_while_saving_keeps_the_previous_checkpoint_and_resume_is_exact(ref
     assert_identical(final_state(reference), final_state(resumed))
     assert not list(checkpoints.glob(".tmp-*"))  # the torn save was cleaned up by a later one
     ref_losses = losses(reference)
-    assert losses(resumed) == ref_losses  # steps 1-6 logged before the kill, 6-8 again after the resume
+    assert losses(resumed) == ref_losses
+    # step 6 was logged before the kill and again after the resume from step 5: the resumed run drops
+    # the killed run's rows past its checkpoint, so every step is in metrics.jsonl once
+    steps = [json.loads(line)["step"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    log = (resumed.run_dir / "train.log").read_text()
+    assert "taking over a stale lock" in log and "is not running" in log  # the killed trainer's lock
+    assert not (resumed.run_dir / "train.lock").exists()
 
 
 def test_resume_refuses_a_checkpoint_of_another_stage(reference, data, tmp_path):

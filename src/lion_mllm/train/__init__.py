@@ -51,11 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     """Execute `lion train` for parsed `args`; returns the process exit code (0 done or stopped as asked,
-    1 bad data / checkpoint problem, 2 config error)."""
+    1 bad data / checkpoint problem / run directory in use, 2 config error). Every expected failure is
+    one line on stderr, the same under `lion train`, `python -m lion_mllm.train` and torchrun."""
     from ..loading import CheckpointError
     from .config import ConfigError, load_train_config
-    from .data import BadDataError
+    from .data import AnnotationFileError, BadDataError
     from .loop import train
+    from .rundir import RunDirectoryLocked
 
     overrides = list(args.overrides or [])
     if args.output_dir:
@@ -67,11 +69,17 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     try:
         result = train(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    except AnnotationFileError as error:
+        print(f"lion train: bad data: {error}", file=sys.stderr)
+        return 1
     except BadDataError as error:
         print(f"lion train: stopped: {error}", file=sys.stderr)
         return 1
     except CheckpointError as error:
         print(f"lion train: checkpoint error: {error}", file=sys.stderr)
+        return 1
+    except RunDirectoryLocked as error:
+        print(f"lion train: refused: {error}", file=sys.stderr)
         return 1
     state = "finished" if result.finished else "stopped (resume with --resume)"
     print(f"lion train: {state} at step {result.step}/{result.total_steps}; run directory {result.run_dir}",
@@ -80,7 +88,24 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_train(build_parser().parse_args(argv))
+    """`python -m lion_mllm.train` (and each torchrun worker): the same program and messages as `lion
+    train`; an unexpected failure is one line too, with the traceback under --debug."""
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
+    args = parser.parse_args(argv)
+    try:
+        return run_train(args)
+    except KeyboardInterrupt:
+        print("lion train: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line, as `lion train` prints it
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        text = str(error).strip()
+        print(f"lion train: error: {text.splitlines()[0] if text else type(error).__name__}", file=sys.stderr)
+        return 1
 
 
 def load_train_config(source: Any, overrides: list[str] | None = None) -> Any:

@@ -27,12 +27,18 @@ logger = logging.getLogger("lion_mllm.train")
 # Stage -> the model's visual_input (spec 5.1: stage 1 Q-Former road, stage 2 aggregator road, 3/4 both).
 STAGE_VISUAL_INPUT = {1: "qformer", 2: "aggregator", 3: "all", 4: "all"}
 
-# Keys of the authors' model YAML / LAVIS run block that mean nothing here; accepted so their files load.
+# Keys of the authors' model YAML / LAVIS run block that change nothing here: accepted so their files load,
+# and each one present is named in a warning when the run starts (`TrainConfig.notes`).
 IGNORED_MODEL_KEYS = {"arch", "model_type", "load_finetuned", "finetuned", "vit_precision", "img_size",
                       "drop_path_rate", "num_query_token", "freeze_vit", "prompt", "max_txt_len_eval"}
-IGNORED_RUN_KEYS = {"task", "lr_sched", "batch_size_eval", "world_size", "dist_url", "distributed", "evaluate",
-                    "train_splits", "valid_splits", "test_splits", "resume_ckpt_path", "lr_layer_decay",
-                    "num_beams", "max_len", "min_len", "runner", "iters_per_inner_epoch"}
+IGNORED_RUN_KEYS = {"task", "world_size", "dist_url", "distributed", "train_splits", "num_beams", "max_len",
+                    "min_len", "runner", "iters_per_inner_epoch", "max_iters"}
+# LAVIS run keys that would change what the run does: honoured (mapped) or refused, never dropped.
+#   resume_ckpt_path -> resume from that checkpoint (this trainer's own checkpoints)
+#   evaluate: True (evaluation only) -> refused, `lion eval` does that
+#   valid_splits / test_splits (split names of LAVIS dataset builders) -> refused, use `valid_datasets`
+#   lr_sched other than linear_warmup_cosine_lr, lr_layer_decay != 1 -> refused (not implemented)
+LAVIS_SCHEDULE = "linear_warmup_cosine_lr"
 
 
 class ConfigError(ValueError):
@@ -141,6 +147,12 @@ class RunConfig:
     export_final: bool = True  # write a `save_pretrained` bundle to <run dir>/final
     tensorboard: bool = True
     progress_bar: bool = True
+    # evaluation on `valid_datasets` during training: every N steps (and at the end); None: at every
+    # checkpoint save (when valid_datasets are given)
+    eval_every_steps: int | None = None
+    batch_size_eval: int | None = None  # per process; default batch_size_train
+    eval_max_samples: int | None = None  # evaluate on the first N usable records of each file (None: all)
+    keep_best: bool = True  # export the model with the lowest validation loss to <run dir>/best
     stop_after_steps: int | None = None  # save and stop after this many steps of this invocation
     max_bad_fraction: float = 0.01
     bad_check_min_samples: int = 200  # the bad fraction is only judged once this many samples were drawn
@@ -166,8 +178,9 @@ class RunConfig:
             raise ConfigError(f"run.missing_tags must be skip, empty or error, got {self.missing_tags!r}")
         if self.max_steps is None and self.max_epoch is None:
             raise ConfigError("run needs max_steps or max_epoch")
-        for name in ("batch_size_train", "accum_grad_iters", "print_freq", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size_train", "accum_grad_iters", "print_freq", "keep_checkpoints", "eval_every_steps",
+                     "batch_size_eval", "eval_max_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be at least 1")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"run.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
@@ -178,8 +191,13 @@ class TrainConfig:
     model: ModelSpec
     run: RunConfig
     train_datasets: list[DatasetSpec]
+    valid_datasets: list[DatasetSpec] = field(default_factory=list)  # held-out files: loss during training
     source: Path | None = None  # the YAML this came from
     raw: dict[str, Any] = field(default_factory=dict)  # the mapping as read (after overrides)
+    resume_from: Path | None = None  # LAVIS `run.resume_ckpt_path`: resume there when no --resume is given
+    # what was accepted but changes nothing (ignored LAVIS keys...): logged as warnings when the run
+    # starts, once logging writes to train.log (at load time nothing would show them)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def visual_input(self) -> str:
@@ -200,7 +218,8 @@ class TrainConfig:
             return value
 
         return {"model": plain(self.model), "run": plain(self.run),
-                "train_datasets": [plain(d) for d in self.train_datasets]}
+                "train_datasets": [plain(d) for d in self.train_datasets],
+                "valid_datasets": [plain(d) for d in self.valid_datasets]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,14 +236,16 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _build(kind: type, data: dict[str, Any], where: str, ignored: set[str] = frozenset()) -> Any:
+def _build(kind: type, data: dict[str, Any], where: str, ignored: set[str] = frozenset(),
+           notes: list[str] | None = None) -> Any:
     known = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(data) - set(known) - set(ignored))
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
     skipped = sorted(set(data) & set(ignored))
-    if skipped:
-        logger.info("%s: ignoring keys with no meaning here: %s", where, skipped)
+    if skipped and notes is not None:
+        notes.append(f"{where}: ignoring keys that mean nothing to this trainer: "
+                     + ", ".join(f"{key}={data[key]!r}" for key in skipped))
     values = {}
     for name, value in data.items():
         if name not in known:
@@ -303,15 +324,17 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping with model, run, train_datasets")
     data = apply_overrides(data, overrides or [])
-    unknown = sorted(set(data) - {"model", "run", "train_datasets", "datasets"})
+    unknown = sorted(set(data) - {"model", "run", "train_datasets", "datasets", "valid_datasets"})
     if unknown:
-        raise ConfigError(f"unknown top-level keys {unknown}; expected model, run, train_datasets")
+        raise ConfigError(f"unknown top-level keys {unknown}; expected model, run, train_datasets, valid_datasets")
     resolve = PathResolver(path.parent.resolve() if path else None)
+    notes: list[str] = []
 
     model_data = dict(data.get("model") or {})
     load_pretrained = model_data.pop("load_pretrained", True)
     if model_data.get("freeze_vit") is False:
-        logger.warning("model.freeze_vit: False is ignored: the ViT always stays frozen")
+        notes.append("model.freeze_vit: False is ignored: the ViT always stays frozen (run.unfreeze trains it)")
+        model_data.pop("freeze_vit")
     for key in ("vit_model", "llm_model", "bert_model", "pretrained"):
         model_data[key] = resolve(model_data.get(key), f"model.{key}")
     model_data["ram_model"] = resolve(model_data.get("ram_model"), "model.ram_model", must_exist=False)
@@ -325,7 +348,7 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     model_data["init_from"] = [resolve(p, "model.init_from") for p in init_from]
     if isinstance(model_data.get("visual_input"), str):
         model_data["visual_input"] = model_data["visual_input"].lower()
-    model = _build(ModelSpec, model_data, "model", IGNORED_MODEL_KEYS)
+    model = _build(ModelSpec, model_data, "model", IGNORED_MODEL_KEYS, notes)
 
     run_data = dict(data.get("run") or {})
     if "amp" in run_data:  # LAVIS: amp: True -> bf16 here (fp16 is refused)
@@ -335,6 +358,7 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
         run_data.setdefault("max_grad_norm", run_data.pop("grad_clip"))
     if "warmup_start_lr" in run_data:
         run_data.setdefault("warmup_lr", run_data.pop("warmup_start_lr"))
+    resume_from = _lavis_run_keys(run_data, resolve)
     if isinstance(run_data.get("augment"), dict):
         run_data["augment"] = _build(AugmentConfig, run_data["augment"], "run.augment")
     if model.boost_lr_scale is not None:
@@ -344,7 +368,7 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     if model.use_grad_checkpoint is not None:
         run_data.setdefault("activation_checkpointing", model.use_grad_checkpoint)
     run_data["tag_cache"] = resolve(run_data.get("tag_cache"), "run.tag_cache")
-    run = _build(RunConfig, run_data, "run", IGNORED_RUN_KEYS)
+    run = _build(RunConfig, run_data, "run", IGNORED_RUN_KEYS, notes)
 
     stage_input = STAGE_VISUAL_INPUT[run.stage]
     if model.visual_input is not None and model.visual_input != stage_input:
@@ -360,20 +384,64 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     entries = data.get("train_datasets", data.get("datasets"))
     if not entries or not isinstance(entries, list):
         raise ConfigError("train_datasets: expected a list of {ann_path, vis_root, is_train, sample_ratio}")
-    datasets = []
+    datasets = _dataset_specs(entries, "train_datasets", resolve)
+    if not any(d.is_train for d in datasets):
+        raise ConfigError("train_datasets: no entry has is_train: True")
+    valid_entries = data.get("valid_datasets") or []
+    if not isinstance(valid_entries, list):
+        raise ConfigError("valid_datasets: expected a list of {ann_path, vis_root}")
+    valid = _dataset_specs(valid_entries, "valid_datasets", resolve)
+    if run.eval_every_steps is not None and not valid:
+        raise ConfigError("run.eval_every_steps is set but there are no valid_datasets to evaluate on")
+    return TrainConfig(model=model, run=run, train_datasets=datasets, valid_datasets=valid, source=path, raw=data,
+                       resume_from=resume_from, notes=notes)
+
+
+def _dataset_specs(entries: list[Any], where: str, resolve: PathResolver) -> list[DatasetSpec]:
+    specs = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise ConfigError(f"train_datasets[{i}]: expected a mapping")
+            raise ConfigError(f"{where}[{i}]: expected a mapping")
         entry = dict(entry)
         for key in ("ann_path", "vis_root"):
             if key not in entry:
-                raise ConfigError(f"train_datasets[{i}]: `{key}` is missing")
-            entry[key] = resolve(entry[key], f"train_datasets[{i}].{key}")
-        entry["tag_cache"] = resolve(entry.get("tag_cache"), f"train_datasets[{i}].tag_cache")
-        spec = _build(DatasetSpec, entry, f"train_datasets[{i}]")
+                raise ConfigError(f"{where}[{i}]: `{key}` is missing")
+            entry[key] = resolve(entry[key], f"{where}[{i}].{key}")
+        entry["tag_cache"] = resolve(entry.get("tag_cache"), f"{where}[{i}].tag_cache")
+        spec = _build(DatasetSpec, entry, f"{where}[{i}]")
         if spec.sample_ratio <= 0:
-            raise ConfigError(f"train_datasets[{i}].sample_ratio must be positive, got {spec.sample_ratio}")
-        datasets.append(spec)
-    if not any(d.is_train for d in datasets):
-        raise ConfigError("train_datasets: no entry has is_train: True")
-    return TrainConfig(model=model, run=run, train_datasets=datasets, source=path, raw=data)
+            raise ConfigError(f"{where}[{i}].sample_ratio must be positive, got {spec.sample_ratio}")
+        specs.append(spec)
+    return specs
+
+
+def _lavis_run_keys(run_data: dict[str, Any], resolve: PathResolver) -> Path | None:
+    """Honour or refuse (never drop) the LAVIS run keys that change what a run does; pops them from
+    `run_data`. Returns the checkpoint `resume_ckpt_path` names, if any."""
+    if run_data.pop("evaluate", False):
+        raise ConfigError("run.evaluate: True asks LAVIS for evaluation only; lion train trains. Evaluate a "
+                          "model with `lion eval` (docs/evaluation.md), or held-out loss during training "
+                          "with valid_datasets")
+    for key in ("valid_splits", "test_splits"):
+        splits = run_data.pop(key, None)
+        if splits:
+            raise ConfigError(f"run.{key}: {splits!r} names splits of LAVIS dataset builders, which this "
+                              "trainer does not have; list held-out annotation files under valid_datasets "
+                              "({ann_path, vis_root}) for evaluation during training")
+    schedule = run_data.pop("lr_sched", LAVIS_SCHEDULE)
+    if schedule != LAVIS_SCHEDULE:
+        raise ConfigError(f"run.lr_sched: {schedule!r} is not implemented; this trainer's schedule is LAVIS's "
+                          f"{LAVIS_SCHEDULE} (linear warm-up, then cosine to min_lr)")
+    layer_decay = run_data.pop("lr_layer_decay", 1)
+    if float(_number(layer_decay)) != 1.0:
+        raise ConfigError(f"run.lr_layer_decay: {layer_decay} is not implemented (layer-wise learning-rate decay); "
+                          "remove it or set 1")
+    resume = run_data.pop("resume_ckpt_path", None)
+    if not resume:
+        return None
+    path = resolve(resume, "run.resume_ckpt_path")
+    if path.is_file():
+        raise ConfigError(f"run.resume_ckpt_path: {path} is a file (a LAVIS checkpoint?); lion train resumes "
+                          "its own checkpoints (a run directory or checkpoints/step_N). To start from a "
+                          "model's weights, use model.init_from")
+    return path

@@ -17,6 +17,7 @@ continues with the very next sample. Augmentation is seeded per stream position,
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -44,11 +45,25 @@ CATEGORY_SYNONYMS = {
 # A box as the authors write it, `[0.440,0.060,0.650,0.367]`; spaces tolerated in records.
 _BOX = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*"
                   r"(-?\d+(?:\.\d+)?)\s*\]")
+# Anything in square brackets with a digit or a comma in it: in a region-level record it must be a box.
+_BRACKETED = re.compile(r"\[[^\[\]]*[\d,][^\[\]]*\]")
 _SIDES = re.compile(r"\b(left|right)(most|ward|wards|-most|-hand|hand)?\b", re.IGNORECASE)
 
 
 class BadDataError(RuntimeError):
     """Too much of the training data is unusable; the message says how much and where to look."""
+
+
+class AnnotationFileError(BadDataError, ValueError):
+    """An annotation file (or tag cache) that cannot be read at all; the message names file:line:column."""
+
+
+class RecordError(ValueError):
+    """A malformed annotation record; `kind` groups reasons in reports (json, encoding, fields, box, tags)."""
+
+    def __init__(self, message: str, kind: str = "fields"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -74,6 +89,7 @@ class BadItem:
 
     source: str
     reason: str
+    kind: str = "other"  # encoding | json | fields | box | tags | image: counted by kind in summary.json
 
     def __str__(self) -> str:
         return f"{self.source}: {self.reason}"
@@ -83,28 +99,46 @@ class BadItem:
 # Reading annotation files
 
 
-def _json_list_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, element) of a top-level JSON list, parsed element by element to know each one's line."""
+class _Positions:
+    """Line and column (1-based) of a character offset in a text."""
+
+    def __init__(self, text: str):
+        self.newlines = [m.start() for m in re.finditer("\n", text)]
+
+    def line(self, pos: int) -> int:
+        return bisect.bisect_left(self.newlines, pos) + 1
+
+    def column(self, pos: int) -> int:
+        line = self.line(pos)
+        return pos - (self.newlines[line - 2] + 1 if line > 1 else 0) + 1
+
+
+def _undecodable(text: str) -> tuple[int, int] | None:
+    """(offset, byte) of the first byte that was not UTF-8 (decoded with surrogateescape), or None."""
+    match = _ESCAPED.search(text)
+    return None if match is None else (match.start(), ord(match.group(0)) - 0xDC00)
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def _json_list_items(text: str, path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line, element, problem) of a top-level JSON list, parsed element by element to know each one's
+    line. An element holding bytes that are not UTF-8 comes back with `problem` set (and is skipped);
+    a list broken past repair is an AnnotationFileError naming file:line:column."""
     decoder = json.JSONDecoder()
     index = text.index("[") + 1
-    newlines = [m.start() for m in re.finditer("\n", text)]
+    where = _Positions(text)
 
-    def line_of(pos: int) -> int:
-        lo, hi = 0, len(newlines)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if newlines[mid] < pos:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo + 1
+    def at(pos: int) -> str:
+        return f"{path}:{where.line(pos)}:{where.column(pos)}"
 
     expect_item = True
     while True:
         while index < len(text) and text[index] in " \t\r\n":
             index += 1
         if index >= len(text):
-            raise ValueError(f"{path}:{line_of(index)}: the JSON list is not closed (truncated file?)")
+            raise AnnotationFileError(f"{at(index)}: the JSON list is not closed (truncated file?)")
         char = text[index]
         if char == "]":
             return
@@ -113,13 +147,21 @@ def _json_list_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             expect_item = True
             continue
         if not expect_item:
-            raise ValueError(f"{path}:{line_of(index)}: expected ',' or ']' between records")
+            raise AnnotationFileError(f"{at(index)}: expected ',' or ']' between records")
         try:
             value, end = decoder.raw_decode(text, index)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_of(index)}: not valid JSON ({error.msg}); a broken JSON list "
-                             "cannot be read past this point: fix it or use JSON Lines") from None
-        yield line_of(index), value
+            bad_byte = _undecodable(text[error.pos:error.pos + 1])
+            what = (f"byte 0x{bad_byte[1]:02x} is not UTF-8" if bad_byte else error.msg)
+            raise AnnotationFileError(f"{at(error.pos)}: not valid JSON ({what}); a broken JSON list cannot "
+                                      "be read past this point: fix it or use JSON Lines (one record per "
+                                      "line, where a bad line is skipped)") from None
+        bad_byte = _undecodable(text[index:end])
+        problem = None
+        if bad_byte is not None:
+            problem = (f"byte 0x{bad_byte[1]:02x} at line {where.line(index + bad_byte[0])} column "
+                       f"{where.column(index + bad_byte[0])} is not UTF-8")
+        yield where.line(index), value, problem
         index, expect_item = end, False
 
 
@@ -134,68 +176,99 @@ def _as_text(value: Any) -> str | None:
 def parse_record(raw: Any, source: str) -> Record:
     """A checked Record, or ValueError saying what is wrong with it."""
     if not isinstance(raw, dict):
-        raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        raise RecordError(f"expected a JSON object, got {type(raw).__name__}")
     data = dict(raw)
     image = next((data.pop(k) for k in ("image", "image_path", "image_id") if k in data), None)
     if not isinstance(image, str) or not image:
-        raise ValueError("`image` is missing or not a path string")
+        raise RecordError("`image` is missing or not a path string")
     question = data.pop("question", None)
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("`question` is missing or not a non-empty string")
+        raise RecordError("`question` is missing or not a non-empty string")
     answer = _as_text(data.pop("answer", None))
     if answer is None or not answer.strip():
-        raise ValueError("`answer` is missing or not a string (or list of strings)")
+        raise RecordError("`answer` is missing or not a string (or list of strings)")
     category = data.pop("category", None)
     if not isinstance(category, str) or category.lower() not in CATEGORY_SYNONYMS:
-        raise ValueError(f"`category` must be image_level or region_level, got {category!r}")
+        raise RecordError(f"`category` must be image_level or region_level, got {category!r}")
     category = CATEGORY_SYNONYMS[category.lower()]
     tags = data.pop("tags", None)
     if isinstance(tags, list) and all(isinstance(t, str) for t in tags):
         tags = ", ".join(tags)
     elif tags is not None and not isinstance(tags, str):
-        raise ValueError("`tags` must be a string or a list of strings")
+        raise RecordError("`tags` must be a string or a list of strings", "tags")
     record = Record(image, question, answer, category, tags, source, data)
     if record.is_region:
-        for text in (question, answer):
-            for match in _BOX.finditer(text):
-                x0, y0, x1, y1 = (float(v) for v in match.groups())
-                if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
-                    raise ValueError(f"box {match.group(0)} is not [x0,y0,x1,y1] normalised to [0,1]")
+        for field_name, text in (("question", question), ("answer", answer)):
+            for match in _BRACKETED.finditer(text):
+                _check_box(match.group(0), field_name)
     return record
 
 
-def read_annotations(path: Path) -> tuple[list[Record], list[BadItem]]:
-    """All records of a JSON list or JSON Lines file; malformed ones come back as BadItems (file:line)."""
+def _check_box(text: str, field_name: str) -> None:
+    """A region-level record's `[...]` must be a box the model can learn: four numbers, normalised to
+    [0, 1], x0 <= x1 and y0 <= y1. Three numbers, five, or a word among them is a malformed record,
+    never a training target."""
+    parts = [p.strip() for p in text[1:-1].split(",")]
+    if len(parts) != 4:
+        raise RecordError(f"{field_name}: box {text} has {len(parts)} values, expected 4 ([x0,y0,x1,y1])", "box")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the annotation file: {error}") from None
-    stripped = text.lstrip()
+        x0, y0, x1, y1 = (float(p) for p in parts)
+    except ValueError:
+        raise RecordError(f"{field_name}: box {text} holds a value that is not a number", "box") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or _BOX.fullmatch(text) is None:
+        raise RecordError(f"{field_name}: box {text} is not written as four decimal numbers", "box")
+    if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
+        raise RecordError(f"{field_name}: box {text} is not [x0,y0,x1,y1] normalised to [0,1] with x0 <= x1 "
+                          "and y0 <= y1", "box")
+
+
+def read_annotations(path: Path) -> tuple[list[Record], list[BadItem]]:
+    """All records of a JSON list or JSON Lines file; malformed ones come back as BadItems (file:line).
+
+    Read per record: a line of JSON Lines that is not UTF-8 or not JSON is one bad record, the rest is
+    used. A JSON list is parsed element by element; an element with bytes that are not UTF-8 is one bad
+    record, but a list whose syntax breaks cannot be read past the break: AnnotationFileError naming
+    file:line:column."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise AnnotationFileError(f"{path}: cannot read the annotation file: {error.strerror or error}") from None
+    # surrogateescape keeps every byte: a bad one is found (and reported) in its own record
+    text = data.decode("utf-8", errors="surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a byte-order mark, as some editors write
     records: list[Record] = []
     bad: list[BadItem] = []
-    if stripped.startswith("["):
-        items: Iterator[tuple[int, Any]] = _json_list_items(text, path)
-        for line, raw in items:
-            source = f"{path}:{line}"
-            try:
-                records.append(parse_record(raw, source))
-            except ValueError as error:
-                bad.append(BadItem(source, str(error)))
+    if text.lstrip().startswith("["):
+        for line, raw, problem in _json_list_items(text, path):
+            _parse_into(raw, f"{path}:{line}", problem, records, bad)
         return records, bad
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         source = f"{path}:{number}"
+        bad_byte = _undecodable(line)
+        if bad_byte is not None:
+            bad.append(BadItem(source, f"byte 0x{bad_byte[1]:02x} at column {bad_byte[0] + 1} is not UTF-8",
+                               "encoding"))
+            continue
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as error:
-            bad.append(BadItem(source, f"not valid JSON ({error.msg})"))
+            bad.append(BadItem(source, f"not valid JSON ({error.msg} at column {error.colno})", "json"))
             continue
-        try:
-            records.append(parse_record(raw, source))
-        except ValueError as error:
-            bad.append(BadItem(source, str(error)))
+        _parse_into(raw, source, None, records, bad)
     return records, bad
+
+
+def _parse_into(raw: Any, source: str, problem: str | None, records: list[Record], bad: list[BadItem]) -> None:
+    if problem is not None:
+        bad.append(BadItem(source, problem, "encoding"))
+        return
+    try:
+        records.append(parse_record(raw, source))
+    except RecordError as error:
+        bad.append(BadItem(source, str(error), error.kind))
 
 
 def load_tag_cache(path: Path) -> dict[str, str]:
@@ -203,9 +276,9 @@ def load_tag_cache(path: Path) -> dict[str, str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable tag cache (JSON object image -> tags): {error}") from None
+        raise AnnotationFileError(f"{path}: not a readable tag cache (JSON object image -> tags): {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a tag cache is a JSON object mapping image paths to tags")
+        raise AnnotationFileError(f"{path}: a tag cache is a JSON object mapping image paths to tags")
     return {str(k): ", ".join(v) if isinstance(v, list) else str(v) for k, v in data.items()}
 
 
@@ -315,11 +388,11 @@ class AnnotationDataset:
                 found = self._cached_tags(record, tag_cache) if tag_cache else None
                 if found is None:
                     if missing_tags == "error":
-                        raise ValueError(f"{record.source}: no tags for {record.image!r} (give the record "
+                        raise BadDataError(f"{record.source}: no tags for {record.image!r} (give the record "
                                          "`tags`, or a tag cache made by `lion tag`)")
                     if missing_tags == "skip":
                         self.bad.append(BadItem(record.source, f"no tags for {record.image!r} in the record or "
-                                                               "the tag cache"))
+                                                               "the tag cache", "tags"))
                         continue
                     found = ""
                 record.tags = found
@@ -374,9 +447,9 @@ class MixtureDataset(torch.utils.data.Dataset):
         try:
             image = load_image(path)
         except ImageLoadError as error:
-            return BadItem(record.source, str(error))
+            return BadItem(record.source, str(error), "image")
         except Exception as error:  # a decoder crash on a corrupt file must not end the epoch either
-            return BadItem(record.source, f"{path}: {type(error).__name__}: {error}")
+            return BadItem(record.source, f"{path}: {type(error).__name__}: {error}", "image")
         rng = random.Random((self.seed * 1_000_003 + self.rank) * 4_294_967_311 + position)
         image, question, answer = augment(image, record, self.augment_config, rng)
         return Sample(self.transform.one(image), question, answer, record.category, record.tags, record.source)

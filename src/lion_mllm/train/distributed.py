@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +34,8 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False
+    # weak references to the wrapped (DDP/FSDP) models: they must be gone before the group is destroyed
+    wrapped_models: list[weakref.ref] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -69,9 +73,30 @@ class DistContext:
         dist.gather_object(value, out, dst=0)
         return out
 
+    def track(self, wrapped: nn.Module) -> None:
+        """Remember a model wrapped for this group; `close` waits for it to be released."""
+        self.wrapped_models.append(weakref.ref(wrapped))
+
     def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        """Destroy the process group we created, after every wrapped model is released.
+
+        Destroying the group while a DDP model is alive (held by an exception's traceback, say) leaves
+        the reducer to be freed later, at interpreter exit, against a dead group: gloo's work thread
+        then waits for the GIL while the destructor holds its mutex and the process hangs for ever.
+        The caller must drop its references (`traceback.clear_frames`); reference cycles inside DDP
+        are collected here. If a model is still alive the group is left to process exit, which is
+        the lesser evil than a destroy that may deadlock."""
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        gc.collect()
+        alive = [ref() for ref in self.wrapped_models if ref() is not None]
+        if alive:
+            logger.warning("a wrapped model is still referenced (%s); the process group is left to process "
+                           "exit", type(alive[0]).__name__)
+            return
+        del alive
+        dist.destroy_process_group()
+        self.owns_group = False
 
 
 def init_distributed(device: str = "auto") -> DistContext:

@@ -14,14 +14,19 @@ thread count).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
+import traceback
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +39,10 @@ import yaml
 from ..loading import CheckpointError
 from ..pipeline import Lion, write_tagger_spec
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import STAGE_VISUAL_INPUT, TrainConfig
+from .config import STAGE_VISUAL_INPUT, AugmentConfig, DatasetSpec, TrainConfig
 from .data import AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler, MixtureSchedule
 from .data import load_tag_cache
+from .rundir import RunDirectoryLocked, RunLock, truncate_metrics
 from .distributed import DistContext, gradient_sync, init_distributed, wrap_ddp, wrap_fsdp2
 from .stages import (STAGE_DESCRIPTIONS, WarmupCosineSchedule, build_lion, configure_trainable, is_trained_parameter,
                      load_into, optimizer_param_groups)
@@ -60,42 +66,58 @@ class TrainResult:
 
 
 class BadDataTracker:
-    """Counts malformed records (at load) and unusable samples (when drawn); judges the fraction."""
+    """Counts malformed records (at load) and unusable samples (when drawn); judges the fraction.
 
-    def __init__(self, limit: float, min_samples: int, log_file: Path | None):
-        self.limit, self.min_samples, self.log_file = limit, min_samples, log_file
+    Every process writes its own unusable samples to its file (`bad_data.jsonl` on rank 0,
+    `bad_data.rankN.jsonl` elsewhere); the main process logs those of every rank to train.log (gathered
+    each step that had any) and `summary.json` counts them by kind over all ranks."""
+
+    def __init__(self, limit: float, min_samples: int, log_file: Path | None, rank: int = 0):
+        self.limit, self.min_samples, self.log_file, self.rank = limit, min_samples, log_file, rank
         self.drawn = 0  # over all processes
         self.bad = 0
-        self.reasons: Counter[str] = Counter()  # this process's, by source
+        self.kinds: Counter[str] = Counter()  # this process's unusable samples, by kind
+        self.record_kinds: Counter[str] = Counter()  # malformed records, by kind
         self.examples: list[str] = []
-        self.seen: set[str] = set()
+        self.seen: set[str] = set()  # sources already logged (main process)
 
-    def check_records(self, datasets: list[AnnotationDataset], is_main: bool) -> dict[str, Any]:
+    def check_records(self, datasets: list[AnnotationDataset], is_main: bool, label: str = "") -> dict[str, Any]:
         total = sum(d.total for d in datasets)
         bad = [item for d in datasets for item in d.bad]
+        self.record_kinds.update(item.kind for item in bad)
         if is_main:
             for item in bad:
-                logger.warning("skipped record %s", item)
+                logger.warning("skipped %srecord %s", label, item)
             for d in datasets:
-                logger.info("%s: %d records, %d usable, %d skipped", d.spec.ann_path, d.total, len(d), len(d.bad))
-        report = {"records": total, "skipped_records": len(bad)}
+                logger.info("%s%s: %d records, %d usable, %d skipped", label, d.spec.ann_path, d.total, len(d),
+                            len(d.bad))
+        report = {"records": total, "skipped_records": len(bad),
+                  "skipped_records_by_kind": dict(sorted(Counter(item.kind for item in bad).items()))}
         if total and len(bad) / total > self.limit:
-            raise BadDataError(f"{len(bad)} of {total} annotation records ({len(bad) / total:.1%}) are malformed, "
-                               f"over run.max_bad_fraction={self.limit}; first: {bad[0]}")
+            raise BadDataError(f"{len(bad)} of {total} {label}annotation records ({len(bad) / total:.1%}) are "
+                               f"malformed, over run.max_bad_fraction={self.limit}; first: {bad[0]}")
         return report
 
     def note(self, items: list[BadItem]) -> None:
-        """This process's unusable samples of a step: logged once per source, written to its file."""
+        """This process's unusable samples of a step: counted and written to its file."""
         for item in items:
-            self.reasons[item.reason.split(":")[-1].strip()[:80]] += 1
-            if item.source not in self.seen:
-                self.seen.add(item.source)
-                logger.warning("skipped sample %s", item)
-                if len(self.examples) < 5:
-                    self.examples.append(str(item))
+            self.kinds[item.kind] += 1
             if self.log_file is not None:
                 with open(self.log_file, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"source": item.source, "reason": item.reason}) + "\n")
+                    handle.write(json.dumps({"source": item.source, "reason": item.reason, "kind": item.kind,
+                                             "rank": self.rank}) + "\n")
+
+    def log(self, per_rank: list[list[tuple[str, str, str]]]) -> None:
+        """On the main process: every rank's unusable samples of a step, each source logged once."""
+        for rank, items in enumerate(per_rank):
+            for source, reason, kind in items:
+                if source in self.seen:
+                    continue
+                self.seen.add(source)
+                text = f"{source}: {reason}"
+                logger.warning("skipped sample %s%s", text, f" (rank {rank})" if len(per_rank) > 1 else "")
+                if len(self.examples) < 5:
+                    self.examples.append(text)
 
     def update(self, bad: int, drawn: int) -> None:
         self.bad += bad
@@ -106,9 +128,10 @@ class BadDataTracker:
                                f"could not be used (unreadable or missing images), over "
                                f"run.max_bad_fraction={self.limit}{example}")
 
-    def report(self) -> dict[str, Any]:
+    def report(self, kinds_all_ranks: dict[str, int] | None = None) -> dict[str, Any]:
         return {"samples_drawn": self.drawn, "samples_skipped": self.bad,
-                "distinct_bad_sources_this_process": len(self.seen), "examples": self.examples}
+                "samples_skipped_by_kind": dict(sorted((kinds_all_ranks or self.kinds).items())),
+                "distinct_bad_sources": len(self.seen), "examples": self.examples}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,14 +141,24 @@ class BadDataTracker:
 class MetricsWriter:
     """metrics.jsonl (always) and TensorBoard (when installed), on the main process only."""
 
-    def __init__(self, run_dir: Path | None, tensorboard: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if run_dir else None
+    def __init__(self, run_dir: Path | None, tensorboard: bool, resumed_step: int | None = None):
+        """`resumed_step`: the checkpoint a resumed run starts from. Rows logged after it by the run that
+        was killed are dropped from metrics.jsonl and purged from TensorBoard, so every step appears once."""
+        self.file = None
+        if run_dir is not None:
+            if resumed_step is not None:
+                dropped = truncate_metrics(run_dir / "metrics.jsonl", resumed_step)
+                if dropped:
+                    logger.info("metrics.jsonl: dropped %d rows logged after step %d (resumed there)", dropped,
+                                resumed_step)
+            self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tb = None
         if run_dir is not None and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                purge = {"purge_step": resumed_step + 1} if resumed_step is not None else {}
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), **purge)
             except Exception:  # tensorboard is an optional extra
                 logger.info("tensorboard is not installed: metrics go to metrics.jsonl only")
 
@@ -136,8 +169,9 @@ class MetricsWriter:
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                    self.tb.add_scalar(name, value, record["step"])
 
     def close(self) -> None:
         if self.file is not None:
@@ -192,6 +226,58 @@ def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
             block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
+def _train_mode(model: torch.nn.Module) -> None:
+    model.train()
+    if not any(p.requires_grad for p in model.vision_model.parameters()):
+        model.vision_model.eval()  # the authors keep the frozen ViT in eval mode
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as H:MM:SS (log lines: elapsed time and ETA)."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class Validation:
+    """Held-out loss: the mean token cross-entropy over the validation records, in eval mode (no
+    dropout, no augmentation), sharded over processes. Every process runs the same number of forward
+    passes (a zero-weighted placeholder where its shard has run out): FSDP2 all-gathers in each one."""
+
+    def __init__(self, datasets: list[AnnotationDataset], processor: Any, image_size: int, batch_size: int,
+                 max_samples: int | None, ctx: DistContext):
+        keys = [(d, i, 0) for d, dataset in enumerate(datasets)
+                for i in range(min(len(dataset), max_samples or len(dataset)))]
+        self.size = len(keys)
+        self.keys = keys[ctx.rank::ctx.world_size]
+        self.batch_size, self.ctx = batch_size, ctx
+        self.batches = math.ceil(math.ceil(self.size / ctx.world_size) / batch_size)
+        self.dataset = MixtureDataset(datasets, image_size, AugmentConfig(), seed=0, rank=0)
+        self.collate = Collator(processor)
+
+    def loss(self, model: torch.nn.Module, device: torch.device, autocast: Callable[[], Any],
+             dummy: dict[str, torch.Tensor]) -> dict[str, Any]:
+        model.eval()
+        loss_sum, tokens, samples, skipped = 0.0, 0.0, 0, 0
+        with torch.no_grad():
+            for index in range(self.batches):
+                chunk = self.keys[index * self.batch_size:(index + 1) * self.batch_size]
+                collated = self.collate([self.dataset[key] for key in chunk]) if chunk else {"batch": None,
+                                                                                              "bad": []}
+                skipped += len(collated["bad"])
+                batch = _to_device(collated["batch"], device) if collated["batch"] else dummy
+                with autocast():
+                    value = float(_token_loss_sum(model, batch))
+                if collated["batch"]:
+                    loss_sum += value
+                    tokens += float((collated["batch"]["labels"] != -100).sum())
+                    samples += len(collated["batch"]["labels"])
+        loss_sum, tokens, samples, skipped = self.ctx.all_reduce_sum([loss_sum, tokens, samples, skipped])
+        return {"val_loss": loss_sum / tokens if tokens else float("nan"), "val_tokens": int(tokens),
+                "val_samples": int(samples), "val_skipped": int(skipped)}
+
+
 def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed token cross-entropy (float32) of a batch."""
     output = model(**batch)
@@ -235,13 +321,18 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after_steps: 
     """Run (or resume) a training run described by `cfg`; returns where it ended.
 
     `resume`: a run directory, one of its checkpoints, or an output directory (newest run); "auto"
-    means the newest run under `run.output_dir`. `stop_after_steps`: save and return after this many
-    steps of this invocation (a scheduled stop; `run.stop_after_steps` in the config does the same).
+    means the newest run under `run.output_dir`; None: `cfg.resume_from` (LAVIS `run.resume_ckpt_path`)
+    if set. `stop_after_steps`: save and return after this many steps of this invocation (a scheduled
+    stop; `run.stop_after_steps` in the config does the same). SIGTERM (preemption) saves and returns
+    at the end of the current step.
     """
     run = cfg.run
+    if resume is None and cfg.resume_from is not None:
+        resume = cfg.resume_from
     ctx = init_distributed(run.device)
     handlers: list[logging.Handler] = []
     threads = torch.get_num_threads()
+    lock: RunLock | None = None
     try:
         if run.num_threads:
             torch.set_num_threads(run.num_threads)
@@ -254,18 +345,87 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after_steps: 
             run_dir = resume_point.parent.parent
         else:
             run_dir = _new_run_dir(cfg, ctx)
+        lock, lock_note = _lock_run_dir(run_dir, ctx)
         handlers = _setup_logging(run_dir, ctx)
-        return _train(cfg, ctx, run_dir, resume_point, stop_after_steps or run.stop_after_steps)
+        if lock_note is not None:
+            logger.warning("%s", lock_note)
+        if ctx.is_main:
+            for note in cfg.notes:
+                logger.warning("config: %s", note)
+            if cfg.resume_from is not None and resume == cfg.resume_from:
+                logger.info("run.resume_ckpt_path: resuming from %s", resume_point)
+        with _sigterm_requests_a_stop() as stop_requested:
+            return _train(cfg, ctx, run_dir, resume_point, stop_after_steps or run.stop_after_steps, stop_requested)
+    except BaseException as error:
+        # The traceback's frames hold the DDP model and its reducer. They must be gone before the
+        # process group is destroyed (ctx.close below), else freeing them later can deadlock in gloo.
+        _clear_frames(error)
+        raise
     finally:
+        if lock is not None:
+            lock.release()
+        ctx.close()  # after _clear_frames, and while train.log still takes its warnings
         for handler in handlers:
             logger.removeHandler(handler)
             handler.close()
         torch.set_num_threads(threads)
-        ctx.close()
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the local variables of every finished frame in `error`'s traceback (and its chained
+    exceptions'); the traceback itself -- files, lines, function names -- stays printable."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        todo += [current.__cause__, current.__context__]
+
+
+def _lock_run_dir(run_dir: Path, ctx: DistContext) -> tuple[RunLock | None, str | None]:
+    """The main process takes the run directory's lock; every process raises alike if it is taken.
+    Returns the lock and, when a stale one was taken over, a note for the log."""
+    lock, refusal, note = None, None, None
+    if ctx.is_main:
+        lock = RunLock(run_dir)
+        try:
+            note = lock.acquire()
+        except RunDirectoryLocked as error:
+            lock, refusal = None, str(error)
+    refusal = ctx.broadcast_object(refusal)
+    if refusal is not None:
+        raise RunDirectoryLocked(refusal)
+    return lock, note
+
+
+@contextlib.contextmanager
+def _sigterm_requests_a_stop() -> Iterator[Callable[[], bool]]:
+    """While training, SIGTERM (a cluster's preemption notice; torchrun forwards it to its workers)
+    only sets a flag: the loop saves a checkpoint at the end of the step and returns. A second SIGTERM
+    acts as before the run (default: terminate). Off the main thread signals cannot be caught: no-op."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if received:
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signal.SIGTERM)
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path | None,
-           stop_after: int | None) -> TrainResult:
+           stop_after: int | None, stop_requested: Callable[[], bool] = lambda: False) -> TrainResult:
     run = cfg.run
     device = ctx.device
     use_bf16 = run.mixed_precision == "bf16" and device.type == "cuda"
@@ -294,9 +454,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
         for name, param in model.named_parameters():
             if is_trained_parameter(name, run.unfreeze) and param.dtype != torch.float32:
                 param.data = param.data.float()
-    model.train()
-    if not any(p.requires_grad for p in model.vision_model.parameters()):
-        model.vision_model.eval()  # the authors keep the frozen ViT in eval mode
+    _train_mode(model)
     if run.activation_checkpointing:
         _enable_activation_checkpointing(model)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -309,6 +467,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
         wrapped = wrap_ddp(model, ctx, run.find_unused_parameters)
     else:
         wrapped = model
+    if ctx.distributed:
+        ctx.track(wrapped)  # the process group outlives it: see DistContext.close
     groups = optimizer_param_groups(model, run.weight_decay, run.lr_scale, run.boost_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=run.init_lr, betas=(run.beta1, run.beta2))
     for group in groups:
@@ -318,18 +478,31 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     # -- data ---------------------------------------------------------------------------------------------
     need_tags = model.config.enable_semantic_tags
     caches: dict[Path, dict[str, str]] = {}
+
+    def read(spec: DatasetSpec) -> AnnotationDataset:
+        cache_path = spec.tag_cache or run.tag_cache
+        if cache_path is not None and cache_path not in caches:
+            caches[cache_path] = load_tag_cache(cache_path)
+        return AnnotationDataset(spec, need_tags, run.missing_tags, caches.get(cache_path))
+
     datasets = []
     for spec in cfg.train_datasets:
         if not spec.is_train:
             logger.info("%s: is_train is false, not used for training", spec.ann_path)
             continue
-        cache_path = spec.tag_cache or run.tag_cache
-        if cache_path is not None and cache_path not in caches:
-            caches[cache_path] = load_tag_cache(cache_path)
-        datasets.append(AnnotationDataset(spec, need_tags, run.missing_tags, caches.get(cache_path)))
+        datasets.append(read(spec))
     bad_file = run_dir / ("bad_data.jsonl" if ctx.is_main else f"bad_data.rank{ctx.rank}.jsonl")
-    tracker = BadDataTracker(run.max_bad_fraction, run.bad_check_min_samples, bad_file)
+    tracker = BadDataTracker(run.max_bad_fraction, run.bad_check_min_samples, bad_file, ctx.rank)
     record_report = tracker.check_records(datasets, ctx.is_main)
+    validation = None
+    if cfg.valid_datasets:
+        valid_sets = [read(spec) for spec in cfg.valid_datasets]
+        record_report["validation"] = tracker.check_records(valid_sets, ctx.is_main, label="validation ")
+        validation = Validation(valid_sets, lion.processor, model.config.vision.image_size,
+                                run.batch_size_eval or run.batch_size_train, run.eval_max_samples, ctx)
+        logger.info("validation: %d records (%s), every %s", validation.size,
+                    ", ".join(d.spec.label for d in valid_sets),
+                    f"{run.eval_every_steps} steps" if run.eval_every_steps else "checkpoint save")
     for spec, d in zip([s for s in cfg.train_datasets if s.is_train], datasets):
         if len(d) == 0:
             raise BadDataError(f"{spec.ann_path}: no usable record (see the skipped records above)")
@@ -345,11 +518,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
                 [d.spec.label for d in datasets], ratios)
 
     # -- resume --------------------------------------------------------------------------------------------
-    step, schedule_state, saved_rng = 0, None, None
+    step, schedule_state, saved_rng, best = 0, None, None, None
     if resume_point is not None:
         state = load_checkpoint(resume_point)
         step, schedule_state, saved_rng = _restore(state, model, wrapped, optimizer, scheduler, tracker, ctx, fsdp,
-                                                        run.unfreeze)
+                                                   run.unfreeze)
+        best = state["training_state"].get("best")
         logger.info("resumed from %s at step %d (lr %.3g)", resume_point, step, scheduler.lr_at(step))
         _set_aside_later_checkpoints(run_dir, step, ctx)
     schedule = MixtureSchedule(sizes, ratios, run.seed, ctx.rank, ctx.world_size, schedule_state)
@@ -369,7 +543,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
         set_rng_state(saved_rng)
 
     # -- loop ----------------------------------------------------------------------------------------------
-    metrics = MetricsWriter(run_dir if ctx.is_main else None, run.tensorboard)
+    metrics = MetricsWriter(run_dir if ctx.is_main else None, run.tensorboard,
+                            step if resume_point is not None else None)
     progress = None
     if ctx.is_main and run.progress_bar and sys.stderr.isatty():
         try:
@@ -382,6 +557,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     last_saved: Path | None = resume_point
     saved_step = step if resume_point is not None else -1
     window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0}
+    started = time.time()
+    first_step = step
     steps_this_run = 0
     last_loss: float | None = None
     grad_norm = float("nan")
@@ -390,9 +567,27 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     def save(current_step: int) -> Path:
         nonlocal last_saved, saved_step
         path = _save(run_dir, current_step, model, wrapped, optimizer, scheduler, schedule, tracker, ctx, fsdp,
-                     cfg, steps_per_epoch, run.keep_checkpoints)
+                     cfg, steps_per_epoch, run.keep_checkpoints, best)
         last_saved, saved_step = path, current_step
         return path
+
+    def evaluate(current_step: int) -> None:
+        """Validation loss now; a new best is exported to <run dir>/best (before the checkpoint that
+        records it, so a resumed run knows its best)."""
+        nonlocal best
+        result = validation.loss(model, device, autocast, dummy)
+        _train_mode(model)
+        record = {"step": current_step, "epoch": current_step / steps_per_epoch, **result, "time": time.time()}
+        improved = best is None or result["val_loss"] < best["val_loss"]
+        if improved:
+            best = {"step": current_step, "val_loss": result["val_loss"]}
+        record["val_best_loss"] = best["val_loss"]
+        metrics.write(record)
+        logger.info("step %d validation loss %.4f on %d samples (%d tokens)%s", current_step, result["val_loss"],
+                    result["val_samples"], result["val_tokens"],
+                    " - best so far" if improved else f"; best {best['val_loss']:.4f} at step {best['step']}")
+        if improved and run.keep_best:
+            _export(run_dir, lion, model, wrapped, ctx, fsdp, name="best", info=best)
 
     try:
         while step < total_steps:
@@ -400,8 +595,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
             local_tokens = sum(float((m["batch"]["labels"] != -100).sum()) for m in micro if m["batch"])
             local_bad = sum(len(m["bad"]) for m in micro)
             local_drawn = sum(m["size"] for m in micro)
-            tracker.note([item for m in micro for item in m["bad"]])
-            tokens, bad, drawn = ctx.all_reduce_sum([local_tokens, local_bad, local_drawn])
+            local_items = [item for m in micro for item in m["bad"]]
+            tracker.note(local_items)
+            tokens, bad, drawn, stops = ctx.all_reduce_sum([local_tokens, local_bad, local_drawn,
+                                                           float(stop_requested())])
+            if bad:  # every rank knows the sum, so all join this gather: rank 0 logs them all to train.log
+                gathered = ctx.gather_objects([(i.source, i.reason, i.kind) for i in local_items])
+                if ctx.is_main:
+                    tracker.log(gathered)
             tracker.update(int(bad), int(drawn))  # raises BadDataError on every process alike
             step_loss = torch.zeros((), dtype=torch.float64)
             if tokens > 0:
@@ -440,37 +641,52 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
             if step % run.print_freq == 0 or step == total_steps or epoch_end:
                 loss_total = ctx.all_reduce_sum([window["loss"]])[0]
                 elapsed = time.time() - window["start"]
+                run_elapsed = time.time() - started
+                eta = run_elapsed / max(step - first_step, 1) * (total_steps - step)
                 last_loss = loss_total / window["tokens"] if window["tokens"] else float("nan")
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
                           "lr": scheduler.lr_at(step - 1), "grad_norm": grad_norm,
                           "samples_per_s": window["samples"] / max(elapsed, 1e-9),
                           "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                           "region_fraction_rank0": window["region"] / max(1, window["steps"] * accum * micro_batch),
-                          "samples_skipped": tracker.bad, "samples_drawn": tracker.drawn, "time": time.time()}
+                          "samples_skipped": tracker.bad, "samples_drawn": tracker.drawn,
+                          "elapsed_s": run_elapsed, "eta_s": eta, "time": time.time()}
                 for group in optimizer.param_groups:  # the rates this step's update used
                     record[f"lr_{group['group']}"] = record["lr"] * group["lr_scale"]
                 metrics.write(record)
-                logger.info("step %d/%d epoch %.2f loss %.4f lr %.3g grad_norm %.3g %.1f samples/s", step,
-                            total_steps, record["epoch"], last_loss, record["lr"], grad_norm,
-                            record["samples_per_s"])
+                logger.info("step %d/%d epoch %.2f loss %.4f lr %.3g grad_norm %.3g %.1f samples/s elapsed %s "
+                            "eta %s", step, total_steps, record["epoch"], last_loss, record["lr"], grad_norm,
+                            record["samples_per_s"], _clock(run_elapsed), _clock(eta))
                 window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0}
-            stopping = stop_after is not None and steps_this_run >= stop_after and step < total_steps
-            if (run.save_every_steps and step % run.save_every_steps == 0) or epoch_end or stopping:
+            preempted = stops > 0 and step < total_steps
+            stopping = (stop_after is not None and steps_this_run >= stop_after and step < total_steps) or preempted
+            saving = (run.save_every_steps and step % run.save_every_steps == 0) or epoch_end or stopping
+            if run.eval_every_steps:
+                evaluation_due = step % run.eval_every_steps == 0 or step == total_steps
+            else:  # with every checkpoint, so that each checkpoint knows the best model up to it
+                evaluation_due = saving or step == total_steps
+            if validation is not None and evaluation_due and not preempted:
+                evaluate(step)
+            if saving:
                 save(step)
             if stopping:
-                logger.info("stopping after %d steps of this invocation at step %d; resume with --resume %s",
-                            steps_this_run, step, run_dir)
+                why = "SIGTERM received" if preempted else f"stopping after {steps_this_run} steps of this invocation"
+                logger.info("%s: saved step %d; resume with --resume %s", why, step, run_dir)
                 return TrainResult(run_dir, step, total_steps, False, last_saved, None, last_loss, tracker.report())
         if saved_step != step:
             save(step)
         export_dir = _export(run_dir, lion, model, wrapped, ctx, fsdp) if cfg.run.export_final else None
+        kinds = ctx.gather_objects(dict(tracker.kinds))
+        merged: Counter[str] = Counter()
+        for counts in kinds or []:
+            merged.update(counts)
         result = TrainResult(run_dir, step, total_steps, True, last_saved, export_dir, last_loss,
-                             {**record_report, **tracker.report()})
+                             {**record_report, **tracker.report(merged)})
         digests = None if fsdp else ctx.gather_objects(_digest(model))
         if ctx.is_main:
             summary = {"step": step, "total_steps": total_steps, "final_loss": last_loss,
                        "checkpoint": str(last_saved), "export": str(export_dir) if export_dir else None,
-                       "world_size": ctx.world_size, "bad_data": result.bad,
+                       "world_size": ctx.world_size, "bad_data": result.bad, "best": best,
                        "replicas_identical": None if digests is None else len(set(digests)) == 1}
             if digests is not None and len(set(digests)) != 1:
                 logger.error("the processes ended with different weights: %s", digests)
@@ -548,7 +764,7 @@ def _restore(state: dict[str, Any], model: torch.nn.Module, wrapped: torch.nn.Mo
 def _save(run_dir: Path, step: int, model: torch.nn.Module, wrapped: torch.nn.Module,
           optimizer: torch.optim.Optimizer, scheduler: WarmupCosineSchedule, schedule: MixtureSchedule,
           tracker: BadDataTracker, ctx: DistContext, fsdp: bool, cfg: TrainConfig, steps_per_epoch: int,
-          keep: int) -> Path:
+          keep: int, best: dict[str, Any] | None = None) -> Path:
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -569,6 +785,8 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, wrapped: torch.nn.Mo
         training_state = {"step": step, "epoch": step // steps_per_epoch, "scheduler": scheduler.state_dict(),
                           "schedule": schedule.state_dict(), "rng": rngs, "world_size": ctx.world_size,
                           "bad": {"samples_skipped": tracker.bad, "samples_drawn": tracker.drawn}}
+        if best is not None:  # the lowest validation loss so far and its step: a resumed run keeps it
+            training_state["best"] = dict(best)
         meta = {"stage": cfg.run.stage, "visual_input": STAGE_VISUAL_INPUT[cfg.run.stage],
                 "epoch": step / steps_per_epoch, "world_size": ctx.world_size, "lr": scheduler.lr_at(step),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"), "config": str(run_dir / "config.yaml")}
@@ -579,10 +797,11 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, wrapped: torch.nn.Mo
 
 
 def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn.Module, ctx: DistContext,
-            fsdp: bool) -> Path:
-    """The finished model as a `save_pretrained` bundle in <run dir>/final (written atomically)."""
-    final = run_dir / "final"
-    tmp = run_dir / ".tmp-final"
+            fsdp: bool, name: str = "final", info: dict[str, Any] | None = None) -> Path:
+    """The model as a `save_pretrained` bundle in <run dir>/<name> (written atomically): the finished
+    model (`final`) or the best by validation loss (`best`, with `info` in its best.json)."""
+    final = run_dir / name
+    tmp = run_dir / f".tmp-{name}"
     state = None
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -595,18 +814,22 @@ def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn
         if state is None:
             Lion(model, lion.processor, lion.tagger).save_pretrained(tmp)
         else:
-            from ..loading import save_state_sharded
+            from ..loading import save_state_sharded, write_bundle_config
 
             tmp.mkdir(parents=True)
-            model.config.to_json(tmp / "config.json")
+            write_bundle_config(model.config, tmp)  # as save_pretrained writes it
             aliases = ("language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight")
             save_state_sharded({k: v for k, v in state.items() if k not in aliases}, tmp)
             lion.processor.save_pretrained(tmp)
             write_tagger_spec(lion.tagger, tmp)
-        model.train(was_training)
+        if was_training:
+            _train_mode(model)  # the frozen ViT back in eval mode too
+        if info is not None:
+            (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        logger.info("exported the trained model to %s (load with Lion.from_pretrained)", final)
+        logger.info("exported the %s model to %s (load with Lion.from_pretrained)",
+                    "trained" if name == "final" else name, final)
     ctx.barrier()
     return final

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import PRESETS, LionConfig
 from ..loading import (CheckpointError, OfficialPaths, config_from_official, official_to_ours, ours_to_official,
-                       read_safetensors, read_torch_file)
+                       read_bundle_config, read_safetensors, read_torch_file)
 from ..modeling_lion import LionModel
 from ..pipeline import Lion, resolve_dtype
 from ..processing import LionProcessor
@@ -369,7 +369,7 @@ def read_lion_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             index = json.loads((path / "model.safetensors.index.json").read_text())
             files = sorted({path / f for f in index["weight_map"].values()})
             state = {k: v for k, v in read_safetensors(files).items() if is_lion_parameter(k)}
-            return state, LionConfig.from_json(path / "config.json").visual_input
+            return state, read_bundle_config(path).visual_input  # the bundle's own reader: any format version
         raise CheckpointError(f"{path}: neither a training checkpoint (lion_params.safetensors) nor a "
                               "save_pretrained bundle (config.json)")
     if path.suffix == ".safetensors":
