@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import http.server
 import json
+import re
 import threading
 import urllib.parse
 from pathlib import Path
@@ -26,6 +27,11 @@ from lion_mllm.downloads import ChecksumMismatchError, DownloadError, RemoteFile
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 EVA_PATH = "/storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
+
+
+def _commit(revision: str) -> str:
+    """The commit a revision names, as the hub answers: a commit hash itself, a branch its head (COMMIT)."""
+    return revision if re.fullmatch(r"[0-9a-f]{40}", revision) else COMMIT
 
 
 def _folder(path: Path) -> dict[str, bytes]:
@@ -101,7 +107,8 @@ class FakeHub:
                         return self._missing()
                     files = fake.repos[repo]
                     if parts[4] == "revision":
-                        return self._json({"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]})
+                        return self._json({"id": repo, "sha": _commit(parts[5]),
+                                           "siblings": [{"rfilename": f} for f in files]})
                     if parts[4] == "tree":
                         return self._json([{"type": "file", "path": f, "size": len(d),
                                             "oid": hashlib.sha1(d).hexdigest()} for f, d in files.items()])
@@ -110,7 +117,7 @@ class FakeHub:
                     data = fake.repos.get(repo, {}).get(name)
                     if data is None:
                         return self._missing("EntryNotFound" if repo in fake.repos else "RepoNotFound")
-                    extra = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+                    extra = {"X-Repo-Commit": _commit(parts[3]), "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
                     return self._body(data, head, extra, path)
                 if path in fake.plain:
                     return self._body(fake.plain[path], head, {}, path)
@@ -198,6 +205,12 @@ def test_download_fetches_everything_and_writes_the_authors_yaml(fake_hub: FakeH
     fetched = fake_hub.gets()
     assert not [p for p in fetched if p.endswith((".h5", ".msgpack", "README.md"))]
     assert not [p for p in fetched if "bert-base-uncased" in p and p.endswith(".safetensors")]
+    # Every repository with a pinned commit was asked for that commit, not for `main`.
+    spec = hub.PUBLISHED_MODELS["lion-flant5xl"]
+    for pinned in (spec.llm, spec.bert, spec.ram):
+        assert re.fullmatch(r"[0-9a-f]{40}", pinned.revision), pinned
+        asked = [p for p in fake_hub.gets(f"/{pinned.repo_id}/resolve/")]
+        assert asked and all(f"/resolve/{pinned.revision}/" in p for p in asked), asked
     # RAM's vocabulary went where the tagger looks for it (md5-verified by download_file).
     assert (tmp_path / "lion-cache" / "ram" / "ram_tag_list.txt").read_bytes() == \
         (SHARED / "ram" / "ram_tag_list.txt").read_bytes()
