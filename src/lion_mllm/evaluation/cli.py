@@ -40,10 +40,13 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt template overriding the task default, e.g. 'Question: {question} Short answer:'")
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--split", default=None, help="Karpathy split to use (default test) / split label for REC and POPE")
+    p.add_argument("--split", default=None, help="Karpathy split (default test), IconQA problems.json split (default test) / split label for REC and POPE")
     p.add_argument("--box-format", choices=("auto", "xywh", "xyxy"), default="auto",
                    help="ground-truth bbox layout in REC files: xywh (COCO), xyxy (Shikra REC_*.jsonl) or auto "
                         "(the one under which every box fits its image; an error names the format to pass)")
+    p.add_argument("--submission", action="store_true",
+                   help="also write the evaluation server's file (<out>/<task>.submission.json/.xlsx); it is "
+                        "written anyway for splits without public answers (MMBench test, TextCaps test, NoCaps, VisDial test)")
     p.add_argument("--protocol", default=None,
                    help="scoring protocol: vqav2/okvqa vqa2016 (default, the vqaEval.py LAVIS ships) or vqa2021 "
                         "(master); aokvqa_da allenai (default, official), lavis or vqa; see docs/evaluation.md")
@@ -168,6 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
         spice={"auto": None, "on": True, "off": False}[args.spice],
         progress=args.progress,
         protocol=args.protocol,
+        submission=True if args.submission else None,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(report["markdown"])

@@ -9,6 +9,7 @@ record (JSON) and says which field is wrong.
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
 import io
 import json
@@ -29,6 +30,7 @@ __all__ = [
     "load_gqa",
     "load_aokvqa",
     "load_generic_vqa",
+    "load_iconqa",
     "load_vsr",
     "load_rec",
     "box_misfit",
@@ -76,15 +78,20 @@ class EvalSample:
         )
 
     def load_image(self):  # -> PIL.Image.Image
-        """Open the image as RGB (fully loaded, file handle closed)."""
-        from PIL import Image
+        """The image as RGB with its stored orientation (EXIF not applied, as the authors' code and the
+        COCO tools read datasets); raises `lion_mllm.images.ImageLoadError` naming the sample."""
+        from ..images import ImageLoadError, decode_image, load_image
 
-        if self.image_b64 is not None:
-            data = base64.b64decode(self.image_b64)
-            with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
-        with Image.open(self.image_path()) as im:
-            return im.convert("RGB")
+        try:
+            if self.image_b64 is not None:
+                try:
+                    data = base64.b64decode(self.image_b64)
+                except (binascii.Error, ValueError):
+                    raise ImageLoadError(f"sample {self.id!r}", "its base64 image is broken", "not_an_image") from None
+                return decode_image(data, f"sample {self.id!r} (base64 image)", orientation="stored")
+            return load_image(self.image_path(), orientation="stored")
+        except FileNotFoundError as error:
+            raise ImageLoadError(f"sample {self.id!r}", str(error), "not_found") from None
 
     def image_size(self) -> tuple[int, int]:
         """(width, height) of the original image, from the annotation when present."""
@@ -248,6 +255,19 @@ def load_captions(annotation_path: PathLike, image_root: PathLike | None, *, spl
                 id=sid, image_candidates=_candidates(image_root, image, os.path.basename(image)), target=list(caps)
             )
         samples = list(grouped.values())
+    elif (isinstance(data, dict) and isinstance(data.get("images"), list) and "annotations" not in data
+          and data["images"] and isinstance(data["images"][0], dict) and "sentences" not in data["images"][0]
+          and "id" in data["images"][0]):
+        # COCO-style image info without captions (NoCaps nocaps_{val,test}_image_info.json): predictions
+        # only, for the evaluation server.
+        for i, img in enumerate(data["images"]):
+            where = _where(annotation_path, record=f"images[{i}]")
+            if not isinstance(img, dict):
+                raise AnnotationError(f"{where}: expected a JSON object")
+            iid = _str_id(_get(img, ("id",), where))
+            fname = _get(img, ("file_name", "filename"), where)
+            meta = {"group": img["domain"]} if "domain" in img else {}
+            samples.append(EvalSample(id=iid, image_candidates=_candidates(image_root, fname), target=None, meta=meta))
     elif isinstance(data, dict) and "images" in data and "annotations" not in data:
         for i, img in enumerate(data["images"]):
             where = _where(annotation_path, record=f"images[{i}]")
@@ -312,7 +332,13 @@ def load_captions(annotation_path: PathLike, image_root: PathLike | None, *, spl
                     by_image[iid].target.extend(str(r) for r in refs)
             elif rec.get("caption_str"):
                 by_image[iid].target.append(str(rec["caption_str"]))
-        samples = [s for s in by_image.values() if s.target]
+        if all(not s.target for s in by_image.values()):
+            # TextCaps_0.1_test.json has no captions: predictions only, for the evaluation server.
+            for sample in by_image.values():
+                sample.target = None
+            samples = list(by_image.values())
+        else:
+            samples = [s for s in by_image.values() if s.target]
     else:
         raise AnnotationError(f"{annotation_path}: unrecognised caption annotation format")
     if not samples:
@@ -538,6 +564,89 @@ def load_generic_vqa(annotation_path: PathLike, image_root: PathLike | None) -> 
             )
         )
     return _check_unique(samples, annotation_path)
+
+
+# IconQA question types a one-image model can answer; "choose_img" offers its choices as images.
+ICONQA_QUESTION_TYPES = ("choose_txt", "fill_in_blank")
+
+
+def _iconqa_sample(pid: str, rec: dict, where: str, image_candidates: tuple[str, ...]) -> EvalSample | None:
+    """One IconQA problem (``data.json`` / ``problems.json`` record) as a sample; None for choose_img."""
+    ques_type = _get(rec, ("ques_type",), where)
+    if ques_type not in (*ICONQA_QUESTION_TYPES, "choose_img"):
+        raise AnnotationError(f"{where}: unknown ques_type {ques_type!r}")
+    if ques_type == "choose_img":
+        return None
+    question = str(_get(rec, ("question",), where))
+    answer = _get(rec, ("answer",), where)
+    fields = {"question": question, "options": "", "options_block": "", "choices": ""}
+    if ques_type == "choose_txt":
+        choices = _get(rec, ("choices",), where)
+        if not isinstance(choices, list) or not choices or len(choices) > len(OPTION_LETTERS):
+            raise AnnotationError(f"{where}: 'choices' must be a non-empty list of at most {len(OPTION_LETTERS)}")
+        choices = [str(c) for c in choices]
+        if isinstance(answer, str) and answer.isdigit():
+            answer = int(answer)
+        if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
+            raise AnnotationError(f"{where}: choose_txt 'answer' must be the index of a choice, got {answer!r}")
+        fields["options"] = _format_options(OPTION_LETTERS[: len(choices)], choices)
+        fields["options_block"] = "\nOptions:\n" + fields["options"]
+        fields["choices"] = ", ".join(choices)
+        target = {"answers": [choices[answer]], "choices": choices, "answer_index": answer}
+    else:
+        target = {"answers": [str(answer)], "choices": None, "answer_index": None}
+    return EvalSample(id=pid, image_candidates=image_candidates, fields=fields, target=target,
+                      meta={"question_type": ques_type, "answer_type": ques_type})
+
+
+def load_iconqa(annotation_path: PathLike, image_root: PathLike | None, *, split: str = "test") -> list[EvalSample]:
+    """IconQA as released (``iconqa_data/``), or converted JSON Lines (see `load_generic_vqa`).
+
+    * a folder of the release, e.g. ``iconqa_data/iconqa/test`` or ``.../test/choose_txt``: every
+      ``<pid>/data.json`` below it, with the image ``<pid>/image.png`` beside it;
+    * ``iconqa_data/problems.json`` (``{pid: {question, choices?, answer, ques_type, split}}``):
+      the problems of ``split``, images under ``image_root`` as ``iconqa/<split>/<ques_type>/<pid>/image.png``
+      (or ``<split>/<ques_type>/<pid>/image.png``).
+
+    ``choose_txt`` answers are choice indices, ``fill_in_blank`` answers strings; ``choose_img``
+    problems (choices given as images) are left out, since the model sees one image.
+    """
+    path = os.fspath(annotation_path)
+    samples: list[EvalSample] = []
+    if os.path.isdir(path):
+        for folder, _dirs, files in sorted(os.walk(path)):
+            if "data.json" not in files:
+                continue
+            record_path = os.path.join(folder, "data.json")
+            rec = _read_json(record_path)
+            if not isinstance(rec, dict):
+                raise AnnotationError(f"{record_path}: expected a JSON object")
+            sample = _iconqa_sample(os.path.basename(folder), rec, record_path,
+                                    (os.path.join(folder, "image.png"),))
+            if sample is not None:
+                samples.append(sample)
+        if not samples:
+            raise AnnotationError(f"{path}: no IconQA <pid>/data.json of types {ICONQA_QUESTION_TYPES} below this folder")
+        return _check_unique(samples, path)
+    records = read_records(path)
+    problems = records[0][1] if len(records) == 1 else None
+    if not (isinstance(problems, dict) and problems and all(isinstance(v, dict) and "ques_type" in v
+                                                          for v in problems.values())):
+        return load_generic_vqa(path, image_root)
+    for pid, rec in problems.items():
+        if rec.get("split", split) != split:
+            continue
+        where = _where(path, record=repr(pid))
+        ques_type = str(rec.get("ques_type"))
+        relative = os.path.join(split, ques_type, str(pid), "image.png")
+        sample = _iconqa_sample(str(pid), rec, where,
+                                _candidates(image_root, os.path.join("iconqa", relative), relative,
+                                            os.path.join(ques_type, str(pid), "image.png")))
+        if sample is not None:
+            samples.append(sample)
+    if not samples:
+        raise AnnotationError(f"{path}: no problems of split {split!r} and types {ICONQA_QUESTION_TYPES}")
+    return _check_unique(samples, path)
 
 
 def load_vsr(annotation_path: PathLike, image_root: PathLike | None) -> list[EvalSample]:

@@ -26,6 +26,7 @@ from .datasets import (
     load_captions,
     load_generic_vqa,
     load_gqa,
+    load_iconqa,
     load_mmbench,
     load_pope,
     load_rec,
@@ -33,9 +34,11 @@ from .datasets import (
     load_visdial,
     load_vsr,
 )
+from ..images import ImageLoadError
 from .metrics_caption import check_java
 from .report import render_markdown
 from .scorers import score_task
+from .submissions import SUBMISSION_FORMATS, write_submission
 from .tasks import get_task, infer_split, set_protocol
 
 __all__ = ["evaluate", "load_task_samples", "render_prompt", "read_predictions", "GenerateFn", "ScoreFn"]
@@ -57,7 +60,8 @@ def load_task_samples(
     loader = spec["loader"]
     paths = [annotation_path] if isinstance(annotation_path, (str, os.PathLike)) else list(annotation_path)
     for p in paths:
-        if not os.path.isfile(p):
+        # IconQA may be given as a folder of its release.
+        if not (os.path.isfile(p) or (loader == "iconqa" and os.path.isdir(p))):
             raise FileNotFoundError(f"annotation file not found: {p}")
     if loader == "vqa_pair":
         return load_vqa_pair(paths if len(paths) > 1 else paths[0], image_root)
@@ -70,6 +74,8 @@ def load_task_samples(
         return load_captions(path, image_root, split=split or "test")
     if loader == "rec":
         return load_rec(path, image_root, box_format=box_format)
+    if loader == "iconqa":
+        return load_iconqa(path, image_root, split=split or "test")
     simple = {"gqa": load_gqa, "aokvqa": load_aokvqa, "generic_vqa": load_generic_vqa, "vsr": load_vsr,
               "pope": load_pope, "mmbench": load_mmbench}
     return simple[loader](path, image_root)
@@ -183,8 +189,16 @@ def _generate(
         except ImportError:
             pass
     for start in batches:
-        batch = samples[start:start + batch_size]
-        images = [s.load_image() for s in batch]
+        batch, images = [], []
+        for sample in samples[start:start + batch_size]:
+            try:
+                images.append(sample.load_image())
+                batch.append(sample)
+            except ImageLoadError as error:  # reported as skipped, never a prediction; a re-run tries again
+                out[sample.id] = {"id": sample.id, "task": task, "split": split, "prompt": prompts[sample.id],
+                                  "prediction": None, "skipped": str(error)}
+        if not batch:
+            continue
         questions = [prompts[s.id] for s in batch]
         answers = generate_fn(images, questions, [route] * len(batch), **kwargs)
         if not isinstance(answers, (list, tuple)) or len(answers) != len(batch):
@@ -257,6 +271,7 @@ def evaluate(
     progress: bool = False,
     protocol: str | None = None,
     score_fn: ScoreFn | None = None,
+    submission: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on one benchmark and return the report.
 
@@ -287,6 +302,8 @@ def evaluate(
         progress: show a tqdm progress bar.
         score_fn: ranks candidate answers (VisDial): ``(images, prompts, candidates, tasks) ->
             scores``; without it, ``generate_fn.score_candidates`` is used when present.
+        submission: write the evaluation server's file (``<out_dir>/<stem>.submission.json`` or
+            ``.xlsx``, see `submissions`); None = only when the annotation has no ground truth.
         protocol: scoring protocol of tasks that have several (vqav2/okvqa: "vqa2016" (default)
             or "vqa2021"; aokvqa_da: "allenai" (default), "lavis" or "vqa"); reported.
 
@@ -323,8 +340,8 @@ def evaluate(
             f"{pred_path} holds predictions of task {foreign.get('task')!r} split {foreign.get('split')!r}, "
             f"not {spec['name']!r} split {report_split!r}; use another predictions file"
         )
-    if spec["kind"] == "caption" and rank == 0:
-        check_java()  # fail before generating for an hour, not after
+    if spec["kind"] == "caption" and rank == 0 and any(s.target for s in samples):
+        check_java()  # fail before generating for an hour, not after (test splits are not scored here)
     if pred_path and rank == 0 and world == 1 and existing:
         # Normalise the file (drops a truncated tail, folds in part files) before appending.
         _write_predictions(pred_path, existing)
@@ -366,13 +383,32 @@ def evaluate(
             missing = [s.id for s in samples if s.id not in merged]
             if missing:
                 raise RuntimeError(f"{len(missing)} samples have no prediction, e.g. {missing[:3]}")
+            skipped = {s.id: merged.pop(s.id)["skipped"] for s in samples if merged[s.id].get("skipped")}
+            if skipped:  # unreadable images: scored without them, counted and named in the report
+                samples = [s for s in samples if s.id not in skipped]
+                if not samples:
+                    raise RuntimeError(f"every sample's image was unreadable, e.g. {next(iter(skipped.values()))}")
             reused = sum(1 for s in samples if s.id in existing)
             stale = sum(1 for s in samples if s.id in existing and existing[s.id].get("prompt") not in (None, prompts[s.id]))
             metrics, notes = score_task(spec, samples, {s.id: merged[s.id]["prediction"] for s in samples}, spice=spice,
                                         candidate_scores={s.id: merged[s.id].get("scores") for s in samples})
             if stale:
                 notes.append(f"{stale} reused predictions were generated with a different prompt")
+            if skipped:
+                notes.append(f"{len(skipped)} samples skipped (unreadable images) and left out of the scores, "
+                             f"e.g. {next(iter(skipped.values()))}")
             paths = [annotation_path] if isinstance(annotation_path, (str, os.PathLike)) else list(annotation_path)
+            # Splits without public answers (metrics empty) get the evaluation server's file.
+            want_submission = submission if submission is not None else (
+                not metrics and spec["kind"] in SUBMISSION_FORMATS)
+            submission_path = None
+            if want_submission:
+                if out_dir is None:
+                    raise ValueError("a submission file is written into out_dir; pass out_dir (lion eval --out)")
+                os.makedirs(out_dir, exist_ok=True)
+                submission_path = write_submission(spec, samples, merged, os.fspath(paths[0]),
+                                                   os.path.join(os.fspath(out_dir), stem))
+                notes.append(f"submission file ({SUBMISSION_FORMATS[spec['kind']][1]}): {submission_path}")
             report = {
                 "task": spec["name"],
                 "benchmark": spec["benchmark"],
@@ -384,6 +420,8 @@ def evaluate(
                 "num_samples": len(samples),
                 "num_generated": len(new),
                 "num_reused": reused,
+                "num_skipped": len(skipped),
+                "skipped": dict(list(skipped.items())[:20]),
                 "limit": limit,
                 "route": spec["route"],
                 "prompt": template,
@@ -394,6 +432,7 @@ def evaluate(
                 "paper": spec["paper"],
                 "notes": notes,
                 "predictions_path": pred_path,
+                "submission_path": submission_path,
                 "world_size": world,
                 "time_s": round(time.time() - t0, 3),
             }

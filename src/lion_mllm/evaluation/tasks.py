@@ -124,7 +124,7 @@ TASKS: dict[str, dict[str, Any]] = {
     ),
     "gqa": _vqa("GQA (test-dev balanced)", "exact", "gqa", "GQA", {"LION-4B": 49.50, "LION-12B": 51.56}),
     "iconqa": _vqa(
-        "IconQA", "choice_or_exact", "generic_vqa", "IconQA", {"LION-4B": 54.91, "LION-12B": 54.89},
+        "IconQA", "choice_or_exact", "iconqa", "IconQA", {"LION-4B": 54.91, "LION-12B": 54.89},
         prompt="Question: {question}{options_block} Short answer:",
     ),
     "vsr": _vqa(
@@ -172,6 +172,7 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
     "gqa": ("question",),
     "aokvqa": ("question", "options", "choices"),
     "generic_vqa": ("question", "options", "options_block", "choices"),
+    "iconqa": ("question", "options", "options_block", "choices"),
     "vsr": ("caption", "question", "relation"),
     "rec": ("expr", "question"),
     "pope": ("question",),
