@@ -15,6 +15,7 @@ from lion_mllm.downloads import (
     RemoteFile,
     cache_dir,
     download_file,
+    sha256_record_path,
     verify_file,
 )
 
@@ -218,3 +219,14 @@ def test_verify_file_names_the_file(tmp_path: Path) -> None:
     verify_file(f, md5=hashlib.md5(b"abc").hexdigest(), expected_size=3)
     with pytest.raises(ChecksumMismatchError, match="weights.pth"):
         verify_file(f, md5="1" * 32)
+
+
+def test_file_without_published_checksum_is_checked_against_its_first_download(server, tmp_path: Path) -> None:
+    dest = tmp_path / "eva.pth"
+    download_file(server.url, dest, record_sha256=True)
+    assert sha256_record_path(dest).read_text().split() == [PAYLOAD_SHA256, "eva.pth"]
+    assert download_file(server.url, dest, record_sha256=True) == dest
+    assert len(server.requests) == 1  # verified against the record, nothing fetched
+    dest.write_bytes(PAYLOAD[:1000])  # the cached copy changes behind our back
+    download_file(server.url, dest, record_sha256=True)
+    assert dest.read_bytes() == PAYLOAD and len(server.requests) == 2

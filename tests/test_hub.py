@@ -196,6 +196,9 @@ def test_download_fetches_everything_and_writes_the_authors_yaml(fake_hub: FakeH
     assert Path(model["pretrained"]).read_bytes() == (ASSETS / "LION-FlanT5-tiny.pth").read_bytes()
     assert Path(model["vit_model"]) == tmp_path / "lion-cache" / "eva_vit_g.pth"
     assert Path(model["vit_model"]).read_bytes() == (ASSETS / "eva_vit_g_tiny.pth").read_bytes()
+    # No checksum is published for eva_vit_g.pth: the first download's is recorded, later ones check it.
+    recorded = Path(model["vit_model"] + ".sha256").read_text().split()[0]
+    assert recorded == hashlib.sha256((ASSETS / "eva_vit_g_tiny.pth").read_bytes()).hexdigest()
     assert Path(model["ram_model"]).read_bytes() == (ASSETS / "ram_swin_tiny_14m.pth").read_bytes()
     llm, bert = Path(model["llm_model"]), Path(model["bert_model"])
     assert sorted(p.name for p in llm.iterdir()) == sorted(_folder(ASSETS / "flan-t5-tiny"))

@@ -38,6 +38,7 @@ __all__ = [
     "cache_dir",
     "download_file",
     "file_digest",
+    "sha256_record_path",
     "verify_file",
 ]
 
@@ -221,8 +222,13 @@ def download_file(
     progress: bool = False,
     timeout: float = 60.0,
     retries: int = 3,
+    record_sha256: bool = False,
 ) -> Path:
     """Download ``url`` to ``dest`` (resumable, verified, atomic) and return ``dest``.
+
+    ``record_sha256`` is for files whose publisher gives no checksum: the sha256 of the first complete
+    download is written beside it (``dest.sha256``) and every later call checks the file against it, so a
+    cached file that changed (truncated, overwritten, corrupted) is caught and downloaded again.
 
     If ``dest`` already exists and passes the given checks it is returned without any request
     (with no checks given, an existing file is trusted). A ``dest.part`` left by an interrupted
@@ -232,10 +238,15 @@ def download_file(
     and keep the ``.part`` file so that the next call resumes.
     """
     dest = Path(dest).expanduser()
+    recorded = sha256_record_path(dest)
+    if record_sha256 and sha256 is None and md5 is None and recorded.is_file():
+        sha256 = recorded.read_text().split()[0]
     if dest.exists():
         try:
             verify_file(dest, md5=md5, sha256=sha256, expected_size=expected_size)
             logger.debug("reusing verified %s", dest)
+            if record_sha256 and not recorded.is_file():
+                _record_sha256(dest)
             return dest
         except ChecksumMismatchError as err:
             logger.warning("%s; downloading it again", err)
@@ -267,7 +278,21 @@ def download_file(
         part.unlink(missing_ok=True)
         raise ChecksumMismatchError(f"{err} (downloaded from {url}; the bad download was deleted)") from None
     os.replace(part, dest)  # atomic on POSIX and Windows within one directory
+    if record_sha256:
+        _record_sha256(dest)
     return dest
+
+
+def sha256_record_path(dest: str | os.PathLike[str]) -> Path:
+    """Where :func:`download_file` records the sha256 of a file that came without a published checksum."""
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _record_sha256(dest: Path) -> str:
+    digest = file_digest(dest, "sha256")
+    sha256_record_path(dest).write_text(f"{digest}  {dest.name}\n")  # sha256sum's format
+    return digest
 
 
 @dataclass(frozen=True)

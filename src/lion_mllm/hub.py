@@ -378,8 +378,10 @@ def download_model(model: str | PublishedModel, to: str | os.PathLike[str] | Non
         say(f"[{next(step)}/{steps}] BERT tokenizer/config {spec.bert.repo_id}")
         bert = fetch_hub_folder(spec.bert, target / spec.bert.folder_name if target is not None else None)
     say(f"[{next(step)}/{steps}] vision encoder {spec.vit.url}")
+    # No checksum of eva_vit_g.pth is published: the first download's sha256 is recorded and checked after.
     vit = download_file(mirrored(spec.vit.url), (target or cache_dir()) / spec.vit.filename, md5=spec.vit.md5,
-                        sha256=spec.vit.sha256, expected_size=spec.vit.size, progress=progress)
+                        sha256=spec.vit.sha256, expected_size=spec.vit.size, progress=progress,
+                        record_sha256=spec.vit.md5 is None and spec.vit.sha256 is None)
     ram = None
     if spec.ram is not None:
         say(f"[{next(step)}/{steps}] RAM tagger {spec.ram.repo_id}/{spec.ram.filename}")
