@@ -892,7 +892,7 @@ def load_visdial(annotation_path: PathLike | Sequence[PathLike], image_root: Pat
         names = [f"VisualDialog_{split}_{numeric_id:012d}.jpg", f"COCO_train2014_{numeric_id:012d}.jpg",
                  f"COCO_val2014_{numeric_id:012d}.jpg"]
         cands = _candidates(image_root, *names, *(os.path.join(f"VisualDialog_{split}", n) for n in names[:1]))
-        history = [f"{str(_get(dialog, ('caption',), where_dialog)).strip()}."]
+        history = [f"{str(_get(dialog, ('caption',), where_dialog)).strip().rstrip('.')}."]
         rounds = _get(dialog, ("dialog",), where_dialog)
         if not isinstance(rounds, list):
             raise AnnotationError(f"{where_dialog}: 'dialog' must be a list of rounds")
@@ -921,7 +921,7 @@ def load_visdial(annotation_path: PathLike | Sequence[PathLike], image_root: Pat
                 ))
             if "answer" in turn:
                 answer = text(answers, turn["answer"], "answer", where)
-                history.append(f"Q: {question.strip().rstrip('?')}? A: {answer.strip()}.")
+                history.append(f"Q: {question.strip().rstrip('?')}? A: {answer.strip().rstrip('.')}.")
     if not samples:
         raise AnnotationError(f"{dialog_file}: no rounds with answer_options")
     return _check_unique(samples, dialog_file)
