@@ -186,6 +186,9 @@ def test_a_torchrun_job_stopped_by_bad_data_always_exits(data, tmp_path, why):
         assert returncode != 0 and message in err, err[-3000:]
         assert "still referenced" not in err, err[-3000:]
         assert "lion_mllm/train/" not in err  # no traceback from a worker: one line per rank
+    if why == "images":  # rank 1's unusable samples reach rank 0's train.log too
+        log = next((tmp_path / "out").iterdir()).joinpath("train.log").read_text()
+        assert "gone.png" in log and "(rank 1)" in log and "(rank 0)" in log
 
 
 def test_sigterm_under_torchrun_saves_on_every_rank_and_exits(data, tmp_path):
