@@ -398,6 +398,8 @@ def test_device_and_dtype_are_checked_before_loading(capsys: pytest.CaptureFixtu
     code, _, err = _run(capsys, "caption", str(IMAGES[0]), "--device", bad)
     assert code == 2 and f"--device {bad}" in err and "available here: cpu" in err
     assert time.monotonic() - started < 5  # no model was loaded
+    with pytest.raises(ValueError, match=f"device {bad}: .*available here: cpu"):
+        load_model("lion-shapes", device=bad)  # the Python API checks the same, before loading
     code, _, err = _run(capsys, "caption", str(IMAGES[0]), "--dtype", "fp16")
     assert code == 2 and "invalid choice: 'fp16'" in err
     code, _, err = _run(capsys, "caption", str(IMAGES[0]), "--ram", "nowhere.pth")

@@ -110,9 +110,9 @@ def _available_devices(torch: Any) -> list[str]:
     return found
 
 
-def resolve_device(requested: str | None) -> str:
+def resolve_device(requested: str | None, label: str = "--device") -> str:
     """The device to load on: `requested` if this machine has it (else ModelOptionError listing what it
-    has), or cuda when a GPU is available, else cpu."""
+    has, the option named by `label`), or cuda when a GPU is available, else cpu."""
     import torch
 
     if requested is None:
@@ -121,21 +121,21 @@ def resolve_device(requested: str | None) -> str:
     try:
         device = torch.device(requested)
     except (RuntimeError, ValueError):
-        raise ModelOptionError(f"--device {requested}: not a device name; available here: "
+        raise ModelOptionError(f"{label} {requested}: not a device name; available here: "
                                f"{', '.join(available)}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build of torch" if torch.version.cuda is None else "no GPU visible"
-            raise ModelOptionError(f"--device {requested}: no CUDA GPU here ({build}); available here: "
+            raise ModelOptionError(f"{label} {requested}: no CUDA GPU here ({build}); available here: "
                                    f"{', '.join(available)}")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelOptionError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s); "
+            raise ModelOptionError(f"{label} {requested}: this machine has {torch.cuda.device_count()} GPU(s); "
                                    f"available here: {', '.join(available)}")
     elif device.type == "mps":
         if "mps" not in available:
-            raise ModelOptionError(f"--device {requested}: not available here; available here: {', '.join(available)}")
+            raise ModelOptionError(f"{label} {requested}: not available here; available here: {', '.join(available)}")
     elif device.type != "cpu":
-        raise ModelOptionError(f"--device {requested}: unsupported device type; available here: "
+        raise ModelOptionError(f"{label} {requested}: unsupported device type; available here: "
                                f"{', '.join(available)}")
     return requested
 

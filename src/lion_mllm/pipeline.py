@@ -109,7 +109,13 @@ def resolve_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torc
 
 
 class Lion:
-    """A LION model ready for text in, text out."""
+    """A LION model ready for text in, text out.
+
+    Safe to call from several threads at once: each call binds its own task routes (a context variable
+    of the model) and the processor never reconfigures its tokenizers, so concurrent calls with mixed
+    tasks give the answers lone calls give (tests/test_thread_safety.py). Concurrent calls share the
+    device and do not finish sooner together; to serve many requests, batch them (`lion serve` does,
+    continuously). `static_cache=True` keeps its cache on the model: not for concurrent calls."""
 
     def __init__(self, model: LionModel, processor: LionProcessor, tagger: Tagger | None = None,
                  generation_config: GenerationDefaults | None = None):
@@ -143,7 +149,7 @@ class Lion:
         """
         paths = config_or_paths if isinstance(config_or_paths, OfficialPaths) else \
             OfficialPaths.from_yaml(config_or_paths)
-        device = torch.device(device)
+        device = torch.device(_available_device(device))
         tokenizer, qformer_tokenizer = LionProcessor.load_tokenizers(paths.llm_model, paths.bert_model)
         model, _ = load_official_model(paths, device=device, dtype=resolve_dtype(device, dtype),
                                        round_like_reference=round_like_reference,
@@ -163,7 +169,7 @@ class Lion:
         """From a bundle directory (`save_pretrained`), `local-dir:PATH`, or `hf-hub:owner/repo`.
         `attn_implementation="eager"` runs attention as the authors' code does (for comparisons)."""
         directory = resolve_bundle(name_or_path)
-        device = torch.device(device)
+        device = torch.device(_available_device(device))
         model = load_bundle_model(directory, device=device, dtype=resolve_dtype(device, dtype),
                                   attn_implementation=attn_implementation)
         if tagger is None:
@@ -270,6 +276,13 @@ class Lion:
         text = self.generate([pil], [question], "grounding", [tags], **kwargs)[0]
         box = parse_box(text)
         return Grounding(text, box, box.to_pixels(*pil.size) if box else None)
+
+
+def _available_device(device: str | torch.device) -> str:
+    """`device` if this machine has it; else a ValueError listing the devices it has (before any loading)."""
+    from .model_options import resolve_device
+
+    return resolve_device(str(device), label="device")
 
 
 def resolve_bundle(name_or_path: str | Path) -> Path:
