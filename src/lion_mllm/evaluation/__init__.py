@@ -5,7 +5,9 @@ Entry points:
     lion eval --task ... (see `lion_mllm.evaluation.cli`)
 
 Metrics can be used on their own: `vqa_accuracy`, `score_captions`, `parse_box`,
-`box_iou`, `score_rec`, `score_pope`, `score_mmbench`, `extract_choice`.
+`box_iou`, `score_rec`, `score_pope`, `score_mmbench`, `extract_choice`,
+`score_aokvqa_direct_answer`, `score_visdial`; `write_submission` writes the evaluation
+servers' files.
 Heavy dependencies (pycocoevalcap, PIL, torch) are imported only when needed.
 """
 
@@ -15,7 +17,18 @@ from .metrics_caption import JavaNotFoundError, check_java, score_captions, spic
 from .metrics_mmbench import MMBenchItem, extract_choice, score_mmbench
 from .metrics_pope import pope_yes_no, score_pope
 from .metrics_rec import box_iou, normalized_to_pixels, parse_box, score_rec, xywh_to_xyxy
-from .metrics_vqa import exact_match, normalize_answer, process_digit_article, process_punctuation, vqa_accuracy
+from .metrics_visdial import ndcg, ranks_from_scores, score_visdial
+from .metrics_vqa import (
+    AOKVQA_DA_PROTOCOLS,
+    VQA_REVISIONS,
+    exact_match,
+    normalize_answer,
+    process_digit_article,
+    process_punctuation,
+    score_aokvqa_direct_answer,
+    vqa_accuracy,
+)
+from .submissions import SUBMISSION_FORMATS, write_submission
 from .report import render_markdown, summarize_reports
 from .tasks import TASKS, get_task, task_names
 
@@ -25,5 +38,7 @@ __all__ = [
     "MMBenchItem", "extract_choice", "score_mmbench", "pope_yes_no", "score_pope",
     "box_iou", "normalized_to_pixels", "parse_box", "score_rec", "xywh_to_xyxy",
     "exact_match", "normalize_answer", "process_digit_article", "process_punctuation", "vqa_accuracy",
+    "VQA_REVISIONS", "AOKVQA_DA_PROTOCOLS", "score_aokvqa_direct_answer",
+    "ndcg", "ranks_from_scores", "score_visdial", "SUBMISSION_FORMATS", "write_submission",
     "render_markdown", "summarize_reports", "TASKS", "get_task", "task_names",
 ]
