@@ -90,6 +90,10 @@ def test_rotations():
         ("(A) (B)", None),
         ("cat or dog", None),
         ("catfish", None),  # substring matching: "cat" and "fish" are both in it
+        # VLMEvalKit's refusals ("Z"): no option, and no fall-back to the option texts.
+        ("Z dog", None),
+        ("Cannot determine the answer; maybe a dog", None),
+        ("Z or B", "B"),  # a letter is named, so not a refusal
         ("", None),
     ],
 )

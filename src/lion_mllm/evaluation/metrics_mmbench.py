@@ -54,6 +54,26 @@ def rotated_answer(answer_index: int, rotation: int, num_options: int) -> int:
 _MATCHING_PUNCTUATION = ".()[],:;!*#{}"
 
 
+# Answers VLMEvalKit classes as refusals ("Z"): never an option, and no option-text fallback either.
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+
+
+def _is_refusal(answer: str, letters: Sequence[str]) -> bool:
+    """VLMEvalKit's "Z": a known refusal phrase, or no option letter but a lone word "Z"."""
+    if any(phrase in answer for phrase in _REFUSALS):
+        return True
+    words = answer
+    for ch in _MATCHING_PUNCTUATION:
+        words = words.replace(ch, " ")
+    split = words.split()
+    return "Z" not in letters and not any(letter in split for letter in letters) and "Z" in split
+
+
 def _option_letter(answer: str, letters: Sequence[str]) -> str | None:
     """The one option letter written as a word of ``answer``, else None.
 
@@ -84,11 +104,14 @@ def extract_choice(answer: str, options: Mapping[str, str]) -> str | None:
     (exactly one must appear), then the option texts contained in the answer (exactly one
     must be contained, plain substring, case-insensitive). An answer naming several options
     ("A or C", "Both A and B") or containing several option texts counts as none.
-    VLMEvalKit's special "Z" (refusal) result is not an option here, so it maps to None.
+    VLMEvalKit's "Z" (a refusal phrase, or a lone word "Z" and no option letter) is not an
+    option here: it maps to None without trying the option texts, as there.
     """
     if not isinstance(answer, str):
         return None
     letters = [k for k in options if k in OPTION_LETTERS]
+    if _is_refusal(answer, letters):
+        return None
     letter = _option_letter(answer, letters)
     if letter is not None:
         return letter
