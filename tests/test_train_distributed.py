@@ -217,3 +217,19 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_exits(data, tmp_path):
     step = int(log.split("SIGTERM received: saved step ")[1].split(";")[0])
     assert list_checkpoints(run_dir / "checkpoints")[-1].name == f"step_{step:06d}"
     assert "still referenced" not in err and not (run_dir / "train.lock").exists()
+
+
+def test_a_torchrun_job_ending_in_an_exception_after_ddp_wrapping_exits(data, tmp_path):
+    """The exception path: resuming a stage-3 checkpoint as stage 1 fails after the model is wrapped
+    (the parameters do not fit). One line per rank, exit 1, no hang, the model released first."""
+    earlier = train(load_train_config(raw_config(data, tmp_path / "stage3", batch=2, max_steps=1)))
+    cfg = raw_config(data, tmp_path / "out", batch=2)
+    cfg["run"]["stage"] = 1
+    cfg["train_datasets"] = cfg["train_datasets"][:1]
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    outcome = _launch(cfg_file, 120, "--resume", str(earlier.run_dir))
+    assert outcome is not None, "the job hung at exit"
+    returncode, err = outcome
+    assert returncode != 0 and err.count("lion train: checkpoint error: the checkpoint's parameters do not fit") == 2
+    assert "still referenced" not in err and "lion_mllm/train/" not in err
