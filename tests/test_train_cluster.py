@@ -191,3 +191,23 @@ def test_a_broken_annotation_file_is_one_line_from_every_entry_point(data, tmp_p
     assert [line for line in done.stderr.splitlines() if line.startswith("lion train:")][0].startswith(expected)
     assert main(["--config", str(cfg_file)]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(expected)
+
+
+def test_resuming_an_earlier_checkpoint_logs_each_step_once_in_metrics_and_tensorboard(data, tmp_path):
+    """A run that went on past its last checkpoint (killed, or resumed from an older one) logged steps
+    the resumed run logs again: metrics.jsonl drops them and TensorBoard purges them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = raw_config(data, tmp_path, max_steps=4, save_every_steps=2, keep_checkpoints=5, tensorboard=True)
+    first = train(load_train_config(cfg))
+    resumed = train(load_train_config(cfg), resume=first.run_dir / "checkpoints" / "step_000002")
+    assert resumed.finished and resumed.run_dir == first.run_dir
+    steps = [json.loads(line)["step"] for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    events = EventAccumulator(str(first.run_dir / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    log = (first.run_dir / "train.log").read_text()
+    assert "metrics.jsonl: dropped 2 rows logged after step 2" in log
+    assert "elapsed 0:" in log and " eta " in log  # log lines carry elapsed time and ETA
