@@ -163,6 +163,16 @@ def test_iconqa_read_from_its_release(tmp_path):
     assert only_blank["num_samples"] == 1
     # The train split on request.
     assert evaluate("iconqa", answer, base / "problems.json", base, split="train")["num_samples"] == 1
+    # Problems without a split field: pid_splits.json beside problems.json says which are which.
+    problems = json.loads((base / "problems.json").read_text())
+    (base / "problems.json").write_text(json.dumps({k: {f: v for f, v in r.items() if f != "split"}
+                                                    for k, r in problems.items()}))
+    with pytest.raises(AnnotationError, match="no 'split' field and there is no pid_splits.json"):
+        evaluate("iconqa", answer, base / "problems.json", base)
+    (base / "pid_splits.json").write_text(json.dumps({"choose_txt_test": ["101"], "fill_in_blank_test": ["102"],
+                                                      "choose_img_test": ["103"], "fill_in_blank_train": ["201"]}))
+    assert evaluate("iconqa", answer, base / "problems.json", base)["metrics"]["accuracy"] == 100.0
+    (base / "problems.json").write_text(json.dumps(problems))
     bad = json.loads((base / "problems.json").read_text())
     bad["101"]["answer"] = 5
     (base / "problems.json").write_text(json.dumps(bad))

@@ -599,6 +599,21 @@ def _iconqa_sample(pid: str, rec: dict, where: str, image_candidates: tuple[str,
                       meta={"question_type": ques_type, "answer_type": ques_type})
 
 
+def _iconqa_split_pids(problems_path: str, problems: dict, split: str) -> set[str]:
+    """Ids of ``split``: from each problem's ``split`` field, else from ``pid_splits.json`` beside
+    ``problems.json`` (keys ``<split>`` or ``<ques_type>_<split>``)."""
+    if all("split" in rec for rec in problems.values()):
+        return {str(pid) for pid, rec in problems.items() if rec["split"] == split}
+    splits_path = os.path.join(os.path.dirname(problems_path), "pid_splits.json")
+    if not os.path.isfile(splits_path):
+        raise AnnotationError(f"{problems_path}: problems carry no 'split' field and there is no pid_splits.json "
+                              "beside it to say which belong to which split")
+    table = _read_json(splits_path)
+    if not isinstance(table, dict):
+        raise AnnotationError(f"{splits_path}: expected a JSON object of split name -> problem ids")
+    return {str(pid) for key, pids in table.items() if key == split or key.endswith(f"_{split}") for pid in pids}
+
+
 def load_iconqa(annotation_path: PathLike, image_root: PathLike | None, *, split: str = "test") -> list[EvalSample]:
     """IconQA as released (``iconqa_data/``), or converted JSON Lines (see `load_generic_vqa`).
 
@@ -633,8 +648,9 @@ def load_iconqa(annotation_path: PathLike, image_root: PathLike | None, *, split
     if not (isinstance(problems, dict) and problems and all(isinstance(v, dict) and "ques_type" in v
                                                           for v in problems.values())):
         return load_generic_vqa(path, image_root)
+    in_split = _iconqa_split_pids(path, problems, split)
     for pid, rec in problems.items():
-        if rec.get("split", split) != split:
+        if str(pid) not in in_split:
             continue
         where = _where(path, record=repr(pid))
         ques_type = str(rec.get("ques_type"))

@@ -115,6 +115,8 @@ def score_task(
             letters = [chr(ord("A") + i) for i in range(len(s.target["choices"]))]
             choice = extract_choice(p, dict(zip(letters, s.target["choices"])))
             scores.append(1.0 if choice == letters[idx] else 0.0)
+        notes.append("A-OKVQA multiple choice: the answer mapped to a choice by VLMEvalKit's exact matching, then "
+                     "allenai's accuracy (the choice equals choices[correct_choice_idx]); every question")
         return {"accuracy": _pct(scores), "num_questions": len(scores)}, notes
 
     if kind == "aokvqa_da":
