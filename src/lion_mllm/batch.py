@@ -10,7 +10,9 @@ Each input line is one task::
 ``task`` is ``caption``, ``vqa`` or ``grounding``. A grounding ``phrase`` is put into LION's grounding
 prompt; a ``prompt`` is used as written. ``tags`` (string or list) are optional; without them the
 run's default tags, else the model's tagger, are used. Relative image paths are looked up against
-``image_root`` if given, else the working directory and then the input file's folder.
+``image_root`` if given, else the working directory and then the input file's folder; ``http(s)://``
+and ``data:`` URLs are read as they are. An image that cannot be read (missing, not an image, truncated,
+over ``max_pixels``, a failed download) becomes an error record for its task and the run goes on.
 
 Each output line is a result ``{"id", "task", "image", "answer"}`` (grounding adds ``box``, normalised,
 and ``box_pixels``; both null when the answer holds no box) or an error record ``{"id", "error"}`` whose
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
-from .processing import ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, is_url, load_image
 
 __all__ = ["TASKS", "BatchItem", "RunSummary", "completed_keys", "read_tasks", "run_batch"]
 
@@ -44,7 +46,7 @@ class BatchItem:
 
     id: Any
     line: int
-    image: Path
+    image: Path | str  # a path, or an http(s)/data: URL
     task: str
     prompt: str
     tags: str | list[str] | None = None
@@ -76,7 +78,9 @@ def _key(item_id: Any, line: int) -> str:
     return f"id:{json.dumps(item_id, sort_keys=True)}" if item_id is not None else f"line:{line}"
 
 
-def _resolve_image(value: str, input_dir: Path, image_root: Path | None) -> Path:
+def _resolve_image(value: str, input_dir: Path, image_root: Path | None) -> Path | str:
+    if is_url(value):
+        return value
     path = Path(value).expanduser()
     if path.is_absolute():
         return path
@@ -117,7 +121,7 @@ def read_tasks(path: Path, *, image_root: Path | None = None) -> Iterator[BatchI
                 continue
             image = record.get("image")
             if not isinstance(image, str) or not image:
-                yield bad("missing \"image\" (a path)")
+                yield bad("missing \"image\" (a path or URL)")
                 continue
             prompt = record.get("prompt")
             phrase = record.get("phrase")
@@ -224,12 +228,14 @@ def run_batch(lion: Any, input_path: str | os.PathLike[str], output_path: str | 
               batch_size: int = 8, tags: str | None = None, image_root: str | os.PathLike[str] | None = None,
               max_batches: int | None = None, progress: bool = True, retry_errors: bool = False,
               generate_kwargs: dict[str, Any] | None = None,
-              on_batch: Callable[[int], None] | None = None) -> RunSummary:
+              on_batch: Callable[[int], None] | None = None,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS) -> RunSummary:
     """Answer every task of ``input_path`` not yet in ``output_path``; see the module docstring.
 
     ``lion`` is a :class:`lion_mllm.Lion` (anything with its ``generate``). ``tags`` are the default
     tags for lines without their own. ``max_batches`` stops after that many batches (re-run to
     continue). ``retry_errors`` first removes earlier error records so those tasks are tried again.
+    ``max_pixels`` refuses larger images (checked from the header, before decoding) as error records.
     """
     started = time.monotonic()
     input_path, output_path = Path(input_path), Path(output_path)
@@ -275,7 +281,7 @@ def run_batch(lion: Any, input_path: str | os.PathLike[str], output_path: str | 
                     summary.stopped_early = True
                     break
                 chunk = pending[start:start + batch_size]
-                records = _run_chunk(lion, chunk, tags, decode, input_path)
+                records = _run_chunk(lion, chunk, tags, decode, input_path, max_pixels)
                 _write(handle, records)
                 errors = sum("error" in r for r in records)
                 summary.errors += errors
@@ -298,7 +304,7 @@ def _error(entry: BatchItem | LineError, message: str) -> dict[str, Any]:
 
 
 def _run_chunk(lion: Any, chunk: Sequence[BatchItem | LineError], default_tags: str | None,
-               decode: dict[str, Any], input_path: Path) -> list[dict[str, Any]]:
+               decode: dict[str, Any], input_path: Path, max_pixels: int | None) -> list[dict[str, Any]]:
     """Results/error records for one batch, in input order."""
     records: dict[int, dict[str, Any]] = {}
     ready: list[tuple[int, BatchItem, Any]] = []
@@ -307,9 +313,12 @@ def _run_chunk(lion: Any, chunk: Sequence[BatchItem | LineError], default_tags: 
             records[index] = _error(entry, entry.message)
             continue
         try:
-            ready.append((index, entry, load_image(entry.image)))
+            ready.append((index, entry, load_image(entry.image, max_pixels=max_pixels)))
         except ImageLoadError as error:
             records[index] = _error(entry, f"{input_path}:{entry.line}: {error}")
+        except Exception as error:  # noqa: BLE001 - one unreadable image must not end the run
+            records[index] = _error(entry, f"{input_path}:{entry.line}: {entry.image}: cannot read the image "
+                                           f"({type(error).__name__}: {error})")
     if ready:
         try:
             answers = _generate(lion, ready, default_tags, decode)

@@ -7,51 +7,30 @@ question alone. T5 prompts are left-truncated to 128 tokens in training and not 
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import LionConfig
+from .images import ImageInput, ImageLoadError, load_image
+from .resample import Filter, resize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageInput = Union[Image.Image, str, Path, bytes]
+__all__ = ["ImageInput", "ImageLoadError", "LionImageProcessor", "LionProcessor", "load_image", "route_id"]
 
 # Task names a user may give, and the router row each takes (0 region-level, 1 image-level).
 TASK_ROUTES = {
     "caption": 1, "vqa": 1, "ask": 1, "image_level": 1,
     "ground": 0, "grounding": 0, "rec": 0, "region_level": 0,
 }
-
-
-class ImageLoadError(ValueError):
-    """An input that is not a readable image; the message names it."""
-
-
-def load_image(image: ImageInput) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path or encoded bytes; a clear error names a bad input."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    name = f"{str(image)!r}" if isinstance(image, (str, Path)) else "image bytes"
-    try:
-        if isinstance(image, bytes):
-            opened = Image.open(io.BytesIO(image))
-        else:
-            opened = Image.open(Path(image))
-        opened.load()
-    except FileNotFoundError:
-        raise ImageLoadError(f"{name}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageLoadError(f"{name}: not a readable image ({error})") from None
-    return opened.convert("RGB")
 
 
 def route_id(task: str) -> int:
@@ -62,10 +41,11 @@ def route_id(task: str) -> int:
 
 
 class LionImageProcessor:
-    """PIL image -> normalised (3, S, S) float tensor; PIL's bicubic resize as torchvision does on PIL."""
+    """RGB image -> normalised (3, S, S) float tensor: the authors' torchvision `Resize((S, S), BICUBIC)`
+    on a PIL image under their Pillow 9.4, computed by `resample.resize` whatever Pillow is installed."""
 
     def __init__(self, size: int = 224, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 resample: Image.Resampling = Image.Resampling.BICUBIC):
+                 resample: Filter = "bicubic"):
         self.size, self.resample = size, resample
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
@@ -75,8 +55,9 @@ class LionImageProcessor:
         return torch.stack([self.one(load_image(image)) for image in images])
 
     def one(self, image: Image.Image) -> torch.Tensor:
-        resized = image.resize((self.size, self.size), self.resample)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+        """(3, S, S) float32 from an RGB image."""
+        resized = resize(np.asarray(image.convert("RGB"), dtype=np.uint8), (self.size, self.size), self.resample)
+        pixels = torch.from_numpy(resized).permute(2, 0, 1)
         return (pixels.float().div(255) - self.mean) / self.std
 
 

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from .downloads import RemoteFile, cache_dir, file_digest
 from .errors import CheckpointError
+from .resample import resize
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -663,17 +664,18 @@ def preprocess_images(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Tensor:
-    """RAM's eval transform, bit-for-bit: RGB, PIL bilinear resize to a square, /255, normalise.
+    """RAM's eval transform, bit-for-bit: RGB, bilinear resize to a square, /255, normalise.
 
-    Returns a float32 tensor (B, 3, image_size, image_size). (torchvision's ``Resize`` on a PIL image
-    calls PIL's own ``resize``, and ``ToTensor`` divides a uint8 tensor by 255 in float32.)
+    Returns a float32 tensor (B, 3, image_size, image_size). torchvision's ``Resize`` on a PIL image
+    calls PIL's own ``resize``: the authors' Pillow 9.4 pixels come from ``resample.resize`` whatever
+    Pillow is installed; ``ToTensor`` divides a uint8 tensor by 255 in float32.
     """
     mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     out = []
     for img in images:
-        img = img.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+        pixels = resize(np.asarray(img.convert("RGB"), dtype=np.uint8), (image_size, image_size), "bilinear")
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)
         out.append(x.sub(mean_t).div(std_t))
     return torch.stack(out) if out else torch.empty(0, 3, image_size, image_size)
 

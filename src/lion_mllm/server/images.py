@@ -1,76 +1,48 @@
 """Images from requests, decoded defensively, and boxes drawn on them.
 
-Only PNG, JPEG, WebP, GIF, BMP and TIFF are opened: PIL's other formats include EPS, which PIL hands to
-Ghostscript (a subprocess) — a request must never reach a shell. The pixel count is read from the header
-(PIL opens lazily) and checked before any pixel is decoded.
+Decoding is `lion_mllm.images`' (raster formats only: no request reaches Ghostscript; the pixel count is
+read from the header and checked before any pixel is decoded); this module turns its errors into API
+errors: 413 for too many pixels or bytes, 400 for everything else.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import re
-import warnings
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
-from ..boxes import Box, find_boxes
+from ..boxes import Box, find_boxes  # noqa: F401 - re-exported for the app and page
+from ..images import ImageLoadError, decode_image
+from ..images import decode_data_url as data_url_bytes
 from .errors import APIError
 
-SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
-                       re.IGNORECASE)
 BOX_COLOURS = ((255, 32, 96), (32, 200, 255), (255, 200, 0), (120, 255, 60))
+
+_ERROR_CODES = {"too_large": "image_too_large", "invalid_url": "invalid_image_url", "download_failed": "fetch_failed"}
+
+
+def api_error(error: ImageLoadError) -> APIError:
+    """The API's answer to an image that cannot be read."""
+    status = 413 if error.kind == "too_large" else 400
+    return APIError(status, f"the image is unusable: {error.reason}", _ERROR_CODES.get(error.kind, "invalid_image"))
 
 
 def decode_image_bytes(data: bytes, max_pixels: int) -> Image.Image:
-    """Encoded bytes -> RGB image; 400 for a non-image, 413 for too many pixels (checked before decoding)."""
-    if not data:
-        raise APIError(400, "the image is empty", "invalid_image")
+    """Encoded bytes -> RGB image as a viewer shows it (EXIF orientation applied); 400 for a non-image,
+    413 for too many pixels (checked before decoding)."""
     try:
-        with warnings.catch_warnings():
-            # PIL warns (DecompressionBombWarning) between its limit and twice it: our own check follows.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
-    except Image.DecompressionBombError as error:
-        raise APIError(413, f"the image has too many pixels ({error})", "image_too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise APIError(400, "the image data is not a readable PNG, JPEG, WebP, GIF, BMP or TIFF image",
-                       "invalid_image") from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise APIError(400, f"the image has an invalid size {width}x{height}", "invalid_image")
-    if width * height > max_pixels:
-        raise APIError(413, f"the image is {width}x{height} = {width * height} pixels; this server accepts at "
-                            f"most {max_pixels} pixels", "image_too_large")
-    try:
-        image.load()
-        return image.convert("RGB")
-    except Image.DecompressionBombError as error:
-        raise APIError(413, f"the image has too many pixels ({error})", "image_too_large") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise APIError(400, f"the image data is truncated or corrupt ({type(error).__name__})",
-                       "invalid_image") from None
+        return decode_image(data, "image", max_pixels=max_pixels)
+    except ImageLoadError as error:
+        raise api_error(error) from None
 
 
 def decode_data_url(url: str, max_pixels: int) -> Image.Image:
     """`data:image/png;base64,...` -> RGB image (400 for a malformed URL or broken base64)."""
-    match = _DATA_URL.match(url[:256])
-    if match is None or not match.group("b64"):
-        raise APIError(400, "image_url must be a base64 data URL such as 'data:image/png;base64,iVBOR...'",
-                       "invalid_image_url")
-    mime = (match.group("mime") or "").lower()
-    if mime and not mime.startswith("image/") and mime != "application/octet-stream":
-        raise APIError(400, f"image_url has media type {mime!r}; an image/* type is expected", "invalid_image_url")
-    payload = url[match.end():]
     try:
-        # validate=True refuses characters outside the alphabet instead of silently dropping them
-        data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, "image_url's base64 payload is broken (not valid base64)", "invalid_base64") from None
+        data = data_url_bytes(url)
+    except ImageLoadError as error:
+        raise api_error(error) from None
     return decode_image_bytes(data, max_pixels)
 
 
