@@ -46,7 +46,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .batcher import Batcher
-from .engine import DecodingEngine, GenerationRequest, GenerationResult, RequestCancelled, TagRequest
+from .engine import (
+    TRANSFORMERS_TOP_K,
+    DecodingEngine,
+    GenerationRequest,
+    GenerationResult,
+    RequestCancelled,
+    TagRequest,
+)
 from .errors import APIError, error_body
 from .images import box_record, decode_data_url, decode_image_bytes, fetch_remote_bytes, find_boxes, is_remote_url
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -364,9 +371,14 @@ def create_app(lion: Any, settings: ServerSettings | None = None) -> FastAPI:
         tags = normalise_tags(chat_request.tags)
         require_tags(tags)
         decoding = resolve_decoding(chat_request, settings, model_defaults(lion, task))
-        if decoding.seed is not None and isinstance(scheduler, Batcher) and decoding.do_sample:
-            raise APIError(400, "seed needs continuous batching (this server runs --batching request)",
-                           "unsupported_parameter", "seed")
+        if isinstance(scheduler, Batcher) and decoding.do_sample:
+            # Lion.generate samples from the process-wide generator with transformers' top_k
+            if decoding.seed is not None:
+                raise APIError(400, "seed needs continuous batching (this server runs --batching request)",
+                               "unsupported_parameter", "seed")
+            if chat_request.top_k is not None and chat_request.top_k != TRANSFORMERS_TOP_K:
+                raise APIError(400, f"top_k other than {TRANSFORMERS_TOP_K} needs continuous batching (this "
+                                    "server runs --batching request)", "unsupported_parameter", "top_k")
         stops = stop_strings(chat_request.stop)
         image = await load_image(chat.image_url)  # only now: everything else about the request is valid
         events = _Events(asyncio.get_running_loop()) if chat_request.stream else None
@@ -495,8 +507,8 @@ def create_app(lion: Any, settings: ServerSettings | None = None) -> FastAPI:
             from .webui import mount_webui
 
             app = mount_webui(app, lion, scheduler, settings)
-        except ImportError as error:  # gradio is installed on its own (see the README)
-            log.warning("web page at /ui disabled: %s (pip install gradio && pip install 'pillow>=13')", error)
+        except ImportError as error:  # the `ui` extra is not installed
+            log.warning("web page at /ui disabled: %s (pip install 'lion-mllm[ui]')", error)
             ui = False
     if ui:
 
