@@ -321,3 +321,20 @@ def test_grounding_boxes_are_in_the_image_people_see(tmp_path):
     direct = lion.ground(upright, phrase)
     rotated = lion.ground(str(sideways), phrase)
     assert rotated.text == direct.text and rotated.box_pixels == direct.box_pixels
+
+
+def test_shapes_tagger_cost_does_not_grow_with_the_upload():
+    from lion_mllm import shapes
+
+    tagger = shapes.ShapesTagger()
+    scene = shapes.render(shapes.make_scene(shapes.HELD_OUT_SEED_BASE + 7))
+    expected = tagger.tag([scene])
+    seconds = {}
+    for side in (1024, 4096):
+        big = scene.resize((side, side), Image.Resampling.NEAREST)
+        started = time.perf_counter()
+        assert tagger.tag([big]) == expected
+        seconds[side] = time.perf_counter() - started
+        objects = tagger.objects(big)
+        assert all(0 <= v <= side for _, _, box in objects for v in box)  # boxes in the upload's pixels
+    assert seconds[4096] < 3 * seconds[1024] + 0.5, seconds  # 16x the pixels, about the same time
