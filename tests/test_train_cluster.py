@@ -128,9 +128,9 @@ def test_validation_loss_in_the_loop_keeps_the_best_model(data, tmp_path):
     assert [row["step"] for row in evals] == [2, 4, 6]
     assert all(row["val_samples"] == 8 and row["val_tokens"] > 0 for row in evals)  # every record, once
     best = min(evals, key=lambda row: row["val_loss"])
-    assert evals[-1]["val_best_loss"] == best["val_loss"]  # the best of step 2 survived the resume at 3
+    assert evals[-1]["val_best"] == best["val_loss"]  # the best of step 2 survived the resume at 3
     info = json.loads((resumed.run_dir / "best" / "best.json").read_text())
-    assert info == {"step": best["step"], "val_loss": best["val_loss"]}
+    assert info == {"step": best["step"], "metric": "val_loss", "value": best["val_loss"]}
     summary = json.loads((resumed.run_dir / "summary.json").read_text())
     assert summary["best"] == info
     from lion_mllm import Lion
@@ -211,3 +211,27 @@ def test_resuming_an_earlier_checkpoint_logs_each_step_once_in_metrics_and_tenso
     log = (first.run_dir / "train.log").read_text()
     assert "metrics.jsonl: dropped 2 rows logged after step 2" in log
     assert "elapsed 0:" in log and " eta " in log  # log lines carry elapsed time and ETA
+
+
+def test_task_scores_through_the_evaluation_harness_choose_the_best_model(data, tmp_path):
+    """run.eval_tasks: the `lion eval` harness generates with the model being trained (here a VQA-style
+    file scored by exact match) and run.best_metric picks the best model by that score."""
+    task = {"task": "iconqa", "ann": str(data["image_level"]), "images": str(data["vis_root"]), "limit": 4,
+            "batch_size": 4, "tags": "square", "decoding": {"num_beams": 1, "max_new_tokens": 3}}
+    cfg = raw_config(data, tmp_path, max_steps=4, eval_every_steps=2, eval_tasks=[task], best_metric="val_iconqa")
+    with pytest.raises(ConfigError, match=r"run.best_metric: 'val_gqa' is not evaluated; choose one of \['val_iconqa'\]"):
+        load_train_config({**cfg, "run": {**cfg["run"], "best_metric": "val_gqa"}})
+    with pytest.raises(ConfigError, match="unknown task 'vqa3'"):
+        load_train_config({**cfg, "run": {**cfg["run"], "eval_tasks": [{**task, "task": "vqa3"}]}})
+    result = train(load_train_config(cfg))
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = [(row["step"], row["val_iconqa"]) for row in rows if "val_iconqa" in row]
+    assert [step for step, _ in scores] == [2, 4] and all(0.0 <= value <= 1.0 for _, value in scores)
+    assert all(row["val_iconqa_samples"] == 4 for row in rows if "val_iconqa" in row)
+    reports = sorted((result.run_dir / "eval").glob("step_*/iconqa*.report.json"))
+    assert [r.parent.name for r in reports] == ["step_000002", "step_000004"]
+    report = json.loads(reports[-1].read_text())
+    assert report["metrics"][report["primary_metric"]] == scores[-1][1]
+    best = json.loads((result.run_dir / "summary.json").read_text())["best"]
+    assert best["metric"] == "val_iconqa" and best["value"] == max(value for _, value in scores)
+    assert best["step"] == next(step for step, value in scores if value == best["value"])  # the first maximum

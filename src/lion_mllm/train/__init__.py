@@ -69,6 +69,9 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     try:
         result = train(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    except ConfigError as error:  # found once the model is built (e.g. eval tasks without tags)
+        print(f"lion train: config error: {error}", file=sys.stderr)
+        return 2
     except AnnotationFileError as error:
         print(f"lion train: bad data: {error}", file=sys.stderr)
         return 1

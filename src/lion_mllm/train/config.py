@@ -82,6 +82,25 @@ class AugmentConfig:
 
 
 @dataclass
+class EvalTaskSpec:
+    """A benchmark scored during training through `lion_mllm.evaluation` (the `lion eval` harness):
+    generation with the model being trained on the first `limit` questions of `ann`."""
+
+    task: str  # a `lion eval --task` name: vqav2, gqa, iconqa, refcoco, coco_caption, ...
+    ann: Path
+    images: Path | None = None
+    limit: int | None = 200
+    batch_size: int = 8
+    tags: str | None = None  # the same tags for every image (a model with tags and no tagger needs them)
+    box_format: str = "auto"
+    decoding: dict[str, Any] = field(default_factory=dict)  # num_beams, max_new_tokens, ... over the task's
+
+    @property
+    def key(self) -> str:
+        return f"val_{self.task}"
+
+
+@dataclass
 class ModelSpec:
     """Where the model comes from. Exactly one base:
 
@@ -152,7 +171,11 @@ class RunConfig:
     eval_every_steps: int | None = None
     batch_size_eval: int | None = None  # per process; default batch_size_train
     eval_max_samples: int | None = None  # evaluate on the first N usable records of each file (None: all)
-    keep_best: bool = True  # export the model with the lowest validation loss to <run dir>/best
+    keep_best: bool = True  # export the best model by `best_metric` to <run dir>/best
+    eval_tasks: list[EvalTaskSpec] = field(default_factory=list)  # task scores at each evaluation
+    # what `best` means: val_loss (lower is better) or val_<task> of eval_tasks (its score, higher is
+    # better); default val_loss when there are valid_datasets, else the first task's score
+    best_metric: str | None = None
     stop_after_steps: int | None = None  # save and stop after this many steps of this invocation
     max_bad_fraction: float = 0.01
     bad_check_min_samples: int = 200  # the bad fraction is only judged once this many samples were drawn
@@ -359,6 +382,10 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     if "warmup_start_lr" in run_data:
         run_data.setdefault("warmup_lr", run_data.pop("warmup_start_lr"))
     resume_from = _lavis_run_keys(run_data, resolve)
+    tasks = run_data.get("eval_tasks") or []
+    if not isinstance(tasks, list):
+        raise ConfigError("run.eval_tasks: expected a list of {task, ann, images, limit, ...}")
+    run_data["eval_tasks"] = [_eval_task(entry, i, resolve) for i, entry in enumerate(tasks)]
     if isinstance(run_data.get("augment"), dict):
         run_data["augment"] = _build(AugmentConfig, run_data["augment"], "run.augment")
     if model.boost_lr_scale is not None:
@@ -391,10 +418,32 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     if not isinstance(valid_entries, list):
         raise ConfigError("valid_datasets: expected a list of {ann_path, vis_root}")
     valid = _dataset_specs(valid_entries, "valid_datasets", resolve)
-    if run.eval_every_steps is not None and not valid:
-        raise ConfigError("run.eval_every_steps is set but there are no valid_datasets to evaluate on")
+    if run.eval_every_steps is not None and not valid and not run.eval_tasks:
+        raise ConfigError("run.eval_every_steps is set but there are no valid_datasets or run.eval_tasks")
+    metrics = (["val_loss"] if valid else []) + [t.key for t in run.eval_tasks]
+    if metrics and run.best_metric is None:
+        run.best_metric = metrics[0]
+    if (valid or run.eval_tasks) and run.best_metric not in metrics:
+        raise ConfigError(f"run.best_metric: {run.best_metric!r} is not evaluated; choose one of {metrics}")
+    if run.eval_tasks and run.parallel == "fsdp2":
+        raise ConfigError("run.eval_tasks: generation during training is not supported with parallel: fsdp2 "
+                          "(each process would need the whole model); evaluate the exported model with lion eval")
     return TrainConfig(model=model, run=run, train_datasets=datasets, valid_datasets=valid, source=path, raw=data,
                        resume_from=resume_from, notes=notes)
+
+
+def _eval_task(entry: Any, index: int, resolve: PathResolver) -> EvalTaskSpec:
+    where = f"run.eval_tasks[{index}]"
+    if not isinstance(entry, dict) or "task" not in entry or "ann" not in entry:
+        raise ConfigError(f"{where}: expected a mapping with task and ann (and images, limit, tags, ...)")
+    entry = dict(entry)
+    from ..evaluation.tasks import TASKS
+
+    if entry["task"] not in TASKS:
+        raise ConfigError(f"{where}.task: unknown task {entry['task']!r}; known: {sorted(TASKS)}")
+    entry["ann"] = resolve(entry["ann"], f"{where}.ann")
+    entry["images"] = resolve(entry.get("images"), f"{where}.images")
+    return _build(EvalTaskSpec, entry, where)
 
 
 def _dataset_specs(entries: list[Any], where: str, resolve: PathResolver) -> list[DatasetSpec]:

@@ -39,7 +39,7 @@ import yaml
 from ..loading import CheckpointError
 from ..pipeline import Lion, write_tagger_spec
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import STAGE_VISUAL_INPUT, AugmentConfig, DatasetSpec, TrainConfig
+from .config import STAGE_VISUAL_INPUT, AugmentConfig, ConfigError, DatasetSpec, TrainConfig
 from .data import AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler, MixtureSchedule
 from .data import load_tag_cache
 from .rundir import RunDirectoryLocked, RunLock, truncate_metrics
@@ -278,6 +278,30 @@ class Validation:
                 "val_samples": int(samples), "val_skipped": int(skipped)}
 
 
+def _task_score(task: Any, lion: Lion, model: torch.nn.Module, autocast: Callable[[], Any], run_dir: Path,
+                step: int) -> dict[str, Any]:
+    """A benchmark score of the model being trained, through the `lion eval` harness (which shards the
+    questions over processes and gathers them). Reports go to <run dir>/eval/step_N/."""
+    from ..evaluation.harness import evaluate
+
+    model.eval()
+    evaluator = Lion(model, lion.processor, lion.tagger)
+
+    def generate_fn(images: list[Any], questions: list[str], tasks: list[str], **decoding: Any) -> list[str]:
+        if task.tags is not None:
+            decoding = {**decoding, "tags": [task.tags] * len(questions)}
+        with torch.no_grad(), autocast():
+            return evaluator.generate(images, questions, tasks=tasks, **decoding)
+
+    report = evaluate(task.task, generate_fn, task.ann, task.images, limit=task.limit, batch_size=task.batch_size,
+                      decoding=task.decoding, box_format=task.box_format, out_dir=run_dir / "eval" / f"step_{step:06d}",
+                      model_name=f"{run_dir.name} step {step}")
+    primary = report["primary_metric"]
+    value = float(report["metrics"].get(primary, float("nan")))
+    logger.info("step %d %s %s %.4f on %d questions", step, task.task, primary, value, report["num_samples"])
+    return {task.key: value, f"{task.key}_samples": report["num_samples"]}
+
+
 def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed token cross-entropy (float32) of a batch."""
     output = model(**batch)
@@ -446,6 +470,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     build_device = torch.device("cpu") if fsdp else device
     lion = build_lion(cfg.model, run.stage, build_device, frozen_dtype, seed=run.seed)
     model = lion.model
+    untagged = [t.task for t in run.eval_tasks if t.tags is None]
+    if untagged and model.config.enable_semantic_tags and lion.tagger is None:
+        raise ConfigError(f"run.eval_tasks {untagged}: this model's prompt needs tags and it has no tagger "
+                          "(training never runs RAM); give the task `tags:`")
     if resume_point is None:
         for path in cfg.model.init_from:
             load_into(model, path)
@@ -572,20 +600,28 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
         return path
 
     def evaluate(current_step: int) -> None:
-        """Validation loss now; a new best is exported to <run dir>/best (before the checkpoint that
-        records it, so a resumed run knows its best)."""
+        """Validation loss and task scores now; a new best (by run.best_metric) is exported to
+        <run dir>/best before the checkpoint that records it, so a resumed run knows its best."""
         nonlocal best
-        result = validation.loss(model, device, autocast, dummy)
+        result: dict[str, Any] = {}
+        if validation is not None:
+            result.update(validation.loss(model, device, autocast, dummy))
+            logger.info("step %d validation loss %.4f on %d samples (%d tokens)", current_step, result["val_loss"],
+                        result["val_samples"], result["val_tokens"])
+        for task in run.eval_tasks:
+            result.update(_task_score(task, lion, model, autocast, run_dir, current_step))
         _train_mode(model)
         record = {"step": current_step, "epoch": current_step / steps_per_epoch, **result, "time": time.time()}
-        improved = best is None or result["val_loss"] < best["val_loss"]
+        value = result[run.best_metric]
+        lower_is_better = run.best_metric == "val_loss"
+        improved = math.isfinite(value) and (best is None or (value < best["value"] if lower_is_better
+                                                              else value > best["value"]))
         if improved:
-            best = {"step": current_step, "val_loss": result["val_loss"]}
-        record["val_best_loss"] = best["val_loss"]
+            best = {"step": current_step, "metric": run.best_metric, "value": value}
+        record["val_best"] = best["value"] if best else None
         metrics.write(record)
-        logger.info("step %d validation loss %.4f on %d samples (%d tokens)%s", current_step, result["val_loss"],
-                    result["val_samples"], result["val_tokens"],
-                    " - best so far" if improved else f"; best {best['val_loss']:.4f} at step {best['step']}")
+        logger.info("step %d %s %.4f%s", current_step, run.best_metric, value, " - best so far" if improved else
+                    f"; best {best['value']:.4f} at step {best['step']}" if best else "")
         if improved and run.keep_best:
             _export(run_dir, lion, model, wrapped, ctx, fsdp, name="best", info=best)
 
@@ -665,7 +701,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
                 evaluation_due = step % run.eval_every_steps == 0 or step == total_steps
             else:  # with every checkpoint, so that each checkpoint knows the best model up to it
                 evaluation_due = saving or step == total_steps
-            if validation is not None and evaluation_due and not preempted:
+            if (validation is not None or run.eval_tasks) and evaluation_due and not preempted:
                 evaluate(step)
             if saving:
                 save(step)
