@@ -679,3 +679,20 @@ def test_shutdown_finishes_in_flight_streams_then_refuses(shapes, shapes_scene):
         assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(rest)
     with pytest.raises(ServerStoppingError):  # stopped for good: no revival by a late request
         app.state.scheduler.submit(GenerationRequest(shapes_scene, "x", "vqa", None, DecodingSettings(2)))
+
+
+def test_request_level_batcher_is_not_revived_after_stop(lion):
+    from lion_mllm.server.batcher import Batcher
+    from lion_mllm.server.engine import DecodingSettings, GenerationRequest
+    from lion_mllm.server.errors import ServerStoppingError
+
+    batcher = Batcher(lion, max_batch_size=2, max_wait_ms=0)
+    first = batcher.submit(GenerationRequest(make_image(0), "what is it?", "vqa", "red", DecodingSettings(3)))
+    batcher.stop(drain=True)
+    assert first.future.result(30).text == direct(lion, 0, "what is it?", "vqa", "red", num_beams=1,
+                                                  max_new_tokens=3, repetition_penalty=1.0)
+    with pytest.raises(ServerStoppingError):
+        batcher.start()
+    with pytest.raises(ServerStoppingError):
+        batcher.submit(GenerationRequest(make_image(0), "x", "vqa", "red", DecodingSettings(3)))
+    assert not batcher.running
