@@ -445,7 +445,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         record = dataset.records[index]
         path = dataset.image_path(record)
         try:
-            image = load_image(path)
+            image = load_image(path, orientation="stored")  # annotation boxes refer to the stored pixels, as in LAVIS
         except ImageLoadError as error:
             return BadItem(record.source, str(error), "image")
         except Exception as error:  # a decoder crash on a corrupt file must not end the epoch either
