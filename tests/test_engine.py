@@ -146,3 +146,40 @@ def test_stop_without_draining_answers_in_flight_work_503(shapes, images):
     for request in (running, queued):
         with pytest.raises(ServerStoppingError):
             request.future.result(30)
+
+
+def test_a_slow_tagger_does_not_stall_requests_already_decoding(shapes, images):
+    from lion_mllm import Lion
+
+    class SlowTagger:
+        def __init__(self, inner) -> None:
+            self.inner, self.calls = inner, []
+
+        def tag(self, batch):
+            self.calls.append(len(batch))
+            time.sleep(1.5)
+            return self.inner.tag(batch)
+
+    tagger = SlowTagger(shapes.tagger)
+    slow = Lion(shapes.model, shapes.processor, tagger)
+    engine = DecodingEngine(slow, max_batch_size=4)
+    try:
+        arrivals: list[float] = []
+        decoding = engine.submit(GenerationRequest(images[0], CAPTION_PROMPT, "caption", "red, circle",
+                                                   DecodingSettings(150, min_length=150),
+                                                   on_text=lambda _: arrivals.append(time.monotonic())))
+        while not arrivals:
+            time.sleep(0.01)
+        untagged = engine.submit(GenerationRequest(images[1], *QUESTIONS[1], None, DecodingSettings(5)))
+        tagging_from = time.monotonic()
+        result = untagged.future.result(60)
+        tagging_to = tagging_from + 1.5
+        during = [t for t in arrivals if tagging_from < t < tagging_to]
+        assert len(during) > 5  # the caption kept decoding while the tagger worked
+        assert tagger.calls == [1]
+        assert result.tags == shapes.tagger.tag([images[1]])[0]
+        assert result.text == shapes.generate([images[1]], [QUESTIONS[1][0]], QUESTIONS[1][1], [result.tags],
+                                              num_beams=1, repetition_penalty=1.0, max_new_tokens=5)[0]
+        assert decoding.future.result(120).completion_tokens == 150
+    finally:
+        engine.stop()

@@ -18,7 +18,9 @@ query-key distances; encoder outputs of different lengths are right-padded and m
 its own decoding settings (greedy or sampling with temperature/top-k/top-p and its own seeded generator,
 repetition penalty, minimum and maximum length), applied with transformers' own logits processors, so
 the tokens equal `Lion.generate`'s for the same settings. Beam search keeps whole-request batching: beam
-requests run as their own `Lion.generate` batch between steps (grouped by settings).
+requests run as their own `Lion.generate` batch between steps (grouped by settings). Requests without
+tags (for a model that reads them) are tagged first on a second thread, several images per tagger call,
+so a slow tagger delays only the requests that need it, not the steps of those already decoding.
 """
 
 from __future__ import annotations
@@ -295,9 +297,14 @@ class DecodingEngine:
         self.max_batch_size = max_batch_size
         self.capacity = queue_size
         self.on_step = on_step
-        self._waiting: deque[GenerationRequest | TagRequest] = deque()
+        self._waiting: deque[GenerationRequest] = deque()
+        # requests whose image needs the tagger first: tagged on a thread of their own, so a slow tagger
+        # (RAM on a large batch) never stalls the decoder steps of requests already decoding
+        self._tagging: deque[GenerationRequest | TagRequest] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._tag_thread: threading.Thread | None = None
+        self._in_tagger = 0  # requests taken from `_tagging` and not yet handed on
         self._stopped = False  # set once by stop(): never cleared, so a stopped engine cannot be revived
         self._drain = True
         self._batch = _Batch()
@@ -316,6 +323,8 @@ class DecodingEngine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="lion-engine", daemon=True)
                 self._thread.start()
+                self._tag_thread = threading.Thread(target=self._tag_loop, name="lion-engine-tagger", daemon=True)
+                self._tag_thread.start()
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Refuse new work; with `drain`, let in-flight requests finish (up to `timeout`), then answer
@@ -330,8 +339,11 @@ class DecodingEngine:
                     self._drain = False
                     self._wake.notify_all()
                 self._thread.join(timeout)
+        if self._tag_thread is not None:
+            self._tag_thread.join(timeout)
         with self._wake:
-            leftovers, self._waiting = list(self._waiting), deque()
+            leftovers = [*self._tagging, *self._waiting]
+            self._tagging, self._waiting = deque(), deque()
         for request in leftovers:
             _fail(request, ServerStoppingError())
 
@@ -346,17 +358,23 @@ class DecodingEngine:
         with self._wake:
             if self._stopped:
                 raise ServerStoppingError()
-            if len(self._waiting) >= self.capacity:
+            if len(self._waiting) + len(self._tagging) >= self.capacity:
                 raise QueueFullError(self.capacity)
-            self._waiting.append(request)
+            (self._tagging if self._needs_tagger(request) else self._waiting).append(request)
             self._wake.notify_all()
         if self._thread is None:
             self.start()
         return request
 
+    def _needs_tagger(self, request: GenerationRequest | TagRequest) -> bool:
+        if isinstance(request, TagRequest):
+            return True
+        return request.tags is None and bool(self.lion.config.enable_semantic_tags) and \
+            getattr(self.lion, "tagger", None) is not None
+
     def queue_depth(self) -> int:
         with self._wake:
-            return len(self._waiting)
+            return len(self._waiting) + len(self._tagging)
 
     def active(self) -> int:
         return len(self._batch)
@@ -383,7 +401,10 @@ class DecodingEngine:
                     if self._stopped and not self._drain:
                         break
                     if self._stopped and not self._batch.rows and not self._waiting:
-                        break  # drained
+                        if not self._tagging and not self._in_tagger:
+                            break  # drained
+                        self._wake.wait(0.05)  # the last requests are being tagged
+                        continue
                     free = self.max_batch_size - len(self._batch)
                     admitted = []
                     while self._waiting and len(admitted) < free:
@@ -402,17 +423,56 @@ class DecodingEngine:
                 _fail(row.request, ServerStoppingError())
             self._batch = _Batch()
 
-    def _admit(self, requests: list[GenerationRequest | TagRequest]) -> None:
+    def _tag_loop(self) -> None:
+        """Tag the images of requests that came without tags (and /v1/tags requests), all waiting ones in
+        one tagger call, then pass them on to the decoding queue."""
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._tagging and not self._stopped:
+                        self._wake.wait()
+                    if self._stopped and (not self._drain or not self._tagging):
+                        break
+                    jobs = list(self._tagging)
+                    self._tagging.clear()
+                    self._in_tagger = len(jobs)
+                live = []
+                for job in jobs:
+                    if job.future.cancelled() or (isinstance(job, GenerationRequest) and job.cancelled):
+                        _fail(job, RequestCancelled())
+                        self._count(cancelled=1)
+                    else:
+                        live.append(job)
+                try:
+                    if live:
+                        self._run_isolated(live, self._tag_group)
+                finally:
+                    with self._wake:
+                        self._in_tagger = 0
+                        self._wake.notify_all()
+
+    def _tag_group(self, jobs: list[GenerationRequest | TagRequest]) -> None:
+        found = self.lion.tag([j.image for j in jobs])
+        ready = []
+        for job, tags in zip(jobs, found):
+            if isinstance(job, TagRequest):
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_result(tags)
+            else:
+                job.tags = tags
+                ready.append(job)
+        with self._wake:
+            self._waiting.extend(ready)
+            self._wake.notify_all()
+
+    def _admit(self, requests: list[GenerationRequest]) -> None:
         live = [r for r in requests if r.future.set_running_or_notify_cancel()
                 and not (isinstance(r, GenerationRequest) and r.cancelled)]
         for r in requests:
             if isinstance(r, GenerationRequest) and r.cancelled and not r.future.done():
                 r.future.set_exception(RequestCancelled())
         self._count(cancelled=len(requests) - len(live))
-        tag_jobs = [r for r in live if isinstance(r, TagRequest)]
-        if tag_jobs:
-            self._run_isolated(tag_jobs, self._tag_jobs)
-        generations = [r for r in live if isinstance(r, GenerationRequest)]
+        generations = live
         beams: dict[DecodingSettings, list[GenerationRequest]] = {}
         stepping = []
         for r in generations:
@@ -449,10 +509,6 @@ class DecodingEngine:
             for i, found in zip(missing, self.lion.tag([images[i] for i in missing])):
                 tags[i] = found
         return tags
-
-    def _tag_jobs(self, jobs: list[TagRequest]) -> None:
-        for job, found in zip(jobs, self.lion.tag([j.image for j in jobs])):
-            job.future.set_result(found)
 
     def _beam_group(self, requests: list[GenerationRequest]) -> None:
         images = [r.image for r in requests]
