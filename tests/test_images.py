@@ -338,3 +338,14 @@ def test_shapes_tagger_cost_does_not_grow_with_the_upload():
         objects = tagger.objects(big)
         assert all(0 <= v <= side for _, _, box in objects for v in box)  # boxes in the upload's pixels
     assert seconds[4096] < 3 * seconds[1024] + 0.5, seconds  # 16x the pixels, about the same time
+
+
+def test_lion_run_max_pixels_flag(awkward, tmp_path, capsys):
+    from lion_mllm.cli import main
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": 1, "image": str(awkward / "exif1.png"), "task": "caption"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["run", "--input", str(tasks), "--output", str(out), "--max-pixels", "500", "--no-progress"]) == 0
+    (record,) = map(json.loads, out.read_text().splitlines())
+    assert record["id"] == 1 and "40x20 = 800 pixels, over the limit of 500 pixels" in record["error"]

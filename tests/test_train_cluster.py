@@ -173,6 +173,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(data, tmp_path):
     step = int(log.split("SIGTERM received: saved step ")[1].split(";")[0])
     assert 2 <= step < 400 and (run_dir / "checkpoints" / f"step_{step:06d}").is_dir()
     assert not (run_dir / LOCK_NAME).exists()
+    resumed = train(load_train_config(cfg_file), resume=run_dir, stop_after_steps=1)  # continues there
+    assert resumed.step == step + 1
 
 
 def test_a_broken_annotation_file_is_one_line_from_every_entry_point(data, tmp_path, capsys):

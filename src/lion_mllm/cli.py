@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=_positive_int, default=None,
                    help="stop after N batches (re-run to continue)")
     p.add_argument("--retry-errors", action="store_true", help="drop earlier error records and try those tasks again")
+    p.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="larger images become error records, checked from the header before decoding "
+                        "(default: lion_mllm.images.DEFAULT_MAX_PIXELS, 150 megapixels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
@@ -323,7 +326,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = run_batch(lion, args.input, args.output, batch_size=args.batch_size, tags=args.tags,
                         image_root=args.image_root, max_batches=args.max_batches,
                         progress=not (args.no_progress or getattr(args, "quiet", False)),
-                        retry_errors=args.retry_errors, generate_kwargs=_decoding(args))
+                        retry_errors=args.retry_errors, generate_kwargs=_decoding(args),
+                        **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
     message = (f"{summary.done} answered, {summary.errors} error records, {summary.skipped} already in "
                f"{args.output}; {summary.seconds:.1f} s")
     if summary.stopped_early:
