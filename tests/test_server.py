@@ -374,6 +374,7 @@ def test_malformed_requests_get_their_4xx_before_any_work(server):
         (body(model=5), 400, "model", "model"),
         (body(stream=True, stream_options="yes"), 400, "stream_options", "stream_options"),
         (body(stream="yes"), 400, "stream", "stream"),
+        (body(stream_options={"include_usage": True}), 400, "only allowed with stream", "stream_options"),
         (b"[" * 100_000, 400, "nests deeper", None),
         (json_bytes(deep), 400, "nests deeper", None),
         (body(logprobs=True), 400, "logprobs", "logprobs"),

@@ -295,6 +295,8 @@ def refuse_unsupported(request: ChatCompletionRequest) -> None:
             raise refuse(name, "use LION's repetition_penalty (an extra body field) instead")
     if request.logit_bias:
         raise refuse("logit_bias", "LION's decoder takes no per-token biases")
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "invalid_value", "stream_options")
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
