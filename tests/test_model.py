@@ -251,7 +251,7 @@ def test_pickled_code_is_never_run(tmp_path):
 
 def test_not_an_image_is_named(tmp_path, tiny_lion):
     (tmp_path / "notes.jpg").write_text("hello")
-    with pytest.raises(ImageLoadError, match="notes.jpg.*not a readable image"):
+    with pytest.raises(ImageLoadError, match="notes.jpg.*not .*image"):  # the reason's wording is the loader's
         tiny_lion.caption(tmp_path / "notes.jpg", tags="a")
     with pytest.raises(ImageLoadError, match="no such file"):
         tiny_lion.caption(tmp_path / "absent.png", tags="a")

@@ -20,7 +20,7 @@ from PIL import Image
 from .boxes import Box, parse_box
 from .config import LionConfig
 from .errors import CheckpointError
-from .generation import CAPTION_PROMPT, GenerationDefaults
+from .generation import CAPTION_PROMPT, GenerationDefaults  # noqa: F401  CAPTION_PROMPT: kept importable here
 from .loading import (OfficialPaths, bundle_state, load_bundle_model, load_official_model, save_state_sharded,
                       soft_prompt_token_id, write_bundle_config)
 from .modeling_lion import LionModel
