@@ -54,9 +54,6 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                     "Binds 127.0.0.1 unless --host says otherwise. Decoding defaults are the model's own "
                     "(its generation config) unless --num-beams/--repetition-penalty/--default-max-tokens say "
                     "otherwise; request fields override both.")
-    parser.add_argument("--model", default=None,
-                        help="bundle directory, hf-hub:owner/repo, local-dir:PATH, the authors' YAML, or an "
-                             "installed name (default: $LION_MODEL or the built-in lion-shapes)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=defaults.model_name,
@@ -89,9 +86,10 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="repetition penalty when a request does not say (default: the model's own)")
     parser.add_argument("--no-ui", action="store_true", help="do not mount the web page at /ui")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="default: bfloat16 on GPU, float32 on CPU")
+    # --model --device --dtype --ram --ram-config: the options every model-loading `lion` command shares
+    from ..model_options import add_model_options
+
+    add_model_options(parser, decoding=False, tags=False)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run_serve)
     return parser
@@ -124,6 +122,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.model, args.host, args.port, settings=settings_from_args(args), device=args.device,
-          dtype=args.dtype, log_level=args.log_level)
+    from ..model_options import model_from_args
+
+    lion = model_from_args(args)  # device and files checked before loading, `--ram` attached
+    serve(lion, args.host, args.port, settings=settings_from_args(args), log_level=args.log_level)
     return 0
