@@ -70,6 +70,7 @@ def test_two_processes_match_one_process_with_the_double_batch(data, one_process
                "-m", "lion_mllm.train", "--config", str(cfg_file)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "still referenced" not in done.stderr  # DDP released before the process group, here too
     run_dir = next((tmp_path / "out").iterdir())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 4
@@ -101,6 +102,7 @@ def torchrun(cfg_file, *extra, timeout=300):
                "-m", "lion_mllm.train", "--config", str(cfg_file), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "still referenced" not in done.stderr
 
 
 def test_fsdp2_matches_one_process(data, one_process_double_batch, tmp_path):
