@@ -77,14 +77,12 @@ class BadDataTracker:
         self.drawn = 0  # over all processes
         self.bad = 0
         self.kinds: Counter[str] = Counter()  # this process's unusable samples, by kind
-        self.record_kinds: Counter[str] = Counter()  # malformed records, by kind
         self.examples: list[str] = []
         self.seen: set[str] = set()  # sources already logged (main process)
 
     def check_records(self, datasets: list[AnnotationDataset], is_main: bool, label: str = "") -> dict[str, Any]:
         total = sum(d.total for d in datasets)
         bad = [item for d in datasets for item in d.bad]
-        self.record_kinds.update(item.kind for item in bad)
         if is_main:
             for item in bad:
                 logger.warning("skipped %srecord %s", label, item)
@@ -110,7 +108,7 @@ class BadDataTracker:
     def log(self, per_rank: list[list[tuple[str, str, str]]]) -> None:
         """On the main process: every rank's unusable samples of a step, each source logged once."""
         for rank, items in enumerate(per_rank):
-            for source, reason, kind in items:
+            for source, reason, _kind in items:
                 if source in self.seen:
                     continue
                 self.seen.add(source)
