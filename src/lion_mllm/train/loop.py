@@ -439,7 +439,8 @@ def _sigterm_requests_a_stop() -> Iterator[Callable[[], bool]]:
             signal.raise_signal(signal.SIGTERM)
         received.append(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # None: the previous handler was not installed from Python; the default is the closest stand-in
+    previous = signal.signal(signal.SIGTERM, on_sigterm) or signal.SIG_DFL
     try:
         yield lambda: bool(received)
     finally:
