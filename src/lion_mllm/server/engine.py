@@ -236,8 +236,9 @@ class _Batch:
             self.self_mask = self.self_mask[:, first:]
             self.layers = [[layer[0][:, :, first:], layer[1][:, :, first:], layer[2], layer[3]]
                            for layer in self.layers]
-        # and encoder positions that are padding for every row
-        length = int(self.encoded_mask.sum(dim=1).max()) if len(self.rows) else 0
+        # and trailing encoder positions that are padding for every row
+        filled = self.encoded_mask.any(dim=0).nonzero()
+        length = int(filled[-1]) + 1 if len(filled) else 0
         if length < self.encoded_mask.shape[1]:
             self.encoded, self.encoded_mask = self.encoded[:, :length], self.encoded_mask[:, :length]
             self.layers = [[layer[0], layer[1], layer[2][:, :, :length], layer[3][:, :, :length]]
