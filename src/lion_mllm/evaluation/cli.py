@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any
 
+from ..model_options import add_model_options, decoding_from_args, model_from_args
 from .tasks import ALIASES, TASKS
 
 __all__ = ["add_eval_subcommand", "run_eval", "build_parser"]
@@ -28,18 +29,15 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="annotation file(s); VQAv2/OK-VQA: questions and annotations JSON (or annotations only)")
     p.add_argument("--images", metavar="DIR", default=None,
                    help="image folder the annotation's file names are relative to (not needed for MMBench)")
-    p.add_argument("--model", metavar="NAME_OR_PATH", default=None,
-                   help="model for lion_mllm.load_model; omit to only re-score an existing predictions file")
-    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
-    p.add_argument("--dtype", default=None, help="model dtype passed to load_model (e.g. bfloat16)")
+    # the options every model-loading `lion` command shares (--model --device --dtype --ram --tags, decoding)
+    add_model_options(p, model_help="bundle directory, hf-hub:/local-dir: name, the authors' YAML or an installed "
+                                    "name; omit to only re-score an existing predictions file")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", metavar="DIR", default="eval_out", help="report and predictions folder (default: eval_out)")
     p.add_argument("--predictions", metavar="FILE", default=None,
                    help="predictions JSON Lines (default: <out>/<task>[_<split>].predictions.jsonl)")
     p.add_argument("--prompt", default=None, help="prompt template overriding the task default, e.g. 'Question: {question} Short answer:'")
-    p.add_argument("--num-beams", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--split", default=None, help="Karpathy split (default test), IconQA problems.json split (default test) / split label for REC and POPE")
     p.add_argument("--box-format", choices=("auto", "xywh", "xyxy"), default="auto",
                    help="ground-truth bbox layout in REC files: xywh (COCO), xyxy (Shikra REC_*.jsonl) or auto "
@@ -117,11 +115,12 @@ def _model_generate_fn(args: argparse.Namespace):
             )
         no_model.score_candidates = lambda images, prompts, candidates, tasks: no_model(images, prompts, tasks)
         return no_model
-    import lion_mllm  # lazily: the model stack (torch, transformers) is heavy
-
-    model = lion_mllm.load_model(args.model, device=_default_device(args.device), dtype=args.dtype)
+    args.device = _default_device(args.device)
+    model = model_from_args(args)  # the model with its tagger and generation config, `--ram` attached
 
     def generate_fn(images, questions, tasks, **decoding):
+        if args.tags is not None:
+            decoding = {**decoding, "tags": [args.tags] * len(questions)}
         return model.generate(images, questions, tasks=tasks, **decoding)
 
     def score_candidates(images, prompts, candidates, tasks):
@@ -148,11 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if not args.task or not args.ann:
         print("lion eval: --task and --ann are required (or use --summarize)", file=sys.stderr)
         return 2
-    decoding = {}
-    if args.num_beams is not None:
-        decoding["num_beams"] = args.num_beams
-    if args.max_new_tokens is not None:
-        decoding["max_new_tokens"] = args.max_new_tokens
+    decoding = decoding_from_args(args)  # only the flags given
     _maybe_init_distributed()
     report = evaluate(
         args.task,
