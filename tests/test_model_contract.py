@@ -276,7 +276,7 @@ def test_generation_config_validates_and_round_trips(tmp_path: Path) -> None:
             GenerationDefaults.from_dict(bad, tmp_path / "generation_config.json")
 
 
-def test_yaml_generation_and_ram_keys(tmp_path: Path) -> None:
+def test_yaml_generation_and_ram_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ram = {**RamConfig.from_official_dir(ASSETS / "ram").to_dict(), "num_attention_heads": 2}
     config = write_golden_yaml(tmp_path / "m.yaml", ram_config=ram,
                                ram_tag_list=str(ASSETS / "ram" / "data" / "ram_tag_list.txt"),
@@ -291,6 +291,8 @@ def test_yaml_generation_and_ram_keys(tmp_path: Path) -> None:
     guessed = RamTagger.from_official(ASSETS / "ram_swin_tiny_14m.pth", tag_list=ASSETS / "ram" / "data" /
                                       "ram_tag_list.txt", thresholds=ASSETS / "ram" / "data" / "ram_tag_list_threshold.txt")
     assert guessed.config.num_attention_heads == 4
+    # ... and says it guessed, since this is not the standard ram_swin_large_14m
+    assert "inferred from tensor shapes with 4 tagging-head attention heads" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------- one error type

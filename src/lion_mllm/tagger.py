@@ -49,7 +49,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -876,6 +876,11 @@ class RamTagger(nn.Module):
                 config = RamConfig.from_state_dict(weights)
             except RamCheckpointError as err:
                 raise RamCheckpointError(f"{path}: {err}") from err
+            if replace(config, num_tags=OFFICIAL_NUM_TAGS) != RamConfig.swin_large():
+                # Shapes cannot tell the tagging head's attention heads: a non-standard RAM may be misread.
+                logger.warning("%s is not the standard ram_swin_large_14m: its config was inferred from tensor "
+                               "shapes with %d tagging-head attention heads; give its config (--ram-config, or "
+                               "ram_config in the model's YAML) if that is wrong", path, config.num_attention_heads)
         elif not isinstance(config, RamConfig):
             ram_dir = Path(config).expanduser()
             config = RamConfig.from_official_dir(ram_dir)
