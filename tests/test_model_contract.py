@@ -380,8 +380,8 @@ def _best_of(command: list[str], runs: int = 3) -> float:
 def test_help_usage_errors_and_bad_paths_do_not_load_the_model_stack() -> None:
     baseline = _best_of([sys.executable, "-c", "pass"])
     help_time = _best_of([sys.executable, "-m", "lion_mllm.cli", "--help"])
-    # Measured on the 2-core machine: about 0.3 s against 0.03 s (10x); torch alone takes 3-8 s (>100x).
-    assert help_time / baseline < 40, (help_time, baseline)
+    # Measured on the 2-core machine: 0.085 s against 0.015 s (6x); importing torch alone is over 100x.
+    assert help_time / baseline < 25, (help_time, baseline)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     probe = ("import sys\nfrom lion_mllm.cli import main\n"
              "codes = [main(a) for a in (['caption', 'missing.png'], ['ask'], ['--help'], ['tag', 'missing.png'])]\n"
@@ -389,6 +389,10 @@ def test_help_usage_errors_and_bad_paths_do_not_load_the_model_stack() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "[2, 2, 0, 2] []", done.stdout + done.stderr
     assert "missing.png: no such image file" in done.stderr
+    # `eval` builds its full options (the evaluation stack) only when it is the command
+    done = subprocess.run([sys.executable, "-m", "lion_mllm.cli", "eval", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0 and "--ram" in done.stdout and "--task" in done.stdout
 
 
 def test_device_and_dtype_are_checked_before_loading(capsys: pytest.CaptureFixture) -> None:

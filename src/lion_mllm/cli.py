@@ -59,8 +59,15 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `lion` argument parser with all sub-commands."""
+EVAL_HELP = "evaluate a model on a benchmark (captioning, VQA, REC, POPE, MMBench)"
+
+
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The `lion` argument parser with all sub-commands.
+
+    `command` is the sub-command about to run (None: none given); the evaluation options, whose module
+    pulls in the evaluation stack (numpy and more), are then only built for `eval` itself, so `lion
+    --help` and the other commands start at once. The default "*" builds everything."""
     base = _Parser(add_help=False)
     base.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                       help="show tracebacks and library warnings")
@@ -140,12 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_convert)
 
-    try:
-        from .evaluation.cli import add_eval_subcommand
-    except ImportError:  # the evaluation extra is optional; the rest of the CLI works without it
-        pass
-    else:
-        add_eval_subcommand(sub)
+    if command in ("*", "eval"):
+        try:
+            from .evaluation.cli import add_eval_subcommand
+        except ImportError:  # the evaluation extra is optional; the rest of the CLI works without it
+            pass
+        else:
+            add_eval_subcommand(sub)
+    else:  # listed under its name and help only: it is not the command being run
+        sub.add_parser("eval", help=EVAL_HELP)
     from .demo import add_demo_subcommand
     from .server import add_serve_subcommand  # imports no web framework until `lion serve` runs
     from .train import add_train_subcommand
@@ -402,7 +412,9 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `lion` command; returns the exit code (0 ok, 1 failure, 2 usage error)."""
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # the first word that is not an option is the sub-command (the top-level options take no value)
+    parser = build_parser(command=next((w for w in words if not w.startswith("-")), None))
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse: --help/--version (0) or a usage error (2)
