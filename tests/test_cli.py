@@ -334,3 +334,27 @@ def test_eval_subcommand_is_mounted(capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("lion_mllm.evaluation.cli")
     code, _, err = _run_main(capsys, "eval")
     assert code == 2 and "--task and --ann are required" in err
+
+
+def test_run_puts_questions_into_the_models_templates_like_the_api(tmp_path: Path):
+    """`lion run` answers a vqa line, a grounding phrase and a bare caption as `ask`/`ground`/`caption` do."""
+    from lion_mllm import load_model, shapes
+    from lion_mllm.batch import run_batch
+
+    lion = load_model("lion-shapes")
+    scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + 27)  # a scene where the template changes the answer
+    image = tmp_path / "scene.png"
+    shapes.render(scene).save(image)
+    question = "Is there a red square?"
+    phrase, _ = shapes.referring_expressions(scene)[0]
+    lines = [{"id": "q", "image": str(image), "task": "vqa", "prompt": question},
+             {"id": "g", "image": str(image), "task": "grounding", "phrase": phrase},
+             {"id": "c", "image": str(image), "task": "caption"}]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    run_batch(lion, tasks, out, progress=False)
+    answers = {r["id"]: r["answer"] for r in map(json.loads, out.read_text().splitlines())}
+    assert answers == {"q": lion.ask(str(image), question), "g": lion.ground(str(image), phrase).text,
+                       "c": lion.caption(str(image))}
+    assert answers["q"] != lion.generate([str(image)], [question], "vqa")[0]  # the question as typed answers otherwise

@@ -7,8 +7,10 @@ Each input line is one task::
     {"id": "g1", "image": "imgs/a.jpg", "task": "grounding", "phrase": "the dog"}
     {"id": "g2", "image": "imgs/b.jpg", "task": "grounding", "prompt": "<full question>", "tags": "dog, grass"}
 
-``task`` is ``caption``, ``vqa`` or ``grounding``. A grounding ``phrase`` is put into LION's grounding
-prompt; a ``prompt`` is used as written. ``tags`` (string or list) are optional; without them the
+``task`` is ``caption``, ``vqa`` or ``grounding``. The model's own prompt templates apply as in
+``Lion.ask``/``caption``/``ground``: a vqa ``prompt`` is the question, put into the model's question
+template; a grounding ``phrase`` goes into its grounding template; a caption without ``prompt`` gets the
+model's caption instruction; a caption or grounding ``prompt`` is used as written. ``tags`` (string or list) are optional; without them the
 run's default tags, else the model's tagger, are used. Relative image paths are looked up against
 ``image_root`` if given, else the working directory and then the input file's folder; ``http(s)://``
 and ``data:`` URLs are read as they are. An image that cannot be read (missing, not an image, truncated,
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
+from .generation import GenerationDefaults
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, is_url, load_image
 
 __all__ = ["TASKS", "BatchItem", "RunSummary", "completed_keys", "read_tasks", "run_batch"]
@@ -48,8 +50,9 @@ class BatchItem:
     line: int
     image: Path | str  # a path, or an http(s)/data: URL
     task: str
-    prompt: str
+    prompt: str | None  # used as written (caption, grounding); None: from the model's template
     tags: str | list[str] | None = None
+    text: str | None = None  # the vqa question or grounding phrase the model's template takes
 
 
 @dataclass
@@ -128,22 +131,25 @@ def read_tasks(path: Path, *, image_root: Path | None = None) -> Iterator[BatchI
             if prompt is not None and not isinstance(prompt, str):
                 yield bad("\"prompt\" must be a string")
                 continue
+            text = None
             if task == "caption":
-                prompt = prompt or CAPTION_PROMPT
+                prompt = prompt or None
             elif task == "grounding" and not prompt:
-                if not isinstance(phrase, str) or not phrase:
+                if not isinstance(phrase, str) or not phrase.strip():
                     yield bad("a grounding task needs a \"phrase\" (or a full \"prompt\")")
                     continue
-                prompt = GROUNDING_PROMPT.format(phrase)
-            elif not prompt:
-                yield bad("a vqa task needs a \"prompt\" (the question)")
-                continue
+                prompt, text = None, phrase
+            elif task == "vqa":
+                if not prompt or not prompt.strip():
+                    yield bad("a vqa task needs a \"prompt\" (the question)")
+                    continue
+                prompt, text = None, prompt
             tags = record.get("tags")
             if tags is not None and not (isinstance(tags, str) or
                                          (isinstance(tags, list) and all(isinstance(t, str) for t in tags))):
                 yield bad("\"tags\" must be a string or a list of strings")
                 continue
-            yield BatchItem(item_id, number, _resolve_image(image, path.parent, image_root), task, prompt, tags)
+            yield BatchItem(item_id, number, _resolve_image(image, path.parent, image_root), task, prompt, tags, text)
 
 
 def completed_keys(output: Path) -> set[str]:
@@ -341,6 +347,9 @@ def _run_chunk(lion: Any, chunk: Sequence[BatchItem | LineError], default_tags: 
 def _generate(lion: Any, ready: Sequence[tuple[int, BatchItem, Any]], default_tags: str | None,
               decode: dict[str, Any]) -> list[str]:
     tags = [item.tags if item.tags is not None else default_tags for _, item, _ in ready]
-    return lion.generate([image for _, _, image in ready], [item.prompt for _, item, _ in ready],
+    templates = getattr(lion, "generation_config", None) or GenerationDefaults()  # the authors' by default
+    questions = [item.prompt if item.prompt is not None else templates.prompt(item.task, item.text)
+                 for _, item, _ in ready]
+    return lion.generate([image for _, _, image in ready], questions,
                          [item.task for _, item, _ in ready], tags if any(t is not None for t in tags) else None,
                          **decode)
