@@ -930,12 +930,10 @@ class RamTagger(nn.Module):
         return {"type": "ram", "config": self.config.to_dict(), "weights": RAM_BUNDLE_WEIGHTS,
                 "tag_list": _BUNDLE_TAG_LIST, "thresholds": _BUNDLE_THRESHOLDS}
 
-    @classmethod
-    def from_bundle(cls, directory: PathLike, spec: Mapping[str, Any], *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> RamTagger:
-        """The tagger `save_bundle` wrote (`spec` is its `tagger.json` entry)."""
-        from safetensors.torch import load_file
-
+    @staticmethod
+    def bundle_entry(directory: PathLike, spec: Mapping[str, Any]) -> tuple[RamConfig, Path, Path, Path]:
+        """(config, weights, tag list, thresholds) of a bundle's `tagger.json` RAM entry, checked without
+        reading the weights; a broken entry is a RamCheckpointError naming `tagger.json`."""
         directory = Path(directory)
         where = directory / "tagger.json"
         try:
@@ -949,6 +947,17 @@ class RamTagger(nn.Module):
         for path in (weights, tag_list, thresholds):
             if not path.is_file():
                 raise RamCheckpointError(f"{where} names {path.name}, which is not in {directory}")
+        return config, weights, tag_list, thresholds
+
+    @classmethod
+    def from_bundle(cls, directory: PathLike, spec: Mapping[str, Any], *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> RamTagger:
+        """The tagger `save_bundle` wrote (`spec` is its `tagger.json` entry)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        where = directory / "tagger.json"
+        config, weights, tag_list, thresholds = cls.bundle_entry(directory, spec)
         vocab = RamVocabulary.from_files(tag_list, thresholds, verify=False)
         if len(vocab) != config.num_tags:
             raise RamVocabularyError(f"{tag_list}: {len(vocab)} tags, but the RAM config in {where} has {config.num_tags}")
@@ -1123,7 +1132,9 @@ class LazyRamTagger:
     @classmethod
     def from_bundle(cls, directory: PathLike, spec: Mapping[str, Any], *, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> LazyRamTagger:
-        """A bundle's RAM (`RamTagger.from_bundle`), read when tags are first needed."""
+        """A bundle's RAM (`RamTagger.from_bundle`), read when tags are first needed; the entry itself
+        (config, named files) is checked now, so a broken bundle fails when it is loaded."""
+        RamTagger.bundle_entry(directory, spec)
         lazy = cls(Path(directory) / str(spec.get("weights", RAM_BUNDLE_WEIGHTS)), device=device, dtype=dtype)
         lazy._bundle = (Path(directory), dict(spec))
         return lazy
