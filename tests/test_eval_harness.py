@@ -525,3 +525,24 @@ def test_sharded_over_two_ranks(tmp_path):
     preds = tmp_path / "dist" / "pope_adversarial.predictions.jsonl"
     assert set(read_predictions(preds)) == {"1", "2", "3", "4"}
     assert not list((tmp_path / "dist").glob("*.rank*"))  # part files merged and removed
+
+
+def test_unreadable_images_are_skipped_counted_and_retried(tmp_path):
+    """A truncated image leaves its samples out of the scores, named in the report; a re-run tries them again."""
+    ann, root = _pope_files(tmp_path)
+    broken = root / "COCO_val2014_000000000002.jpg"
+    good_bytes = broken.read_bytes()
+    broken.write_bytes(good_bytes[: len(good_bytes) // 2])
+    preds = tmp_path / "preds.jsonl"
+    fake = Fake(pope_answer)
+    rep = evaluate("pope", fake, ann, root, predictions_path=preds)
+    assert rep["num_skipped"] == 2 and rep["num_samples"] == 2 and len(fake.calls) == 2
+    assert set(rep["skipped"]) == {"2", "4"} or set(rep["skipped"]) == {2, 4}
+    assert all(broken.name in reason for reason in rep["skipped"].values()), rep["skipped"]
+    assert rep["metrics"]["accuracy"] == 50.0  # of the two readable samples (1: right, 3: wrong)
+    assert any("skipped" in note for note in rep["notes"]) and "skipped" in rep["markdown"]
+    broken.write_bytes(good_bytes)  # fixed: the re-run answers only the two it could not read
+    again = Fake(pope_answer)
+    rep2 = evaluate("pope", again, ann, root, predictions_path=preds)
+    assert len(again.calls) == 2 and rep2["num_skipped"] == 0
+    assert {k: rep2["metrics"][k] for k in POPE_EXPECTED} == pytest.approx(POPE_EXPECTED)

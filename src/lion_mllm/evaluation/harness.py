@@ -189,14 +189,7 @@ def _generate(
         except ImportError:
             pass
     for start in batches:
-        batch, images = [], []
-        for sample in samples[start:start + batch_size]:
-            try:
-                images.append(sample.load_image())
-                batch.append(sample)
-            except ImageLoadError as error:  # reported as skipped, never a prediction; a re-run tries again
-                out[sample.id] = {"id": sample.id, "task": task, "split": split, "prompt": prompts[sample.id],
-                                  "prediction": None, "skipped": str(error)}
+        batch, images = _readable(samples[start:start + batch_size], prompts, task, split, out)
         if not batch:
             continue
         questions = [prompts[s.id] for s in batch]
@@ -213,12 +206,31 @@ def _generate(
             rec = {"id": s.id, "task": task, "split": split, "prompt": q, "prediction": a}
             out[s.id] = rec
             recs.append(rec)
-        if sink is not None:
-            # Append + flush per batch: a crash loses at most the current batch.
-            with open(sink, "a", encoding="utf-8") as fh:
-                for rec in recs:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        _append_records(sink, recs)
     return out
+
+
+def _readable(batch: Sequence[EvalSample], prompts: Mapping[str, str], task: str, split: str | None,
+              out: dict[str, dict[str, Any]]) -> tuple[list[EvalSample], list[Any]]:
+    """The samples of `batch` whose images load, and those images; the others go into `out` as skipped
+    records (never written to the predictions file, so a re-run tries them again)."""
+    readable, images = [], []
+    for sample in batch:
+        try:
+            images.append(sample.load_image())
+            readable.append(sample)
+        except ImageLoadError as error:
+            out[sample.id] = {"id": sample.id, "task": task, "split": split, "prompt": prompts[sample.id],
+                              "prediction": None, "skipped": str(error)}
+    return readable, images
+
+
+def _append_records(sink: str | None, records: Sequence[dict[str, Any]]) -> None:
+    # Append + flush per batch: a crash loses at most the current batch.
+    if sink is not None:
+        with open(sink, "a", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def _rank_candidates(
@@ -228,8 +240,9 @@ def _rank_candidates(
     """Score every candidate answer of each sample; records carry the scores and the best candidate."""
     out: dict[str, dict[str, Any]] = {}
     for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
-        images = [s.load_image() for s in batch]
+        batch, images = _readable(samples[start:start + batch_size], prompts, task, split, out)
+        if not batch:
+            continue
         questions = [prompts[s.id] for s in batch]
         candidates = [list(s.target["candidates"]) for s in batch]
         scores = score_fn(images, questions, candidates, [route] * len(batch))
@@ -245,10 +258,7 @@ def _rank_candidates(
             rec = {"id": s.id, "task": task, "split": split, "prompt": q, "prediction": cands[best], "scores": row}
             out[s.id] = rec
             recs.append(rec)
-        if sink is not None:
-            with open(sink, "a", encoding="utf-8") as fh:
-                for rec in recs:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        _append_records(sink, recs)
     return out
 
 
