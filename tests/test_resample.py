@@ -64,19 +64,20 @@ def test_grey_and_rgb_agree_channel_by_channel():
 
 
 def test_processors_use_the_exact_resize():
-    image = Image.fromarray(pattern(200, 300, "noise"), "RGB")
-    expected = resize(pattern(200, 300, "noise"), (224, 224), "bicubic")
-    lion = LionImageProcessor(224)([image])[0]
-    assert np.array_equal(np.rint((lion * lion.new_tensor(LionImageProcessor().std.flatten())[:, None, None]
-                                   + LionImageProcessor().mean) * 255).permute(1, 2, 0).numpy().astype(np.uint8),
-                          expected)
-    ram = preprocess_images([image], image_size=384)
-    assert ram.shape == (1, 3, 384, 384)
-    ram_expected = resize(pattern(200, 300, "noise"), (384, 384), "bilinear")
+    from lion_mllm.processing import CLIP_MEAN, CLIP_STD
     from lion_mllm.tagger import IMAGENET_MEAN, IMAGENET_STD
 
-    back = ram[0] * np.array(IMAGENET_STD, dtype=np.float32)[:, None, None] + np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
-    assert np.array_equal(np.rint(back.numpy() * 255).transpose(1, 2, 0).astype(np.uint8), ram_expected)
+    def to_uint8(normalised, mean, std) -> np.ndarray:  # undo the normalisation: (3, S, S) -> (S, S, 3)
+        values = normalised.numpy() * np.array(std, dtype=np.float32)[:, None, None]
+        return np.rint((values + np.array(mean, dtype=np.float32)[:, None, None]) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+    pixels = pattern(200, 300, "noise")
+    image = Image.fromarray(pixels, "RGB")
+    lion = LionImageProcessor(224)([image])[0]
+    assert np.array_equal(to_uint8(lion, CLIP_MEAN, CLIP_STD), resize(pixels, (224, 224), "bicubic"))
+    ram = preprocess_images([image], image_size=384)
+    assert ram.shape == (1, 3, 384, 384)
+    assert np.array_equal(to_uint8(ram[0], IMAGENET_MEAN, IMAGENET_STD), resize(pixels, (384, 384), "bilinear"))
 
 
 def test_bad_arrays_are_refused():
