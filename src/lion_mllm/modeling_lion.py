@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel, InstructBlipVisionConfig, T5Config
 from transformers import T5ForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.instructblip.modeling_instructblip import InstructBlipEncoderLayer, InstructBlipVisionEmbeddings
 from transformers.models.t5.modeling_t5 import T5LayerFF
@@ -310,6 +311,15 @@ def build_qformer(config: QFormerConfig, encoder_width: int, attn_implementation
     return InstructBlipQFormerModel(hf)
 
 
+class _SharedCrossAttentionCache(EncoderDecoderCache):
+    """An encoder-decoder cache whose cross-attention part is the same for every beam of an image: beam
+    search's reordering (which moves beams only within their own image) is applied to the self-attention
+    part alone, which saves copying the whole cross-attention cache at every step."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The whole model
 
@@ -431,20 +441,59 @@ class LionModel(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  route_ids: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
-                 qformer_attention_mask: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+                 qformer_attention_mask: torch.Tensor | None = None, share_cross_attention: bool = True,
+                 **generate_kwargs) -> torch.Tensor:
         """Decoded token ids (B * num_return_sequences, T), starting with the decoder start token.
 
         The image and the T5 encoder run once per sample; transformers' generate then shares the
-        encoder output across beams and decodes with the KV cache (unless use_cache=False).
+        encoder output across beams and decodes with the KV cache (unless use_cache=False). In cached
+        beam search the decoder's cross-attention keys and values are computed once per image and
+        shared by its beams (`share_cross_attention=False`: once per beam, transformers' own way; the
+        same token ids, kept to check and measure against).
         """
         embeds, mask = self.encoder_inputs(pixel_values, input_ids, attention_mask, qformer_input_ids,
                                            qformer_attention_mask)
         with self.routing(route_ids):
             encoded = self.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+            beams = self._shared_cross_attention_beams(generate_kwargs) if share_cross_attention else 0
+            if beams > 1:
+                generate_kwargs["cache"] = self.cross_attention_cache(encoded.last_hidden_state, beams)
             return self.language_model.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoded.last_hidden_state),
                 attention_mask=mask, **generate_kwargs,
             )
+
+    def _shared_cross_attention_beams(self, generate_kwargs: dict) -> int:
+        """The beam count whose cross-attention keys/values `generate` can share per image, or 0 where this
+        call is not a plain cached beam search (sampling, extra return sequences, a caller's own cache or
+        generation config: those keep transformers' own cache handling)."""
+        if (generate_kwargs.get("use_cache", True) is False or generate_kwargs.get("do_sample")
+                or generate_kwargs.get("num_return_sequences", 1) not in (None, 1)
+                or generate_kwargs.get("num_beam_groups", 1) not in (None, 1)
+                or any(key in generate_kwargs for key in ("past_key_values", "cache", "cache_implementation",
+                                                          "generation_config", "assistant_model"))):
+            return 0
+        beams = generate_kwargs.get("num_beams") or self.language_model.generation_config.num_beams or 1
+        return beams if beams > 1 and not self.language_model.generation_config.do_sample else 0
+
+    def cross_attention_cache(self, encoded: torch.Tensor, beams: int) -> EncoderDecoderCache:
+        """A decoder cache whose cross-attention keys and values are computed once per image (B rows) and
+        repeated for its `beams` consecutive beams, instead of once per beam (B * beams rows).
+
+        Every beam of an image attends to the same encoder output, so the keys and values are the same
+        rows; beam search only ever reorders beams within their own image, so the cross-attention part
+        needs no reordering either (`_SharedCrossAttentionCache`)."""
+        cross = DynamicCache()
+        for index, block in enumerate(self.language_model.decoder.block):
+            attention = block.layer[1].EncDecAttention
+            shape = (*encoded.shape[:-1], -1, attention.key_value_proj_dim)
+            keys = attention.k(encoded).view(shape).transpose(1, 2).repeat_interleave(beams, dim=0)
+            values = attention.v(encoded).view(shape).transpose(1, 2).repeat_interleave(beams, dim=0)
+            cross.update(keys, values, index)
+        cache = _SharedCrossAttentionCache(DynamicCache(), cross)
+        for index in range(len(self.language_model.decoder.block)):
+            cache.is_updated[index] = True
+        return cache
 
     # -- accounting -----------------------------------------------------------------------------------
 
