@@ -22,6 +22,17 @@ def golden_paths(visual_input: str = "all", tags: bool = True):
                          ram_model=None, visual_input=visual_input, enable_semantic_tags=tags)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    more threads only contend on a shared 2-core machine, and bit-identical comparisons need one thread
+    count throughout the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def golden_results() -> dict:
     return json.loads((GOLDEN / "outputs" / "results.json").read_text())

@@ -35,13 +35,7 @@ BACKGROUND, SQUARE = (200, 200, 200), (30, 180, 40)
 FAST = ["--num-beams", "1", "--max-new-tokens", "24", "--tags", TAGS, "-q"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine more threads thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,7 @@ from lion_mllm.tagger import LazyRamTagger, RamConfig, RamTagger
 IMAGES = [GOLDEN / "images" / f"a{i}.png" for i in range(3)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the models are tiny, and more threads thrash on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def write_golden_yaml(path: Path, **extra: object) -> Path:

@@ -23,12 +23,7 @@ from lion_mllm.train.synthetic import tiny_train_config, write_synthetic_dataset
 from conftest import ASSETS, REPO
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def raw_config(data, out, batch, accum=1, **run):

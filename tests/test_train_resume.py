@@ -22,12 +22,7 @@ from lion_mllm.train.synthetic import tiny_train_config, write_synthetic_dataset
 from conftest import ASSETS, REPO
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-identical comparisons need the same thread count everywhere
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def raw_config(data, out):

@@ -31,12 +31,7 @@ STAGE_FILES = {1: ["image_level"], 2: ["region_level"], 3: ["image_level", "regi
                4: ["image_level", "region_level"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend (and the CI machine is shared)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +268,21 @@ def test_unfreeze_trains_the_vit_and_t5_too_and_resumes_exactly(data, tmp_path):
         torch.testing.assert_close(value, params[name], atol=0, rtol=0, msg=name)
     with pytest.raises(ValueError, match="unfreeze"):
         train(config(data, 3, tmp_path / "typo", max_steps=1, unfreeze=["vit."]))
+
+
+def test_fine_tuned_export_keeps_the_models_generation_config(stage_runs, data, tmp_path):
+    """Decoding defaults and prompt templates travel from the bundle a run starts from to its export."""
+    import shutil
+
+    from lion_mllm.generation import GenerationDefaults
+
+    _, stage3 = stage_runs[3]
+    source = tmp_path / "source"
+    shutil.copytree(stage3.export_dir, source)
+    own = GenerationDefaults(num_beams=1, max_new_tokens=12, repetition_penalty=1.0)
+    own = own.replace(prompts={**own.prompts, "vqa": "Question: {question} Short answer:"})
+    own.save(source)
+    cfg = config(data, 4, tmp_path / "stage4", model={"pretrained": str(source), "preset": None}, max_steps=1,
+                 freeze=["qformer."])
+    exported = Lion.from_pretrained(train(cfg).export_dir)
+    assert exported.generation_config == own
