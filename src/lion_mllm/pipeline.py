@@ -50,10 +50,6 @@ def write_tagger(tagger: Any, directory: Path) -> None:
         (Path(directory) / TAGGER_FILE).write_text(json.dumps(spec, indent=1) + "\n")
 
 
-# Kept for callers of the first bundle format's name.
-write_tagger_spec = write_tagger
-
-
 def bundle_tagger(directory: Path, device: str | torch.device = "cpu") -> Any:
     """The tagger a bundle's `tagger.json` names (RAM read lazily on `device`), or None without that file."""
     path = Path(directory) / TAGGER_FILE

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..loading import CheckpointError
-from ..pipeline import Lion, write_tagger_spec
+from ..pipeline import Lion, write_tagger
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import STAGE_VISUAL_INPUT, AugmentConfig, ConfigError, DatasetSpec, TrainConfig
 from .data import AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler, MixtureSchedule
@@ -847,7 +847,7 @@ def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn
             shutil.rmtree(tmp)
         was_training = model.training
         if state is None:
-            Lion(model, lion.processor, lion.tagger).save_pretrained(tmp)
+            Lion(model, lion.processor, lion.tagger, lion.generation_config).save_pretrained(tmp)
         else:
             from ..loading import save_state_sharded, write_bundle_config
 
@@ -856,7 +856,8 @@ def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn
             aliases = ("language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight")
             save_state_sharded({k: v for k, v in state.items() if k not in aliases}, tmp)
             lion.processor.save_pretrained(tmp)
-            write_tagger_spec(lion.tagger, tmp)
+            write_tagger(lion.tagger, tmp)
+            lion.generation_config.save(tmp)  # decoding defaults and templates travel with the model
         if was_training:
             _train_mode(model)  # the frozen ViT back in eval mode too
         if info is not None:
