@@ -113,6 +113,8 @@ def test_exif_orientation_gives_the_image_people_see(awkward, orientation):
     assert np.array_equal(pixels(stored), pixels(Image.open(awkward / f"exif{orientation}.png").convert("RGB")))
     if orientation >= 5:  # quarter turns swap the sides
         assert stored.size == (20, 40)
+    # a loaded image is final: loading it again (as Lion.generate does with evaluation images) keeps it
+    assert load_image(stored).size == stored.size and load_image(png).size == png.size
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(awkward):

@@ -43,6 +43,8 @@ DEFAULT_MAX_PIXELS = 150_000_000
 DEFAULT_MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 DEFAULT_DOWNLOAD_TIMEOUT_S = 20.0
 
+# Where Pillow's getexif() finds an orientation: EXIF blocks and XMP packets.
+_ORIENTATION_METADATA = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif", "Raw profile type APP1")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 
@@ -149,7 +151,8 @@ def download_image(url: str, limits: DownloadLimits = DownloadLimits()) -> bytes
     import httpx  # only for URLs
 
     name = describe(url)
-    if urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).hostname:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ImageLoadError(name, "not an http(s) URL", "invalid_url")
     try:
         with httpx.Client(timeout=limits.timeout_s, follow_redirects=True, max_redirects=5) as client, \
@@ -210,9 +213,14 @@ def _to_viewer_rgb(image: Image.Image, orientation: Orientation, name: str) -> I
     elif orientation != "stored":
         raise ValueError(f"orientation must be 'exif' or 'stored', not {orientation!r}")
     try:
-        return to_rgb(image, source_format)
+        rgb = to_rgb(image, source_format)
     except (OSError, ValueError) as error:
         raise ImageLoadError(name, f"cannot convert a {image.mode} image to RGB ({error})", "corrupt") from None
+    # The pixels now are what the model sees: a returned image carries no orientation that a later
+    # load_image (e.g. Lion.generate on an evaluation image read "stored") would apply again.
+    for key in _ORIENTATION_METADATA:
+        rgb.info.pop(key, None)
+    return rgb
 
 
 def to_rgb(image: Image.Image, source_format: str | None = None) -> Image.Image:

@@ -51,12 +51,15 @@ class LionImageProcessor:
         self.std = torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """images -> (B, 3, S, S) float32."""
-        return torch.stack([self.one(load_image(image)) for image in images])
+        """images -> (B, 3, S, S) float32. Paths, bytes and URLs are read by `load_image`; PIL images are
+        taken as given (`Lion` has loaded them already, with the orientation it chose)."""
+        return torch.stack([self.one(image if isinstance(image, Image.Image) else load_image(image))
+                            for image in images])
 
     def one(self, image: Image.Image) -> torch.Tensor:
         """(3, S, S) float32 from an RGB image."""
-        resized = resize(np.asarray(image.convert("RGB"), dtype=np.uint8), (self.size, self.size), self.resample)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # load_image gives RGB: no second copy
+        resized = resize(np.asarray(rgb, dtype=np.uint8), (self.size, self.size), self.resample)
         pixels = torch.from_numpy(resized).permute(2, 0, 1)
         return (pixels.float().div(255) - self.mean) / self.std
 

@@ -674,7 +674,8 @@ def preprocess_images(
     std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     out = []
     for img in images:
-        pixels = resize(np.asarray(img.convert("RGB"), dtype=np.uint8), (image_size, image_size), "bilinear")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        pixels = resize(np.asarray(rgb, dtype=np.uint8), (image_size, image_size), "bilinear")
         x = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255)
         out.append(x.sub(mean_t).div(std_t))
     return torch.stack(out) if out else torch.empty(0, 3, image_size, image_size)

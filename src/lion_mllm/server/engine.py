@@ -253,21 +253,20 @@ class _Batch:
         self_len = max(self.self_mask.shape[1], other.self_mask.shape[1])
         enc_len = max(self.encoded.shape[1], other.encoded.shape[1])
 
-        def left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+        def padded(t: torch.Tensor, length: int, dim: int, before: bool) -> torch.Tensor:
             pad = length - t.shape[dim]
             if not pad:
                 return t
             shape = list(t.shape)
             shape[dim] = pad
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
+            zeros = t.new_zeros(shape)
+            return torch.cat([zeros, t] if before else [t, zeros], dim=dim)
 
-        def right(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-            pad = length - t.shape[dim]
-            if not pad:
-                return t
-            shape = list(t.shape)
-            shape[dim] = pad
-            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+        def left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:  # self-attention: left-padded
+            return padded(t, length, dim, before=True)
+
+        def right(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:  # encoder side: right-padded
+            return padded(t, length, dim, before=False)
 
         self.layers = [[torch.cat([left(a, self_len, 2), left(b, self_len, 2)]) if i < 2 else
                         torch.cat([right(a, enc_len, 2), right(b, enc_len, 2)])
