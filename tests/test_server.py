@@ -32,6 +32,7 @@ from lion_mllm.server import ServerSettings, add_serve_subcommand, create_app
 from lion_mllm.server.errors import APIError
 from lion_mllm.server.images import decode_data_url, draw_boxes, find_boxes
 from lion_mllm.server.engine import cut_at_stop
+from lion_mllm.generation import GenerationDefaults
 from lion_mllm.server.protocol import build_question, infer_task, word_chunks
 
 KEY = "test-key"
@@ -155,6 +156,11 @@ def test_task_inference_and_prompts():
     assert infer_task("find the red car") == "grounding"
     assert infer_task("What colour is the car?") == "vqa"
     assert build_question("", "caption") == CAPTION_PROMPT
+    shapes_prompts = GenerationDefaults(prompts={"caption": "Say what you see.", "vqa": "Q: {question} A:",
+                                                 "grounding": "Where is {phrase}?"})
+    for bare in ("Describe this image.", "describe the picture", "Caption", "Please describe the photo."):
+        assert build_question(bare, "caption", shapes_prompts) == "Say what you see."  # the model's own words
+    assert build_question("Describe the image in detail.", "caption", shapes_prompts) == "Describe the image in detail."
     assert build_question("the dog", "grounding") == GROUNDING_PROMPT.format("the dog")
     assert build_question("where is the dog?", "grounding") == "where is the dog?"
     with pytest.raises(APIError):

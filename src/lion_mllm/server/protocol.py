@@ -40,6 +40,10 @@ CANONICAL_TASKS = {"caption": "caption", "vqa": "vqa", "ask": "vqa", "question":
 _GROUNDING_WORDS = re.compile(r"\b(locate|where is|where are|where's|find the|coordinates?|bounding box|"
                               r"point out)\b", re.IGNORECASE)
 _CAPTION_WORDS = re.compile(r"\b(describe|description|caption)\b", re.IGNORECASE)
+# A request for a caption and nothing more ("Describe this image.", "caption"): the model's own caption
+# instruction serves it, in the words the model was trained on.
+_BARE_CAPTION_REQUEST = re.compile(r"^(please\s+)?(describe|caption)(\s+(this|the)\s+(image|picture|photo))?"
+                                   r"(\s+please)?\s*[.!?]?$", re.IGNORECASE)
 
 
 # -- request models -----------------------------------------------------------------------------------
@@ -220,6 +224,8 @@ def build_question(text: str, task: str, generation_config: Any = None) -> str:
                        "messages")
     if task == "grounding" and _GROUNDING_WORDS.search(text):
         return text
+    if task == "caption" and _BARE_CAPTION_REQUEST.match(text):
+        text = ""
     if generation_config is not None and hasattr(generation_config, "prompt"):
         return generation_config.prompt(task, text or None)
     if task == "caption":
