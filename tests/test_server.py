@@ -590,8 +590,9 @@ def test_openai_stream_arrives_token_by_token_and_equals_the_plain_answer(shapes
     assert len(arrivals) >= 10  # token by token, not one burst
     first, last = arrivals[0][0], arrivals[-1][0]
     assert first < 0.5 * total and last - first > 0.3 * total, (first, last, total)
-    expected = shapes.generate([shapes_scene], ["Describe the picture."], "caption", num_beams=1, repetition_penalty=1.0,
-                               max_new_tokens=60, min_length=61)[0]
+    # a bare "describe" request gets the model's own caption instruction
+    expected = shapes.generate([shapes_scene], [shapes.generation_config.prompt("caption")], "caption", num_beams=1,
+                               repetition_penalty=1.0, max_new_tokens=60, min_length=61)[0]
     assert plain.choices[0].message.content == expected
 
 
