@@ -24,7 +24,7 @@ import torch
 
 from lion_mllm import Lion, LionModel, OfficialPaths
 from lion_mllm.config import flant5xl
-from lion_mllm.loading import ours_to_official
+from lion_mllm.official import ours_to_official
 
 GOLDEN_T5 = Path(__file__).resolve().parents[2] / "shared" / "golden" / "lion-a" / "assets" / "flan-t5-tiny"
 

@@ -72,7 +72,7 @@ def _load_ours(args: argparse.Namespace):
     import transformers
     from PIL import Image
 
-    from lion_mllm.tagger import RamConfig, RamTagger
+    from lion_mllm.ram import RamConfig, RamTagger
 
     torch.set_num_threads(args.threads)
     import_s, rss_imports = time.time() - t0, current_rss_gib()

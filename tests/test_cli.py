@@ -206,7 +206,7 @@ def test_draw_grounding_label_inside_when_no_room_above() -> None:
 
 
 def test_tag_with_a_ram_checkpoint(capsys: pytest.CaptureFixture) -> None:
-    from lion_mllm.tagger import RamTagger
+    from lion_mllm.ram import RamTagger
 
     ckpt, ram_dir = GOLDEN / "assets" / "ram_swin_tiny_14m.pth", GOLDEN / "assets" / "ram"
     images = [GOLDEN / "images" / "a0.png", GOLDEN / "images" / "a1.png"]

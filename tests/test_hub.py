@@ -54,7 +54,7 @@ class FakeHub:
                                                    (ASSETS / "ram_swin_tiny_14m.pth").read_bytes()},
         }
         self.plain: dict[str, bytes] = {EVA_PATH: (ASSETS / "eva_vit_g_tiny.pth").read_bytes()}
-        from lion_mllm.tagger import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
+        from lion_mllm.ram import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
 
         for remote, local in ((RAM_TAG_LIST_FILE, SHARED / "ram" / "ram_tag_list.txt"),
                               (RAM_THRESHOLDS_FILE, SHARED / "ram" / "ram_tag_list_threshold.txt")):

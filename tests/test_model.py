@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from PIL import Image
 
 from lion_mllm import CheckpointError, ImageLoadError, Lion, LionConfig, LionModel, load_model
 from lion_mllm.config import PRESETS, AggregatorConfig, flant5xl, flant5xxl, tiny
-from lion_mllm.loading import official_to_ours, ours_to_official, read_torch_file
+from lion_mllm.checkpoint_files import read_torch_file
+from lion_mllm.official import official_to_ours, ours_to_official
 from lion_mllm.pipeline import resolve_dtype
 from conftest import ASSETS, GOLDEN, golden_paths, make_tiny_lion
 
@@ -282,7 +282,7 @@ def test_flops_accounting_matches_a_measured_count():
 
 def test_ram_tagger_fills_the_prompt_with_the_authors_tags(golden_results):
     """RAM (the golden stand-in, read lazily) tags an image LION was given no tags for."""
-    from lion_mllm.tagger import LazyRamTagger
+    from lion_mllm.ram import LazyRamTagger
 
     lion = make_tiny_lion()
     lion.tagger = LazyRamTagger(ASSETS / "ram_swin_tiny_14m.pth", config=ASSETS / "ram")

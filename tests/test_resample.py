@@ -14,7 +14,7 @@ from PIL import Image
 from fixtures.resize_cases import digest, pattern
 from lion_mllm.processing import LionImageProcessor
 from lion_mllm.resample import fixed_point_weights, resize
-from lion_mllm.tagger import preprocess_images
+from lion_mllm.ram import preprocess_images
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "resize_reference.json").read_text())
 CASES = REFERENCE["cases"]
@@ -65,7 +65,7 @@ def test_grey_and_rgb_agree_channel_by_channel():
 
 def test_processors_use_the_exact_resize():
     from lion_mllm.processing import CLIP_MEAN, CLIP_STD
-    from lion_mllm.tagger import IMAGENET_MEAN, IMAGENET_STD
+    from lion_mllm.ram import IMAGENET_MEAN, IMAGENET_STD
 
     def to_uint8(normalised, mean, std) -> np.ndarray:  # undo the normalisation: (3, S, S) -> (S, S, 3)
         values = normalised.numpy() * np.array(std, dtype=np.float32)[:, None, None]

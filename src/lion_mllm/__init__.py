@@ -17,7 +17,7 @@ _LAZY = {
     "LionConfig": ".config", "flant5xl": ".config", "flant5xxl": ".config",
     "CheckpointError": ".errors",
     "GenerationDefaults": ".generation",
-    "OfficialPaths": ".loading",
+    "OfficialPaths": ".official",
     "LionModel": ".modeling_lion",
     "Grounding": ".pipeline", "Lion": ".pipeline",
     "ImageLoadError": ".processing", "LionProcessor": ".processing",
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .config import LionConfig, flant5xl, flant5xxl
     from .errors import CheckpointError
     from .generation import GenerationDefaults
-    from .loading import OfficialPaths
+    from .official import OfficialPaths
     from .modeling_lion import LionModel
     from .pipeline import Grounding, Lion
     from .processing import ImageLoadError, LionProcessor

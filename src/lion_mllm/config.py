@@ -110,7 +110,7 @@ class LionConfig:
     enable_semantic_tags: bool = True
     ln_vision_eps: float = 1e-5
     tag_prompt: str = TAG_PROMPT
-    # RAM tagger settings (a `lion_mllm.tagger.RamConfig` as a dict); None = no built-in tagger.
+    # RAM tagger settings (a `lion_mllm.ram.RamConfig` as a dict); None = no built-in tagger.
     tagger: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:

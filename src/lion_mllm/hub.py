@@ -111,7 +111,7 @@ _BERT_PATTERNS = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_confi
 
 def _ram_vocabulary() -> tuple[RemoteFile, ...]:
     # Imported lazily: the tagger module pulls in torch, which `lion download --list` does not need.
-    from .tagger import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
+    from .ram import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
 
     return (RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE)
 
@@ -128,7 +128,7 @@ class PublishedModel:
     vit: RemoteFile = EVA_VIT_G
     ram: HubFile | None = HubFile("xinyu1205/recognize_anything_model", "ram_swin_large_14m.pth",
                                   revision=RAM_REVISION)
-    # None: RAM's official tag list and thresholds (lion_mllm.tagger); () for none.
+    # None: RAM's official tag list and thresholds (lion_mllm.ram); () for none.
     ram_vocabulary: tuple[RemoteFile, ...] | None = None
     visual_input: str = "ALL"
     extra_config: dict[str, Any] = field(default_factory=dict)

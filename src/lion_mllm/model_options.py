@@ -159,7 +159,7 @@ def _ram_config(value: str | None) -> Any:
         import json
 
         from .errors import CheckpointError
-        from .tagger import RamConfig
+        from .ram import RamConfig
 
         try:
             return RamConfig.from_dict(json.loads(path.read_text()))
@@ -185,7 +185,7 @@ def model_from_args(args: argparse.Namespace, say: Callable[[str], None] | None 
 
     lion = load_model(resolved, device=device, dtype=getattr(args, "dtype", None))
     if getattr(args, "ram", None):
-        from .tagger import LazyRamTagger
+        from .ram import LazyRamTagger
 
         lion.tagger = LazyRamTagger(args.ram, config=_ram_config(args.ram_config), device=device)
     if say:
@@ -201,13 +201,13 @@ def tagger_from_args(args: argparse.Namespace) -> Any:
     _check_ram_options(args)
     device = resolve_device(getattr(args, "device", None))
     if getattr(args, "ram", None):
-        from .tagger import LazyRamTagger
+        from .ram import LazyRamTagger
 
         return LazyRamTagger(args.ram, config=_ram_config(args.ram_config), device=device)
     resolved = resolve_model(getattr(args, "model", None))
     if resolved.endswith((".yaml", ".yml")):
-        from .loading import OfficialPaths
-        from .tagger import LazyRamTagger
+        from .official import OfficialPaths
+        from .ram import LazyRamTagger
 
         paths = OfficialPaths.from_yaml(resolved)
         if paths.ram_model is None:

@@ -21,8 +21,9 @@ from .boxes import Box, parse_box
 from .config import LionConfig
 from .errors import CheckpointError
 from .generation import CAPTION_PROMPT, GenerationDefaults  # noqa: F401  CAPTION_PROMPT: kept importable here
-from .loading import (OfficialPaths, bundle_state, load_bundle_model, load_official_model, save_state_sharded,
-                      soft_prompt_token_id, write_bundle_config)
+from .bundle import bundle_state, load_bundle_model, write_bundle_config
+from .checkpoint_files import save_state_sharded
+from .official import OfficialPaths, load_official_model, soft_prompt_token_id
 from .modeling_lion import LionModel
 from .processing import ImageInput, LionProcessor, load_image
 
@@ -40,7 +41,7 @@ def write_tagger(tagger: Any, directory: Path) -> None:
     loaded). Other taggers cannot be stored and must be attached again after loading."""
     spec = getattr(tagger, "bundle_spec", None)
     if spec is None:
-        from .tagger import LazyRamTagger, RamTagger
+        from .ram import LazyRamTagger, RamTagger
 
         if isinstance(tagger, LazyRamTagger):
             tagger = tagger.load()
@@ -71,7 +72,7 @@ def bundle_tagger(directory: Path, device: str | torch.device = "cpu") -> Any:
         except TypeError as error:
             raise CheckpointError(f"{path}: not a shapes tagger's settings: {error}") from None
     if kind == "ram":
-        from .tagger import LazyRamTagger
+        from .ram import LazyRamTagger
 
         return LazyRamTagger.from_bundle(directory, spec, device=device)
     raise CheckpointError(f"{path}: unknown tagger type {kind!r} (known: 'ram', 'shapes')")
@@ -153,7 +154,7 @@ class Lion:
                                        attn_implementation=attn_implementation, t5_tokenizer=tokenizer)
         processor = LionProcessor(model.config, tokenizer, qformer_tokenizer)
         if tagger is None and paths.ram_model is not None and model.config.enable_semantic_tags:
-            from .tagger import LazyRamTagger
+            from .ram import LazyRamTagger
 
             tagger = LazyRamTagger(paths.ram_model, device=device, **paths.ram_tagger_options())
         return cls(model, processor, tagger, paths.extra.get("generation"))

@@ -53,7 +53,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Execute `lion train` for parsed `args`; returns the process exit code (0 done or stopped as asked,
     1 bad data / checkpoint problem / run directory in use, 2 config error). Every expected failure is
     one line on stderr, the same under `lion train`, `python -m lion_mllm.train` and torchrun."""
-    from ..loading import CheckpointError
+    from ..errors import CheckpointError
     from .config import ConfigError, load_train_config
     from .data import AnnotationFileError, BadDataError
     from .loop import train

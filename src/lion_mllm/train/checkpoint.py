@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..loading import CheckpointError, read_safetensors
+from ..checkpoint_files import read_safetensors
+from ..errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 LION_PARAMS = "lion_params.safetensors"

@@ -1,4 +1,4 @@
-"""Filling a LionModel from the files users have: the authors' five files, or our safetensors bundle.
+"""The authors' five files (EVA ViT .pth, FlanT5 folder, BERT folder, LION .pth, their YAML) -> a LionModel.
 
 The model is built on the meta device and every tensor is assigned straight from its file (read
 through mmap, converted one tensor at a time), so loading needs about the final model's memory.
@@ -10,26 +10,21 @@ Nothing is unpickled beyond tensors (`weights_only=True`).
 from __future__ import annotations
 
 import json
-import os
 import re
-import zipfile
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
 
-from .config import (SOFT_PROMPT_TOKEN, AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig,
-                     VisionConfig)
+from .bundle import T5_TIED_KEYS, expected_keys, materialise
+from .checkpoint_files import read_hf_weights, read_torch_file
+from .config import SOFT_PROMPT_TOKEN, AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
 from .errors import CheckpointError
 from .modeling_lion import LionModel
 
-
-__all__ = ["CheckpointError", "OfficialPaths", "load_bundle_model", "load_official_model", "official_to_ours",
-           "ours_to_official", "save_state_sharded"]
+__all__ = ["OfficialPaths", "config_from_official", "load_official_model", "official_to_ours", "ours_to_official"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,8 +75,6 @@ _QV_BIAS = re.compile(r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$")
 _QKV_BIAS = re.compile(r"^vision_model\.layers\.(\d+)\.self_attn\.qkv\.bias$")
 # Buffers the authors' state dicts carry that we recompute (non-persistent in transformers).
 _DROPPED = re.compile(r"^Qformer\.bert\.embeddings\.position_ids$")
-# transformers' T5 stores the shared embedding once; these names are aliases of it.
-_T5_ALIASES = ("language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight")
 
 
 def _apply(rules: list[tuple[str, str]], name: str) -> str | None:
@@ -135,93 +128,6 @@ def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading files
-
-
-def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """A .pth/.bin state dict (`{'model': ...}` or bare), tensors only, memory-mapped."""
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, expected a PyTorch checkpoint file (.pth/.bin)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # old (non-zip) format
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
-    except Exception as error:  # weights_only refuses pickled code: say so, never fall back to full unpickling
-        raise CheckpointError(f"{path}: refused to load (it holds more than tensors): {error}") from None
-    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
-        data = data["model"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors (or {{'model': state dict}})")
-    return data
-
-
-def read_safetensors(paths: list[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in paths:
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as handle:
-                for key in handle.keys():
-                    out[key] = handle.get_tensor(key)
-        except Exception as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
-    return out
-
-
-class LazySafetensors(Mapping):
-    """The tensors of safetensors files, each read from its memory-mapped file only when accessed, so
-    a loader can convert one tensor at a time instead of holding a whole checkpoint in memory."""
-
-    def __init__(self, paths: list[Path], device: str | torch.device = "cpu"):
-        self._device, self._where, self._handles = str(device), {}, {}
-        for path in paths:
-            try:
-                handle = safe_open(str(path), framework="pt", device=self._device)
-            except Exception as error:
-                raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
-            self._handles[path] = handle
-            self._where.update(dict.fromkeys(handle.keys(), path))
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
-
-    def file_of(self, key: str) -> Path:
-        return self._where[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
-def read_hf_weights(directory: Path) -> tuple[Mapping[str, torch.Tensor], str]:
-    """A Hugging Face model directory's weights (safetensors preferred, sharded or not)."""
-    for index_name, reader in (("model.safetensors.index.json", "safetensors"),
-                               ("pytorch_model.bin.index.json", "torch")):
-        index = directory / index_name
-        if index.is_file():
-            shards = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-            if reader == "safetensors":
-                return LazySafetensors(shards), str(index)
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(read_torch_file(shard))
-            return state, str(index)
-    if (directory / "model.safetensors").is_file():
-        return LazySafetensors([directory / "model.safetensors"]), str(directory / "model.safetensors")
-    if (directory / "pytorch_model.bin").is_file():
-        return read_torch_file(directory / "pytorch_model.bin"), str(directory / "pytorch_model.bin")
-    raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin (is this a FlanT5 directory?)")
-
-
-# ----------------------------------------------------------------------------------------------------
 # The authors' YAML
 
 
@@ -229,7 +135,7 @@ def read_hf_weights(directory: Path) -> tuple[Mapping[str, torch.Tensor], str]:
 # relative to the YAML's folder.
 #   vit_num_heads: 16           attention heads of a ViT whose width is not EVA ViT-g's (head dim 88)
 #   ram_config: PATH | {...}    the RAM tagger's sizes: RAM's config folder (configs/ + data/), a JSON file
-#                               of lion_mllm.tagger.RamConfig fields, or those fields inline
+#                               of lion_mllm.ram.RamConfig fields, or those fields inline
 #   ram_tag_list: PATH          RAM's tag list and per-class thresholds (default: RAM's official files,
 #   ram_tag_list_threshold: PATH  or the data/ folder of a ram_config folder)
 #   generation: {...}           decoding defaults and prompt templates (lion_mllm.GenerationDefaults fields)
@@ -316,19 +222,19 @@ class OfficialPaths:
         options: dict[str, Any] = {}
         config = self.extra.get("ram_config")
         if isinstance(config, dict):
-            from .tagger import RamConfig
+            from .ram import RamConfig
 
             try:
                 options["config"] = RamConfig.from_dict(config)
             except (TypeError, ValueError) as error:
                 raise CheckpointError(f"{self.source or 'config'}: model.ram_config: {error}") from None
         elif isinstance(config, Path) and config.suffix.lower() == ".json":
-            from .tagger import RamConfig
+            from .ram import RamConfig
 
             try:
                 options["config"] = RamConfig.from_dict(json.loads(config.read_text()))
             except (OSError, TypeError, ValueError) as error:
-                raise CheckpointError(f"{config}: not a RAM config (lion_mllm.tagger.RamConfig fields as JSON): "
+                raise CheckpointError(f"{config}: not a RAM config (lion_mllm.ram.RamConfig fields as JSON): "
                                       f"{error}") from None
         elif config is not None:
             options["config"] = config  # RAM's own config folder
@@ -383,34 +289,6 @@ def config_from_official(paths: OfficialPaths, vit_state: dict[str, torch.Tensor
         ),
         visual_input=paths.visual_input, enable_semantic_tags=paths.enable_semantic_tags,
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Filling a meta-built model
-
-
-def _materialise(model: LionModel, state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Assign `state` (our names, final dtypes and device) into the meta-built model, re-tie T5's
-    embedding and recompute the buffers that no file holds."""
-    lm = model.language_model
-    shared = state["language_model.shared.weight"]
-    for alias in _T5_ALIASES:
-        state[alias] = shared
-    result = model.load_state_dict(state, strict=False, assign=True)
-    assert not result.unexpected_keys, result.unexpected_keys  # callers filter before this point
-    lm.encoder.embed_tokens.weight = lm.shared.weight
-    lm.decoder.embed_tokens.weight = lm.shared.weight
-    if model.config.uses_qformer:
-        embeddings = model.qformer.embeddings
-        embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1], device=device).expand(1, -1)
-    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftovers:
-        raise RuntimeError(f"tensors with no value after loading: {leftovers[:5]}")
-
-
-def expected_keys(model: LionModel) -> list[str]:
-    """The state-dict keys a file must provide (tied aliases excluded)."""
-    return [k for k in model.state_dict() if k not in _T5_ALIASES]
 
 
 def source_of(key: str, paths: OfficialPaths) -> Path:
@@ -475,7 +353,7 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
     with torch.device("meta"):
         model = LionModel(config, attn_implementation)
     targets = model.state_dict()  # meta tensors: shapes and dtypes only
-    wanted = set(expected_keys(model)) | set(_T5_ALIASES)
+    wanted = set(expected_keys(model)) | set(T5_TIED_KEYS)
 
     def convert(name: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
         target = targets[name]
@@ -503,7 +381,7 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
                 original = name[len("language_model."):] if source == t5_source else _apply(_INVERSE, name)
                 unexpected.append(f"{Path(source).name}:{original or name}")
                 continue
-            if name in _T5_ALIASES:
+            if name in T5_TIED_KEYS:
                 name = "language_model.shared.weight"
             state[name] = convert(name, tensor, source)
     if unexpected and not ignore_unexpected:
@@ -516,7 +394,7 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
             by_file.setdefault(source_of(key, paths), []).append(key)
         detail = "; ".join(f"{file}: {len(keys)} keys missing, e.g. {keys[:3]}" for file, keys in by_file.items())
         raise CheckpointError(f"weights missing: {detail}")
-    _materialise(model, state, device)
+    materialise(model, state, device)
     if t5_tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -525,129 +403,3 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
                                                                       model.config.enable_semantic_tags)
     model.requires_grad_(False)
     return model.eval(), skipped + [f"ignored {u}" for u in unexpected]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Our own bundle: config.json + sharded safetensors + tokenizers
-
-
-WEIGHTS_INDEX = "model.safetensors.index.json"
-
-
-def _normal_file_mode(path: Path) -> None:
-    """safetensors writes 0600; a bundle is meant to be shared like any other file (0644 under umask 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
-def save_state_sharded(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2 << 30) -> None:
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.detach().contiguous().cpu()
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / file), metadata={"format": "pt"})
-        _normal_file_mode(directory / file)
-        weight_map.update({name: file for name in shard})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
-    (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# config.json of a bundle: LionConfig's fields plus these two. Version 1 bundles (before the model type
-# was written) hold LionConfig's fields only and still load.
-BUNDLE_MODEL_TYPE = "lion"
-BUNDLE_FORMAT_VERSION = 2
-
-
-def write_bundle_config(config: LionConfig, directory: Path) -> Path:
-    path = Path(directory) / "config.json"
-    data = {"model_type": BUNDLE_MODEL_TYPE, "format_version": BUNDLE_FORMAT_VERSION, **config.to_dict()}
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
-def read_bundle_config(directory: Path) -> LionConfig:
-    """A bundle's config.json; every way it can be wrong is a CheckpointError naming the file."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no config.json, so not a lion-mllm bundle (write one with "
-                              "`lion convert` or Lion.save_pretrained)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    model_type = data.pop("model_type", BUNDLE_MODEL_TYPE)
-    if model_type != BUNDLE_MODEL_TYPE:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a lion-mllm bundle ({BUNDLE_MODEL_TYPE!r}); "
-                              "a transformers model folder goes in the authors' YAML (llm_model), not --model")
-    version = data.pop("format_version", 1)
-    if not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"{path}: format_version must be a positive integer, got {version!r}")
-    if version > BUNDLE_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: bundle format {version} is newer than this lion-mllm reads "
-                              f"({BUNDLE_FORMAT_VERSION}); upgrade lion-mllm")
-    try:
-        return LionConfig.from_dict(data)
-    except (TypeError, ValueError, AttributeError, KeyError) as error:
-        raise CheckpointError(f"{path}: does not fit LionConfig's schema: {error}") from None
-
-
-def load_bundle_model(directory: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      attn_implementation: str = "sdpa") -> LionModel:
-    """A model saved by `Lion.save_pretrained`: no pickle, each tensor read once into its place."""
-    device = torch.device(device)
-    config = read_bundle_config(directory)
-    index_file = directory / WEIGHTS_INDEX
-    if not index_file.is_file():
-        raise CheckpointError(f"{directory}: no {WEIGHTS_INDEX} (an incomplete bundle; write it again with "
-                              "`lion convert` or Lion.save_pretrained)")
-    try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        files = sorted({directory / f for f in weight_map.values()})
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{index_file}: not a safetensors index (needs a weight_map): {error}") from None
-    absent = [f for f in files if not f.is_file()]
-    if absent:
-        raise CheckpointError(f"{index_file}: names {absent[0].name}, which is not in {directory}")
-    try:
-        with torch.device("meta"):
-            model = LionModel(config, attn_implementation)
-    except (ValueError, TypeError, RuntimeError) as error:
-        raise CheckpointError(f"{directory / 'config.json'}: describes no buildable LION ({error})") from None
-    targets = model.state_dict()
-    lazy = LazySafetensors(files, device=device)
-    expected = set(expected_keys(model))
-    unexpected = sorted(set(lazy) - expected)
-    missing = sorted(expected - set(lazy))
-    if unexpected or missing:
-        raise CheckpointError(f"{directory}: the weights do not match config.json: {len(missing)} missing "
-                              f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (a config.json "
-                              "from another model? write the bundle again with Lion.save_pretrained)")
-    state = {}
-    for key in lazy:  # one tensor at a time: a dtype change never holds two copies of the model
-        tensor = lazy[key]
-        if tuple(tensor.shape) != tuple(targets[key].shape):
-            raise CheckpointError(f"{lazy.file_of(key)}: {key} has shape {tuple(tensor.shape)}, config.json "
-                                  f"expects {tuple(targets[key].shape)} (a config.json from another model?)")
-        state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    _materialise(model, state, device)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def bundle_state(model: LionModel) -> dict[str, torch.Tensor]:
-    """What a bundle stores: the state dict without T5's tied embedding aliases."""
-    return {k: v for k, v in model.state_dict().items() if k not in _T5_ALIASES}

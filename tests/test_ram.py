@@ -1,4 +1,4 @@
-"""Tests for lion_mllm.tagger (RAM tags) against the official-code goldens in shared/golden/lion-a."""
+"""Tests for lion_mllm.ram (RAM tags) against the official-code goldens in shared/golden/lion-a."""
 
 from __future__ import annotations
 
@@ -13,19 +13,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lion_mllm import tagger as tagger_mod
+from lion_mllm.ram import weights as ram_weights
 from lion_mllm.downloads import DownloadError, file_digest
-from lion_mllm.tagger import (
+from lion_mllm.checkpoint_files import read_torch_file
+from lion_mllm.errors import CheckpointError
+from lion_mllm.ram import (
     OFFICIAL_NUM_TAGS,
     LazyRamTagger,
-    RamCheckpointError,
     RamConfig,
     RamTagger,
     RamVocabulary,
-    RamVocabularyError,
     fetch_ram_vocabulary_files,
     installed_swin_layout,
-    load_official_state_dict,
     official_to_ours,
     ours_to_official,
     preprocess_images,
@@ -64,7 +63,7 @@ def tiny_tagger() -> RamTagger:
 
 @pytest.fixture(scope="module")
 def raw_checkpoint() -> dict[str, torch.Tensor]:
-    return load_official_state_dict(RAM_CKPT)
+    return read_torch_file(RAM_CKPT)
 
 
 # ---------------------------------------------------------------------------------------------- golden
@@ -233,7 +232,7 @@ def test_authors_layout_round_trips_through_our_modules(tiny_tagger: RamTagger, 
     qkv = weights["visual_encoder.layers.1.blocks.1.attn.qkv.weight"]
     c = qkv.shape[0] // 3
     prefix = "visual_encoder.encoder.layers.1.blocks.1."
-    q_key, k_key, v_key = tagger_mod._BLOCK_QKV[layout]
+    q_key, k_key, v_key = ram_weights._BLOCK_QKV[layout]
     sd = tiny_tagger.state_dict()
     assert torch.equal(sd[f"{prefix}{q_key}.weight"], qkv[:c])
     assert torch.equal(sd[f"{prefix}{k_key}.weight"], qkv[c : 2 * c])
@@ -310,18 +309,18 @@ def test_real_vocabulary_files_verify_and_load() -> None:
 def test_corrupted_vocabulary_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "ram_tag_list.txt"
     bad.write_bytes(REAL_TAGS.read_bytes().replace(b"zombie", b"zomb1e"))
-    with pytest.raises(RamVocabularyError) as excinfo:
+    with pytest.raises(CheckpointError) as excinfo:
         RamVocabulary.from_files(bad, REAL_THRESHOLDS)
     msg = str(excinfo.value)
     assert str(bad) in msg and "204f1d83085e9cf76333e70c5af83b3e" in msg and file_digest(bad) in msg
     bad_thr = tmp_path / "ram_tag_list_threshold.txt"
     bad_thr.write_bytes(REAL_THRESHOLDS.read_bytes()[:-3])
-    with pytest.raises(RamVocabularyError, match="46a53b3d3bce330871412aa627ae4b1c"):
+    with pytest.raises(CheckpointError, match="46a53b3d3bce330871412aa627ae4b1c"):
         RamVocabulary.from_files(REAL_TAGS, bad_thr)
 
 
 def test_tiny_vocabulary_is_refused_when_verification_is_forced() -> None:
-    with pytest.raises(RamVocabularyError, match="md5"):
+    with pytest.raises(CheckpointError, match="md5"):
         RamTagger.from_official(RAM_CKPT, TINY_TAGS, TINY_THRESHOLDS, verify_tag_files=True)
 
 
@@ -350,7 +349,7 @@ def test_vocabulary_fetch_reuses_verified_cache(tmp_path: Path, monkeypatch: pyt
     assert len(RamVocabulary.official()) == OFFICIAL_NUM_TAGS
     assert calls == []
     # no tag files given -> the cached official vocabulary is used, and must fit the checkpoint
-    with pytest.raises(RamVocabularyError, match="4585 tags but the checkpoint has 287"):
+    with pytest.raises(CheckpointError, match="4585 tags but the checkpoint has 287"):
         RamTagger.from_official(RAM_CKPT)
     assert calls == []
 
@@ -373,15 +372,15 @@ def test_truncated_checkpoint_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "ram_swin_large_14m.pth"
     data = RAM_CKPT.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(RamCheckpointError, match="ram_swin_large_14m.pth.*truncated"):
+    with pytest.raises(CheckpointError, match="ram_swin_large_14m.pth.*truncated"):
         RamTagger.from_official(path, TINY_TAGS, TINY_THRESHOLDS)
     path.write_bytes(b"definitely not a checkpoint" * 10)
-    with pytest.raises(RamCheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)):
         RamTagger.from_official(path, TINY_TAGS, TINY_THRESHOLDS)
 
 
 def test_missing_checkpoint_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(CheckpointError, match="nowhere.pth: no such file"):
         RamTagger.from_official(tmp_path / "nowhere.pth", TINY_TAGS, TINY_THRESHOLDS)
 
 
@@ -397,7 +396,7 @@ def test_missing_checkpoint_file(tmp_path: Path) -> None:
 def test_missing_tagger_key_is_named(tmp_path: Path, raw_checkpoint, key: str) -> None:
     path = tmp_path / "incomplete.pth"
     torch.save({"model": {k: v for k, v in raw_checkpoint.items() if k != key}}, path)
-    with pytest.raises(RamCheckpointError) as excinfo:
+    with pytest.raises(CheckpointError) as excinfo:
         RamTagger.from_official(path, TINY_TAGS, TINY_THRESHOLDS, RamConfig.from_official_dir(RAM_DIR))
     assert key in str(excinfo.value) and str(path) in str(excinfo.value)
 
@@ -407,7 +406,7 @@ def test_shape_mismatch_is_named(tmp_path: Path, raw_checkpoint) -> None:
     torch.save({"model": raw_checkpoint}, path)
     cfg = RamConfig.from_official_dir(RAM_DIR)
     cfg.intermediate_size = 64
-    with pytest.raises(RamCheckpointError, match="intermediate.dense.weight"):
+    with pytest.raises(CheckpointError, match="intermediate.dense.weight"):
         RamTagger.from_official(path, TINY_TAGS, TINY_THRESHOLDS, cfg)
 
 
