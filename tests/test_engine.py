@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lion_mllm import load_model
-from lion_mllm.pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
 from lion_mllm.server.engine import (
     DecodingEngine,
     DecodingSettings,
@@ -20,10 +19,11 @@ from lion_mllm.server.engine import (
 )
 from lion_mllm.server.errors import ServerStoppingError
 from lion_mllm.shapes import make_scene, render
+from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
 QUESTIONS = [(CAPTION_PROMPT, "caption"), ("How many shapes are there?", "vqa"),
-             (GROUNDING_PROMPT.format("the red circle"), "grounding"), ("What colour is the square?", "vqa"),
-             (CAPTION_PROMPT, "caption"), (GROUNDING_PROMPT.format("the blue square"), "grounding")]
+             (GROUNDING_TEMPLATE.format(phrase="the red circle"), "grounding"), ("What colour is the square?", "vqa"),
+             (CAPTION_PROMPT, "caption"), (GROUNDING_TEMPLATE.format(phrase="the blue square"), "grounding")]
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +100,29 @@ def test_beam_requests_run_as_their_own_batch(shapes, images):
 
 def test_cancelled_request_frees_its_slot_and_a_failing_one_is_alone(shapes, images):
     engine = DecodingEngine(shapes, max_batch_size=1)  # one slot: the second waits for the first
+    started, submitted, stepped, resume = (threading.Event() for _ in range(4))
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:  # the engine thread: it pauses here at the test's say
+        pieces.append(piece)
+        if len(pieces) == 1:
+            started.set()
+            assert submitted.wait(60)
+        elif len(pieces) == 3:  # two more steps ran with the second request in the queue
+            stepped.set()
+            assert resume.wait(60)
+
     try:
-        started = threading.Event()
         long_one = GenerationRequest(images[0], CAPTION_PROMPT, "caption", None, DecodingSettings(200, min_length=200),
-                                     on_text=lambda piece: started.set())
+                                     on_text=on_text)
         engine.submit(long_one)
         assert started.wait(60)
         waiting = engine.submit(GenerationRequest(images[1], *QUESTIONS[1], None, DecodingSettings(5)))
-        time.sleep(0.3)
+        submitted.set()
+        assert stepped.wait(60)
         assert not waiting.future.done()  # held behind the 200-token request in the only slot
         long_one.cancel()
+        resume.set()
         with pytest.raises(RequestCancelled):
             long_one.future.result(30)
         assert waiting.future.result(60).text == expected(shapes, images[1], *QUESTIONS[1], max_new_tokens=5)
@@ -137,12 +150,22 @@ def test_stopped_engine_refuses_and_is_not_revived(shapes, images):
 
 def test_stop_without_draining_answers_in_flight_work_503(shapes, images):
     engine = DecodingEngine(shapes, max_batch_size=1)
-    started = threading.Event()
+    started, resume = threading.Event(), threading.Event()
+
+    def on_text(_: str) -> None:  # the engine thread waits here, mid-answer, until the stop is under way
+        started.set()
+        assert resume.wait(60)
+
     running = engine.submit(GenerationRequest(images[0], CAPTION_PROMPT, "caption", None,
-                                              DecodingSettings(200, min_length=200), on_text=lambda _: started.set()))
+                                              DecodingSettings(200, min_length=200), on_text=on_text))
     queued = engine.submit(GenerationRequest(images[1], *QUESTIONS[1], None, DecodingSettings(5)))
     assert started.wait(60)
-    engine.stop(drain=False)
+    stopping = threading.Thread(target=engine.stop, kwargs={"drain": False})
+    stopping.start()
+    while engine.running:  # stop() has not yet refused new work
+        time.sleep(0.01)
+    resume.set()
+    stopping.join(60)
     for request in (running, queued):
         with pytest.raises(ServerStoppingError):
             request.future.result(30)
@@ -152,28 +175,44 @@ def test_a_slow_tagger_does_not_stall_requests_already_decoding(shapes, images):
     from lion_mllm import Lion
 
     class SlowTagger:
+        """Holds each tagger call until the test releases it."""
+
         def __init__(self, inner) -> None:
             self.inner, self.calls = inner, []
+            self.entered, self.release = threading.Event(), threading.Event()
 
         def tag(self, batch):
             self.calls.append(len(batch))
-            time.sleep(1.5)
+            self.entered.set()
+            assert self.release.wait(60)
             return self.inner.tag(batch)
 
     tagger = SlowTagger(shapes.tagger)
     slow = Lion(shapes.model, shapes.processor, tagger)
     engine = DecodingEngine(slow, max_batch_size=4)
+    arrivals: list[float] = []
+    decoded = threading.Condition()
+
+    def arrived(_: str) -> None:
+        with decoded:
+            arrivals.append(time.monotonic())
+            decoded.notify_all()
+        if len(arrivals) == 1:  # decoding has begun: go on once the untagged request is at the tagger
+            assert tagger.entered.wait(60)
+
     try:
-        arrivals: list[float] = []
         decoding = engine.submit(GenerationRequest(images[0], CAPTION_PROMPT, "caption", "red, circle",
-                                                   DecodingSettings(150, min_length=150),
-                                                   on_text=lambda _: arrivals.append(time.monotonic())))
-        while not arrivals:
-            time.sleep(0.01)
+                                                   DecodingSettings(150, min_length=150), on_text=arrived))
+        with decoded:
+            assert decoded.wait_for(lambda: arrivals, 60)
         untagged = engine.submit(GenerationRequest(images[1], *QUESTIONS[1], None, DecodingSettings(5)))
+        assert tagger.entered.wait(60)
         tagging_from = time.monotonic()
+        with decoded:  # the caption goes on decoding while the tagger holds its call
+            assert decoded.wait_for(lambda: sum(t > tagging_from for t in arrivals) > 5, 60)
+        tagging_to = time.monotonic()
+        tagger.release.set()
         result = untagged.future.result(60)
-        tagging_to = tagging_from + 1.5
         during = [t for t in arrivals if tagging_from < t < tagging_to]
         assert len(during) > 5  # the caption kept decoding while the tagger worked
         assert tagger.calls == [1]

@@ -11,10 +11,12 @@ import asyncio
 import base64
 import http.server
 import io
+import json
+import select
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import pytest
@@ -27,13 +29,15 @@ openai = pytest.importorskip("openai")
 import uvicorn
 from conftest import make_tiny_lion
 
-from lion_mllm.pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
+from lion_mllm.generation import GenerationDefaults
 from lion_mllm.server import ServerSettings, add_serve_subcommand, create_app
+from lion_mllm.server.app import build_app
+from lion_mllm.server.engine import cut_at_stop
 from lion_mllm.server.errors import APIError
 from lion_mllm.server.images import decode_data_url, draw_boxes, find_boxes
-from lion_mllm.server.engine import cut_at_stop
-from lion_mllm.generation import GenerationDefaults
 from lion_mllm.server.protocol import build_question, infer_task, word_chunks
+from lion_mllm.server.state import ServerState
+from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
 KEY = "test-key"
 BOX_TEXT = "Answer: [0.100,0.250,0.600,0.750]"
@@ -67,6 +71,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(condition: Any, what: str, timeout: float = 30) -> None:
+    """Poll `condition()` (a server's state, seen through its API) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
 class LiveServer:
     """uvicorn in a thread on 127.0.0.1; stopped (and its batcher) at the end."""
 
@@ -80,10 +92,8 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), "server did not start")
+        assert self.thread.is_alive(), "server did not start"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -95,12 +105,15 @@ class LiveServer:
 
 
 class Double:
-    """Wraps the real tiny Lion: grounding answers become BOX_TEXT, "explode" raises, "slow" sleeps."""
+    """Wraps the real tiny Lion: grounding answers become BOX_TEXT, "explode" raises, and a batch with a
+    question containing `hold` waits in the model until the test sets `release` (`entered`: one is
+    waiting; `left`: its answer is made). Tests drive the server's timing with these events, not sleeps."""
 
-    def __init__(self, lion: Any, tagger: Any = None, delays: dict[str, float] | None = None):
-        self.inner, self.tagger, self.delays = lion, tagger, delays or {}
+    def __init__(self, lion: Any, tagger: Any = None, hold: str | None = None):
+        self.inner, self.tagger, self.hold = lion, tagger, hold
         self.config, self.processor, self.device = lion.config, lion.processor, lion.device
         self.calls: list[int] = []
+        self.entered, self.release, self.left = threading.Event(), threading.Event(), threading.Event()
 
     def tag(self, images: list) -> list[str]:
         return self.tagger.tag(images)
@@ -109,10 +122,13 @@ class Double:
         self.calls.append(len(questions))
         if any("explode" in q for q in questions):
             raise RuntimeError("boom")
-        for word, delay in self.delays.items():
-            if any(word in q for q in questions):
-                time.sleep(delay)
+        held = self.hold is not None and any(self.hold in q for q in questions)
+        if held:
+            self.entered.set()
+            assert self.release.wait(60), "the test never released the held request"
         texts = self.inner.generate(images, questions, tasks, tags, **kwargs)
+        if held:
+            self.left.set()
         tasks = [tasks] * len(questions) if isinstance(tasks, str) else tasks
         return [BOX_TEXT if t == "grounding" else x for t, x in zip(tasks, texts)]
 
@@ -161,7 +177,7 @@ def test_task_inference_and_prompts():
     for bare in ("Describe this image.", "describe the picture", "Caption", "Please describe the photo."):
         assert build_question(bare, "caption", shapes_prompts) == "Say what you see."  # the model's own words
     assert build_question("Describe the image in detail.", "caption", shapes_prompts) == "Describe the image in detail."
-    assert build_question("the dog", "grounding") == GROUNDING_PROMPT.format("the dog")
+    assert build_question("the dog", "grounding") == GROUNDING_TEMPLATE.format(phrase="the dog")
     assert build_question("where is the dog?", "grounding") == "where is the dog?"
     with pytest.raises(APIError):
         build_question("", "vqa")
@@ -252,10 +268,10 @@ def test_openai_client_grounding_on_real_model_matches_direct(client, lion):
     reply = client.chat.completions.create(model="lion", messages=user(phrase, data_url(make_image(3))),
                                            max_tokens=8, extra_body={"tags": "yellow", "task": "grounding",
                                                                      "num_beams": 1})
-    expected = direct(lion, 3, GROUNDING_PROMPT.format(phrase), "grounding", "yellow", num_beams=1,
+    expected = direct(lion, 3, GROUNDING_TEMPLATE.format(phrase=phrase), "grounding", "yellow", num_beams=1,
                       max_new_tokens=8)
     assert reply.choices[0].message.content == expected
-    assert reply.model_extra["lion"]["prompt"] == GROUNDING_PROMPT.format(phrase)
+    assert reply.model_extra["lion"]["prompt"] == GROUNDING_TEMPLATE.format(phrase=phrase)
     assert reply.choices[0].message.model_extra["boxes"] == reply.model_extra["lion"]["boxes"]
 
 
@@ -422,8 +438,6 @@ def test_malformed_requests_get_their_4xx_before_any_work(server):
 
 
 def json_bytes(payload: Any) -> bytes:
-    import json
-
     return json.dumps(payload).encode()
 
 
@@ -432,7 +446,7 @@ def json_bytes(payload: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def double_server(lion):
-    double = Double(lion, tagger=FakeTagger())
+    double = Double(lion, tagger=FakeTagger(), hold="wait for the batch")
     settings = ServerSettings(max_batch_size=8, max_wait_ms=300, default_max_tokens=6, allow_remote_images=True,
                               ui=False)
     with LiveServer(create_app(double, settings)) as live:
@@ -465,16 +479,25 @@ def test_one_failing_request_does_not_harm_its_batch(double_server, lion):
             "model": "lion", "messages": user(q, data_url(make_image(1))), "max_tokens": 6, "num_beams": 1,
             "tags": "green"})
 
-    calls_before = len(double_server.double.calls)
-    with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(send, questions))
+    double = double_server.double
+    calls_before = len(double.calls)
+    with ThreadPoolExecutor(5) as pool:
+        # a held request keeps the batcher busy until all four wait in its queue: they form one batch
+        held = pool.submit(send, "wait for the batch")
+        assert double.entered.wait(30)
+        pending = [pool.submit(send, q) for q in questions]
+        wait_until(lambda: double_server.health()["batching"]["queue_depth"] == len(questions),
+                   "the four requests did not reach the queue")
+        double.release.set()
+        responses = [f.result() for f in pending]
+        assert held.result().status_code == 200
     assert responses[1].status_code == 500 and "failed" in responses[1].json()["error"]["message"]
     for q, response in zip(questions, responses):
         if q != "explode please":
             assert response.status_code == 200
             assert response.json()["choices"][0]["message"]["content"] == direct(
                 lion, 1, q, "vqa", "green", num_beams=1, max_new_tokens=6)
-    calls = double_server.double.calls[calls_before:]
+    calls = double.calls[calls_before:]
     assert max(calls) > 1  # they did share a batch, which failed and was retried one by one
     stats = double_server.health()["batching"]
     assert stats["failed_batches"] >= 1 and stats["failed_requests"] == 1
@@ -519,29 +542,40 @@ def test_remote_image_when_the_operator_allows_it(double_server, lion):
 
 
 def test_full_queue_answers_429_and_slow_requests_504(lion):
-    # margins are wide on purpose (shared CI cores): "medium" work is far inside the timeout, "slow" far beyond
-    double = Double(lion, delays={"medium": 0.3, "slow": 3.5})
-    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, queue_size=1, timeout_s=2.5, default_max_tokens=3,
-                              ui=False)
-
+    # the double holds the request in the model until the test releases it: no sleep races a timeout
     def send(url: str, q: str) -> httpx.Response:
         return httpx.post(url + "/v1/chat/completions", timeout=30, json={
             "model": "lion", "messages": user(q, data_url(make_image(0))), "num_beams": 1, "tags": "red"})
 
-    with LiveServer(create_app(double, settings)) as live:
-        with ThreadPoolExecutor(4) as pool:  # one runs, one waits in the queue (size 1), the rest are refused
-            responses = list(pool.map(lambda q: send(live.url, q), ["medium question"] * 4))
+    double = Double(lion, hold="medium")
+    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, queue_size=1, timeout_s=60, default_max_tokens=3,
+                              ui=False)
+    with LiveServer(create_app(double, settings)) as live, ThreadPoolExecutor(4) as pool:
+        # one runs, one waits in the queue (size 1), the rest are refused
+        running = pool.submit(send, live.url, "medium question")
+        assert double.entered.wait(30)
+        others = [pool.submit(send, live.url, "medium question") for _ in range(3)]
+        finished = as_completed(others, timeout=30)
+        next(finished), next(finished)  # two are answered at once (an answer needs the model released)
+        double.release.set()
+        responses = [running.result(), *(f.result() for f in others)]
         statuses = [r.status_code for r in responses]
         assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}, statuses
         refused = next(r for r in responses if r.status_code == 429)
         assert "queue is full" in refused.json()["error"]["message"] and refused.headers["retry-after"] == "1"
+
+    double = Double(lion, hold="slow")
+    settings = ServerSettings(max_batch_size=1, max_wait_ms=0, queue_size=4, timeout_s=2.0, default_max_tokens=3,
+                              ui=False)
+    with LiveServer(create_app(double, settings)) as live:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(send, live.url, "slow one")
-            time.sleep(0.2)
+            assert double.entered.wait(30)
             second = pool.submit(send, live.url, "slow two")  # waits behind the first, times out in the queue
             assert first.result().status_code == 504 and "no answer within" in first.result().text
             assert second.result().status_code == 504
-        time.sleep(1.2)  # the first slow batch finishes; the cancelled second one is never run
+        double.release.set()
+        assert double.left.wait(30)  # the first slow batch finishes; the cancelled second one is never run
         assert send(live.url, "fine").status_code == 200
         stats = live.health()["batching"]
         assert stats["cancelled_before_run"] >= 1 and stats["samples"] == len(double.calls)
@@ -608,20 +642,20 @@ def test_cancelled_stream_frees_its_slot(shapes_server, shapes_scene):
         assert next(lines).startswith("data: ")  # the role chunk
         assert "content" in next(l for l in lines if l)  # a token: it is decoding
     # the client closed its stream: the server notices and the engine drops the request at its next step
-    deadline = time.monotonic() + 20
-    while shapes_server.health()["batching"]["cancelled"] == before["cancelled"]:
-        assert time.monotonic() < deadline, "the closed stream kept decoding"
-        time.sleep(0.05)
+    wait_until(lambda: shapes_server.health()["batching"]["cancelled"] > before["cancelled"],
+               "the closed stream kept decoding")
     stats = shapes_server.health()["batching"]
     assert stats["active"] == 0 and stats["finished"] == before["finished"]
     # a request closed before its answer (non-streamed: the client gives up) is dropped the same way
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(shapes_server.url + "/v1/chat/completions", headers=headers, timeout=1.0,
-                   json={**long_body, "stream": False})
-    deadline = time.monotonic() + 20
-    while shapes_server.health()["batching"]["cancelled"] < stats["cancelled"] + 1:
-        assert time.monotonic() < deadline, "the abandoned request kept decoding"
-        time.sleep(0.05)
+    payload = json.dumps({**long_body, "stream": False}).encode()
+    with socket.create_connection(("127.0.0.1", shapes_server.port)) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: "
+                    + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        wait_until(lambda: shapes_server.health()["batching"]["active"] == 1, "the request did not start decoding")
+        assert select.select([raw], [], [], 0)[0] == []  # no answer yet: the client gives up on it now
+    wait_until(lambda: shapes_server.health()["batching"]["cancelled"] >= stats["cancelled"] + 1,
+               "the abandoned request kept decoding")
     quick = httpx.post(shapes_server.url + "/v1/chat/completions", headers=headers, timeout=60, json={
         "model": "lion", "messages": user("How many shapes are there?", data_url(shapes_scene)), "max_tokens": 5})
     assert quick.status_code == 200 and quick.json()["choices"][0]["message"]["content"]
@@ -637,7 +671,7 @@ def test_short_request_is_not_held_behind_a_long_one(shapes_server, shapes_scene
         started = time.monotonic()
         long_reply = pool.submit(lambda: httpx.post(shapes_server.url + "/v1/chat/completions", json=long_body,
                                                     headers=headers, timeout=120))
-        time.sleep(0.3)  # the long one is decoding
+        wait_until(lambda: shapes_server.health()["batching"]["active"] == 1, "the long one is not decoding")
         short = httpx.post(shapes_server.url + "/v1/chat/completions", json=short_body, headers=headers, timeout=120)
         short_done = time.monotonic() - started
         long_done = long_reply.result().json()
@@ -672,10 +706,11 @@ def test_models_metrics_and_login(shapes_server):
 
 
 def test_shutdown_finishes_in_flight_streams_then_refuses(shapes, shapes_scene):
-    from lion_mllm.server.errors import ServerStoppingError
     from lion_mllm.server.engine import DecodingSettings, GenerationRequest
+    from lion_mllm.server.errors import ServerStoppingError
 
-    app = create_app(shapes, ServerSettings(max_batch_size=2, ui=False))
+    state = ServerState.create(shapes, ServerSettings(max_batch_size=2, ui=False))
+    app = build_app(state)
     body = {"model": "lion", "messages": user("Describe the picture.", data_url(shapes_scene)), "stream": True,
             "max_tokens": 80, "min_tokens": 80, "task": "caption"}
     with LiveServer(app) as live:
@@ -686,7 +721,7 @@ def test_shutdown_finishes_in_flight_streams_then_refuses(shapes, shapes_scene):
             rest = [l for l in lines if l]
         assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(rest)
     with pytest.raises(ServerStoppingError):  # stopped for good: no revival by a late request
-        app.state.scheduler.submit(GenerationRequest(shapes_scene, "x", "vqa", None, DecodingSettings(2)))
+        state.scheduler.submit(GenerationRequest(shapes_scene, "x", "vqa", None, DecodingSettings(2)))
 
 
 def test_request_level_batcher_is_not_revived_after_stop(lion):

@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 from conftest import REPO, make_tiny_lion
 from test_server import BOX_TEXT, Double, LiveServer
 
-from lion_mllm.pipeline import CAPTION_PROMPT
+from lion_mllm.tasks import CAPTION_PROMPT
 from lion_mllm.server import ServerSettings, create_app
 
 CHROMIUM = os.environ.get("LION_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

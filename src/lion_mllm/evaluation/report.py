@@ -61,99 +61,105 @@ def _label(report: Mapping[str, Any], default: str) -> str:
     return str(report.get("model") or default)
 
 
+ByTask = Mapping[tuple[str, str | None], Mapping[str, Any]]  # (task, split) -> report
+
+
 def render_markdown(reports: Sequence[Mapping[str, Any]], model_label: str = "this run") -> str:
     """Paper-layout markdown for one or more reports (from `evaluate`).
 
     Reports of the same model are merged into one "this run" row per table; tables
     without any report are omitted. A per-report metric list follows the tables.
     """
-    by_task: dict[tuple[str, str | None], Mapping[str, Any]] = {}
-    for r in reports:
-        by_task[(r["task"], r.get("split"))] = r
+    by_task: ByTask = {(r["task"], r.get("split")): r for r in reports}
     label = _label(reports[0], model_label) if reports else model_label
-    parts: list[str] = []
+    tables = [table(by_task, label) for table in (_table1, _table2, _table3, _table4, _other_benchmarks)]
+    parts = [t for t in tables if t is not None] + [_details(r) for r in reports]
+    return "\n\n".join(parts) + "\n"
 
-    t1 = {}
+
+def _table1(by_task: ByTask, label: str) -> str | None:
+    found = {}
     for col, names in TABLE1_COLUMNS:
         for n in names:
             hit = next((r for (t, _), r in by_task.items() if t == n), None)
             if hit is not None and _primary(hit) is not None:
-                t1[col] = _primary(hit)
+                found[col] = _primary(hit)
                 break
-    if t1:
-        rows = [[name, *vals] for name, vals in TABLE1_PAPER.items()]
-        rows.append([f"**{label}**", *[t1.get(col) for col, _ in TABLE1_COLUMNS]])
-        parts.append(
-            "### Table 1 — captioning (CIDEr) and VQA (top-1 accuracy)\n\n"
-            + _table(["Model", *[c for c, _ in TABLE1_COLUMNS]], rows)
-        )
+    if not found:
+        return None
+    rows = [[name, *vals] for name, vals in TABLE1_PAPER.items()]
+    rows.append([f"**{label}**", *[found.get(col) for col, _ in TABLE1_COLUMNS]])
+    return ("### Table 1 — captioning (CIDEr) and VQA (top-1 accuracy)\n\n"
+            + _table(["Model", *[c for c, _ in TABLE1_COLUMNS]], rows))
 
-    t2 = {}
-    for col, task, split in TABLE2_COLUMNS:
-        r = by_task.get((task, split))
-        if r is not None:
-            t2[col] = _primary(r)
-    if t2:
-        rows = []
-        for setting in ("zero-shot", "fine-tuning"):
-            for model in ("LION-4B", "LION-12B"):
-                vals = [TASKS[task]["paper"][split][setting][model] for _, task, split in TABLE2_COLUMNS]
-                rows.append([setting, model, *vals, sum(vals) / len(vals)])
-        vals = [t2.get(col) for col, _, _ in TABLE2_COLUMNS]
-        avg = sum(vals) / len(vals) if all(v is not None for v in vals) else None
-        rows.append(["this run", f"**{label}**", *vals, avg])
-        parts.append(
-            "### Table 2 — REC (Acc@0.5, %)\n\n"
-            + _table(["Setting", "Model", *[c for c, _, _ in TABLE2_COLUMNS], "Avg."], rows)
-        )
 
+def _table2(by_task: ByTask, label: str) -> str | None:
+    found = {col: _primary(by_task[(task, split)]) for col, task, split in TABLE2_COLUMNS if (task, split) in by_task}
+    if not found:
+        return None
+    rows = []
+    for setting in ("zero-shot", "fine-tuning"):
+        for model in ("LION-4B", "LION-12B"):
+            vals = [TASKS[task]["paper"][split][setting][model] for _, task, split in TABLE2_COLUMNS]
+            rows.append([setting, model, *vals, sum(vals) / len(vals)])
+    mine = [found.get(col) for col, _, _ in TABLE2_COLUMNS]
+    avg = sum(mine) / len(mine) if all(v is not None for v in mine) else None
+    rows.append(["this run", f"**{label}**", *mine, avg])
+    return ("### Table 2 — REC (Acc@0.5, %)\n\n"
+            + _table(["Setting", "Model", *[c for c, _, _ in TABLE2_COLUMNS], "Avg."], rows))
+
+
+def _table3(by_task: ByTask, label: str) -> str | None:
     mm = next((r for (t, _), r in by_task.items() if t == "mmbench"), None)
-    if mm is not None:
-        paper = TASKS["mmbench"]["paper"]["LION-12B"]
-        m = mm.get("metrics", {})
-        mine = [m.get("overall")] + [m.get("l2_abbrev", {}).get(c) for c in TABLE3_COLUMNS[1:]]
-        parts.append(
-            "### Table 3 — MMBench (circular evaluation, %)\n\n"
-            + _table(
-                ["Model", "Overall", *TABLE3_COLUMNS[1:]],
-                [["LION-12B (paper, test)", *[paper[c] for c in TABLE3_COLUMNS]],
-                 [f"**{label}** ({mm.get('annotation_name', 'dev')})", *mine]],
-            )
-        )
+    if mm is None:
+        return None
+    paper = TASKS["mmbench"]["paper"]["LION-12B"]
+    m = mm.get("metrics", {})
+    mine = [m.get("overall")] + [m.get("l2_abbrev", {}).get(c) for c in TABLE3_COLUMNS[1:]]
+    return ("### Table 3 — MMBench (circular evaluation, %)\n\n"
+            + _table(["Model", "Overall", *TABLE3_COLUMNS[1:]],
+                     [["LION-12B (paper, test)", *[paper[c] for c in TABLE3_COLUMNS]],
+                      [f"**{label}** ({mm.get('annotation_name', 'dev')})", *mine]]))
 
+
+def _table4(by_task: ByTask, label: str) -> str | None:
     pope = [r for (t, _), r in by_task.items() if TASKS[t]["kind"] == "pope"]
-    if pope:
-        rows = []
-        for split, paper in TASKS["pope"]["paper"].items():
-            rows.append([f"{split} (paper)", *[paper.get(k) for _, k in TABLE4_COLUMNS]])
-            for r in pope:
-                if r.get("split") == split:
-                    rows.append([f"{split} (**{label}**)", *[r["metrics"].get(k) for _, k in TABLE4_COLUMNS]])
-        for r in pope:
-            if r.get("split") not in TASKS["pope"]["paper"]:
-                rows.append([f"{r.get('split') or 'unknown split'} (**{label}**)", *[r["metrics"].get(k) for _, k in TABLE4_COLUMNS]])
-        parts.append("### Table 4 — POPE (%)\n\n" + _table(["Split", *[c for c, _ in TABLE4_COLUMNS]], rows))
+    if not pope:
+        return None
+    papers = TASKS["pope"]["paper"]
+    rows = []
+    for split, paper in papers.items():
+        rows.append([f"{split} (paper)", *[paper.get(k) for _, k in TABLE4_COLUMNS]])
+        rows += [[f"{split} (**{label}**)", *[r["metrics"].get(k) for _, k in TABLE4_COLUMNS]]
+                 for r in pope if r.get("split") == split]
+    rows += [[f"{r.get('split') or 'unknown split'} (**{label}**)", *[r["metrics"].get(k) for _, k in TABLE4_COLUMNS]]
+             for r in pope if r.get("split") not in papers]
+    return "### Table 4 — POPE (%)\n\n" + _table(["Split", *[c for c, _ in TABLE4_COLUMNS]], rows)
 
+
+def _other_benchmarks(by_task: ByTask, label: str) -> str | None:
     others = [r for (t, _), r in by_task.items() if TASKS[t].get("table") is None]
-    if others:
-        rows = [[r["benchmark"], r.get("split") or "–", r["primary_metric"], _primary(r)] for r in others]
-        parts.append("### Not in the paper's tables\n\n" + _table(["Benchmark", "Split", "Metric", label], rows))
+    if not others:
+        return None
+    rows = [[r["benchmark"], r.get("split") or "–", r["primary_metric"], _primary(r)] for r in others]
+    return "### Not in the paper's tables\n\n" + _table(["Benchmark", "Split", "Metric", label], rows)
 
-    for r in reports:
-        flat = []
-        for k, v in r.get("metrics", {}).items():
-            if isinstance(v, Mapping):
-                flat += [(f"{k}/{kk}", vv) for kk, vv in v.items()]
-            else:
-                flat.append((k, v))
-        head = f"#### {r['benchmark']}" + (f" — {r['split']}" if r.get("split") else "")
-        detail = _table(["Metric", "Value"], flat) if flat else "_not scored_"
-        info = (f"{r.get('num_samples')} queries; prompt: `{json.dumps(r.get('prompt'))}`; "
-                f"decoding: `{json.dumps(r.get('decoding'))}`"
-                + (f"; scoring protocol: `{r['protocol']}`" if r.get("protocol") else ""))
-        notes = "".join(f"\n- {n}" for n in r.get("notes", []))
-        parts.append(f"{head}\n\n{info}\n\n{detail}{notes}")
-    return "\n\n".join(parts) + "\n"
+
+def _details(report: Mapping[str, Any]) -> str:
+    """One report's metrics, prompt, decoding and notes."""
+    flat = []
+    for k, v in report.get("metrics", {}).items():
+        if isinstance(v, Mapping):
+            flat += [(f"{k}/{kk}", vv) for kk, vv in v.items()]
+        else:
+            flat.append((k, v))
+    head = f"#### {report['benchmark']}" + (f" — {report['split']}" if report.get("split") else "")
+    detail = _table(["Metric", "Value"], flat) if flat else "_not scored_"
+    info = (f"{report.get('num_samples')} queries; prompt: `{json.dumps(report.get('prompt'))}`; "
+            f"decoding: `{json.dumps(report.get('decoding'))}`"
+            + (f"; scoring protocol: `{report['protocol']}`" if report.get("protocol") else ""))
+    notes = "".join(f"\n- {n}" for n in report.get("notes", []))
+    return f"{head}\n\n{info}\n\n{detail}{notes}"
 
 
 def load_reports(folder: str | os.PathLike) -> list[dict[str, Any]]:

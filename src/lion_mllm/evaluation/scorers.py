@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .datasets import AnnotationError, EvalSample, _misfit_message, box_misfit
@@ -75,106 +76,129 @@ def score_task(
     if any(s.target is None for s in samples):
         notes.append("annotation has no ground truth (e.g. a test split): predictions only, not scored")
         return {}, notes
+    scorer = _SCORERS.get(kind)
+    if scorer is None:
+        raise ValueError(f"no scorer for task kind {kind!r}")
     preds = [predictions[s.id] for s in samples]
+    return scorer(_Scoring(spec, samples, preds, notes, spice)), notes
 
-    if kind == "caption":
-        gts = {s.id: list(s.target) for s in samples}
-        res = dict(zip((s.id for s in samples), preds))
-        raw = score_captions(gts, res, spice=spice)
-        notes.extend(raw.pop("notes"))
-        raw.pop("per_image", None)
-        names = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
-                 "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
-        metrics: dict[str, Any] = {names[k]: 100.0 * v for k, v in raw.items() if k in names}
-        groups = {s.id: s.meta["group"] for s in samples if s.meta.get("group")}
-        if groups and len(set(groups.values())) > 1:
-            metrics["CIDEr_per_group"] = {k: 100.0 * v for k, v in cider_per_group(gts, res, groups).items()}
-        metrics["num_images"] = len(samples)
-        return metrics, notes
 
-    if kind == "vqa":
-        revision = str(spec.get("protocol") or "vqa2016").removeprefix("vqa")
-        metrics = score_vqa(
-            ((p, s.target, s.meta.get("answer_type"), s.meta.get("question_type")) for p, s in zip(preds, samples)),
-            revision=revision,
-        )
-        metrics["protocol"] = f"vqa{revision}"
-        notes.append(f"VQA accuracy as {VQA_REVISIONS[revision]}")
-        return metrics, notes
+@dataclass
+class _Scoring:
+    """What a task kind's scorer reads: the task, its samples, their predictions in the same order, and
+    the report's notes, which it may add to."""
 
-    if kind == "exact":
-        return score_exact_match((p, s.target) for p, s in zip(preds, samples)), notes
+    spec: Mapping[str, Any]
+    samples: Sequence[EvalSample]
+    preds: list[str]
+    notes: list[str]
+    spice: bool | None
 
-    if kind == "aokvqa_mc":
-        scores = []
-        for p, s in zip(preds, samples):
-            idx = s.target["correct_choice_idx"]
-            if idx is None:
-                notes.append("A-OKVQA test split has no correct_choice_idx: not scored")
-                return {}, notes
-            letters = [chr(ord("A") + i) for i in range(len(s.target["choices"]))]
-            choice = extract_choice(p, dict(zip(letters, s.target["choices"])))
-            scores.append(1.0 if choice == letters[idx] else 0.0)
-        notes.append("A-OKVQA multiple choice: the answer mapped to a choice by VLMEvalKit's exact matching, then "
+    def pairs(self) -> Iterator[tuple[str, EvalSample]]:
+        return zip(self.preds, self.samples)
+
+
+def _choice_correct(prediction: str, choices: Sequence[str], correct: int) -> float:
+    """1.0 when the answer maps (VLMEvalKit's exact matching) to the correct one of lettered `choices`."""
+    letters = [chr(ord("A") + i) for i in range(len(choices))]
+    return 1.0 if extract_choice(prediction, dict(zip(letters, choices))) == letters[correct] else 0.0
+
+
+def _captions(run: _Scoring) -> dict[str, Any]:
+    gts = {s.id: list(s.target) for s in run.samples}
+    res = dict(zip((s.id for s in run.samples), run.preds))
+    raw = score_captions(gts, res, spice=run.spice)
+    run.notes.extend(raw.pop("notes"))
+    raw.pop("per_image", None)
+    names = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
+             "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
+    metrics: dict[str, Any] = {names[k]: 100.0 * v for k, v in raw.items() if k in names}
+    groups = {s.id: s.meta["group"] for s in run.samples if s.meta.get("group")}
+    if groups and len(set(groups.values())) > 1:
+        metrics["CIDEr_per_group"] = {k: 100.0 * v for k, v in cider_per_group(gts, res, groups).items()}
+    metrics["num_images"] = len(run.samples)
+    return metrics
+
+
+def _vqa(run: _Scoring) -> dict[str, Any]:
+    revision = str(run.spec.get("protocol") or "vqa2016").removeprefix("vqa")
+    metrics = score_vqa(((p, s.target, s.meta.get("answer_type"), s.meta.get("question_type")) for p, s in run.pairs()),
+                        revision=revision)
+    metrics["protocol"] = f"vqa{revision}"
+    run.notes.append(f"VQA accuracy as {VQA_REVISIONS[revision]}")
+    return metrics
+
+
+def _aokvqa_mc(run: _Scoring) -> dict[str, Any]:
+    if any(s.target["correct_choice_idx"] is None for s in run.samples):
+        run.notes.append("A-OKVQA test split has no correct_choice_idx: not scored")
+        return {}
+    scores = [_choice_correct(p, s.target["choices"], s.target["correct_choice_idx"]) for p, s in run.pairs()]
+    run.notes.append("A-OKVQA multiple choice: the answer mapped to a choice by VLMEvalKit's exact matching, then "
                      "allenai's accuracy (the choice equals choices[correct_choice_idx]); every question")
-        return {"accuracy": _pct(scores), "num_questions": len(scores)}, notes
+    return {"accuracy": _pct(scores), "num_questions": len(scores)}
 
-    if kind == "aokvqa_da":
-        protocol = spec.get("protocol") or "allenai"
-        metrics = score_aokvqa_direct_answer(
-            ((p, s.target["direct_answers"], s.target.get("difficult_direct_answer", False))
-             for p, s in zip(preds, samples)), protocol)
-        notes.append(f"A-OKVQA direct answer, protocol {protocol!r}: {AOKVQA_DA_PROTOCOLS[protocol][1]}")
-        return metrics, notes
 
-    if kind == "choice_or_exact":
-        scores = []
-        for p, s in zip(preds, samples):
-            choices = s.target["choices"]
-            if choices:
-                letters = [chr(ord("A") + i) for i in range(len(choices))]
-                choice = extract_choice(p, dict(zip(letters, choices)))
-                scores.append(1.0 if choice == letters[s.target["answer_index"]] else 0.0)
-            else:
-                scores.append(exact_match(p, s.target["answers"]))
-        return {"accuracy": _pct(scores), "num_questions": len(scores)}, notes
+def _aokvqa_da(run: _Scoring) -> dict[str, Any]:
+    protocol = run.spec.get("protocol") or "allenai"
+    metrics = score_aokvqa_direct_answer(
+        ((p, s.target["direct_answers"], s.target.get("difficult_direct_answer", False)) for p, s in run.pairs()),
+        protocol)
+    run.notes.append(f"A-OKVQA direct answer, protocol {protocol!r}: {AOKVQA_DA_PROTOCOLS[protocol][1]}")
+    return metrics
 
-    if kind == "binary":
-        scores = [1.0 if binary_answer(p) == s.target else 0.0 for p, s in zip(preds, samples)]
-        return {"accuracy": _pct(scores), "num_questions": len(scores)}, notes
 
-    if kind == "rec":
-        items = []
-        for p, s in zip(preds, samples):
-            w, h = s.image_size()
-            fmt = s.meta.get("box_format")
-            if fmt is not None and box_misfit(s.meta["bbox"], fmt, w, h) is not None:
-                # Lines without width/height are checked here, against the image header.
-                raise AnnotationError(_misfit_message(s.meta["where"], s.meta["bbox"], fmt,
-                                                      box_misfit(s.meta["bbox"], fmt, w, h) or "", w, h))
-            items.append((p, s.target, w, h))
-        metrics = score_rec(items)
-        metrics.pop("ious", None)
-        formats = sorted({f"{s.meta['box_format']} ({s.meta['box_format_source']})" for s in samples
-                          if s.meta.get("box_format")})
-        if formats:
-            metrics["box_format"] = ", ".join(formats)
-            notes.append(f"ground-truth boxes read as {metrics['box_format']}")
-        return metrics, notes
+def _choice_or_exact(run: _Scoring) -> dict[str, Any]:
+    scores = [_choice_correct(p, s.target["choices"], s.target["answer_index"]) if s.target["choices"]
+              else exact_match(p, s.target["answers"]) for p, s in run.pairs()]
+    return {"accuracy": _pct(scores), "num_questions": len(scores)}
 
-    if kind == "pope":
-        return score_pope((p, s.target) for p, s in zip(preds, samples)), notes
 
-    if kind == "mmbench":
-        metrics = score_mmbench(
-            MMBenchItem(
-                question_id=s.meta["group_id"], rotation=s.meta["rotation"], prediction=p,
-                options=s.meta["options"], answer=s.target, category=s.meta.get("category"),
-                l2_category=s.meta.get("l2_category"),
-            )
-            for p, s in zip(preds, samples)
-        )
-        metrics.pop("per_question", None)
-        return metrics, notes
+def _binary(run: _Scoring) -> dict[str, Any]:
+    scores = [1.0 if binary_answer(p) == s.target else 0.0 for p, s in run.pairs()]
+    return {"accuracy": _pct(scores), "num_questions": len(scores)}
 
-    raise ValueError(f"no scorer for task kind {kind!r}")
+
+def _rec(run: _Scoring) -> dict[str, Any]:
+    items = []
+    for p, s in run.pairs():
+        w, h = s.image_size()
+        fmt = s.meta.get("box_format")
+        why = box_misfit(s.meta["bbox"], fmt, w, h) if fmt is not None else None
+        if why is not None:  # lines without width/height are checked here, against the image header
+            raise AnnotationError(_misfit_message(s.meta["where"], s.meta["bbox"], fmt, why, w, h))
+        items.append((p, s.target, w, h))
+    metrics = score_rec(items)
+    metrics.pop("ious", None)
+    formats = sorted({f"{s.meta['box_format']} ({s.meta['box_format_source']})" for s in run.samples
+                      if s.meta.get("box_format")})
+    if formats:
+        metrics["box_format"] = ", ".join(formats)
+        run.notes.append(f"ground-truth boxes read as {metrics['box_format']}")
+    return metrics
+
+
+def _mmbench(run: _Scoring) -> dict[str, Any]:
+    metrics = score_mmbench(
+        MMBenchItem(question_id=s.meta["group_id"], rotation=s.meta["rotation"], prediction=p,
+                    options=s.meta["options"], answer=s.target, category=s.meta.get("category"),
+                    l2_category=s.meta.get("l2_category"))
+        for p, s in run.pairs()
+    )
+    metrics.pop("per_question", None)
+    return metrics
+
+
+# Task kind (`tasks.TASKS[...]["kind"]`) -> its scorer; VisDial ranks candidates and is scored apart.
+_SCORERS: dict[str, Callable[[_Scoring], dict[str, Any]]] = {
+    "caption": _captions,
+    "vqa": _vqa,
+    "exact": lambda run: score_exact_match((p, s.target) for p, s in run.pairs()),
+    "aokvqa_mc": _aokvqa_mc,
+    "aokvqa_da": _aokvqa_da,
+    "choice_or_exact": _choice_or_exact,
+    "binary": _binary,
+    "rec": _rec,
+    "pope": lambda run: score_pope((p, s.target) for p, s in run.pairs()),
+    "mmbench": _mmbench,
+}

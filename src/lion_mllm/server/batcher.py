@@ -19,12 +19,21 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .engine import DecodingSettings, GenerationRequest, GenerationResult, RequestCancelled, TagRequest, cut_at_stop
+from ..retry import batch_then_singly
+from .engine import (
+    DecodingSettings,
+    GenerationRequest,
+    GenerationResult,
+    RequestCancelled,
+    TagRequest,
+    cut_at_stop,
+    fill_missing_tags,
+)
 from .errors import QueueFullError, ServerStoppingError
 from .protocol import word_chunks
 
@@ -156,25 +165,15 @@ class Batcher:
                 self._active = 0
 
     def _run_group(self, jobs: list) -> None:
-        try:
-            results = self._execute(jobs)
-        except Exception as error:  # noqa: BLE001 - one bad sample must not fail its neighbours
-            with self._stats_lock:
-                self._failed_batches += 1
-            if len(jobs) == 1:
-                self._fail(jobs[0], error)
-                return
-            log.warning("a batch of %d failed (%r); retrying its requests one by one", len(jobs), error)
-            for job in jobs:
-                try:
-                    result = self._execute([job])[0]
-                except Exception as single_error:  # noqa: BLE001
-                    self._fail(job, single_error)
-                else:
-                    self._deliver(job, result)
-            return
-        for job, result in zip(jobs, results):
-            self._deliver(job, result)
+        for job, outcome in zip(jobs, batch_then_singly(jobs, self._execute, on_batch_error=self._count_failed_batch)):
+            if isinstance(outcome, Exception):
+                self._fail(job, outcome)
+            else:
+                self._deliver(job, outcome)
+
+    def _count_failed_batch(self, _: Exception) -> None:
+        with self._stats_lock:
+            self._failed_batches += 1
 
     @staticmethod
     def _deliver(job: GenerationRequest | TagRequest, result: Any) -> None:
@@ -191,7 +190,7 @@ class Batcher:
         if not job.future.done():
             job.future.set_exception(error)
 
-    def _execute(self, jobs: list) -> list:
+    def _execute(self, jobs: Sequence[GenerationRequest | TagRequest]) -> list:
         n = len(jobs)
         with self._stats_lock:
             self._sizes[n] += 1
@@ -199,14 +198,7 @@ class Batcher:
         with torch.inference_mode():
             if isinstance(jobs[0], TagRequest):
                 return list(self.lion.tag(images))
-            tags: list[Any] | None = [j.tags for j in jobs]
-            if self.lion.config.enable_semantic_tags:
-                missing = [i for i, t in enumerate(tags) if t is None]
-                if missing:  # one tagger call for all the samples that came without tags
-                    for i, found in zip(missing, self.lion.tag([images[i] for i in missing])):
-                        tags[i] = found
-            else:
-                tags = None
+            tags = fill_missing_tags(self.lion, images, [j.tags for j in jobs])
             questions = [j.question for j in jobs]
             settings: DecodingSettings = jobs[0].settings
             texts = self.lion.generate(images, questions, [j.task for j in jobs], tags, **settings.generate_kwargs())

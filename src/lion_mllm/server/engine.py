@@ -49,6 +49,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from ..retry import batch_then_singly
 from .errors import APIError, QueueFullError, ServerStoppingError
 
 log = logging.getLogger("lion_mllm.server")
@@ -487,32 +488,19 @@ class DecodingEngine:
 
     def _run_isolated(self, requests: list, run: Callable[[list], None]) -> None:
         """Run a group; if it raises, run its members one by one so only the culprit gets the error."""
-        try:
-            run(requests)
-        except Exception as error:  # noqa: BLE001
-            if len(requests) == 1:
-                log.warning("a request failed in the model: %r", error)
-                _fail(requests[0], error)
-                self._count(failed=1)
-                return
-            log.warning("a group of %d failed (%r); retrying its requests one by one", len(requests), error)
-            for request in requests:
-                self._run_isolated([request], run)
+        def run_group(group: Sequence) -> list[None]:
+            run(list(group))
+            return [None] * len(group)
 
-    def _tags_for(self, images: list[Image.Image], tags: list[Any]) -> list[Any] | None:
-        """Fill missing tags with the tagger's, in one call; None when the model reads no tags."""
-        if not self.lion.config.enable_semantic_tags:
-            return None
-        tags = list(tags)
-        missing = [i for i, t in enumerate(tags) if t is None]
-        if missing:
-            for i, found in zip(missing, self.lion.tag([images[i] for i in missing])):
-                tags[i] = found
-        return tags
+        for request, outcome in zip(requests, batch_then_singly(requests, run_group)):
+            if isinstance(outcome, Exception):
+                log.warning("a request failed in the model: %r", outcome)
+                _fail(request, outcome)
+                self._count(failed=1)
 
     def _beam_group(self, requests: list[GenerationRequest]) -> None:
         images = [r.image for r in requests]
-        tags = self._tags_for(images, [r.tags for r in requests])
+        tags = fill_missing_tags(self.lion, images, [r.tags for r in requests])
         texts = self.lion.generate(images, [r.question for r in requests], [r.task for r in requests], tags,
                                    **requests[0].settings.generate_kwargs())
         self._count(beam_batches=1)
@@ -534,7 +522,7 @@ class DecodingEngine:
         """Encoders for the newcomers in one batch, then their first decoder step; merge them in."""
         lion, model = self.lion, self.lion.model
         images = [r.image for r in requests]
-        tags = self._tags_for(images, [r.tags for r in requests])
+        tags = fill_missing_tags(self.lion, images, [r.tags for r in requests])
         batch = lion.processor(images, [r.question for r in requests], [r.task for r in requests], tags)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         routes = batch["route_ids"]
@@ -641,6 +629,19 @@ class DecodingEngine:
         if text.startswith(row.sent) and len(text) > len(row.sent):
             row.request.emit(text[len(row.sent):])
             row.sent = text
+
+
+def fill_missing_tags(lion: Any, images: list[Image.Image], tags: list[Any]) -> list[Any] | None:
+    """`tags` with the missing ones (None) filled by the tagger, in one call; None when the model reads no
+    tags."""
+    if not lion.config.enable_semantic_tags:
+        return None
+    tags = list(tags)
+    missing = [i for i, t in enumerate(tags) if t is None]
+    if missing:
+        for i, found in zip(missing, lion.tag([images[i] for i in missing])):
+            tags[i] = found
+    return tags
 
 
 def _fail(request: GenerationRequest | TagRequest, error: BaseException) -> None:

@@ -24,19 +24,12 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..pipeline import GROUNDING_PROMPT
+from .. import tasks
+from ..generation import GenerationDefaults
 from .engine import TRANSFORMERS_TOP_K, DecodingSettings
 from .errors import APIError
 from .settings import ServerSettings
 
-try:  # the model's own prompt templates and decoding defaults (lion_mllm.generation), when present
-    from ..generation import CAPTION_PROMPT
-except ImportError:  # pragma: no cover - older package layout
-    from ..pipeline import CAPTION_PROMPT
-
-CANONICAL_TASKS = {"caption": "caption", "vqa": "vqa", "ask": "vqa", "question": "vqa", "image_level": "vqa",
-                   "grounding": "grounding", "ground": "grounding", "rec": "grounding",
-                   "region_level": "grounding"}
 _GROUNDING_WORDS = re.compile(r"\b(locate|where is|where are|where's|find the|coordinates?|bounding box|"
                               r"point out)\b", re.IGNORECASE)
 _CAPTION_WORDS = re.compile(r"\b(describe|description|caption)\b", re.IGNORECASE)
@@ -205,8 +198,8 @@ def infer_task(text: str) -> str:
 
 def canonical_task(task: str) -> str:
     try:
-        return CANONICAL_TASKS[task.strip().lower()]
-    except KeyError:
+        return tasks.canonical_task(task)
+    except ValueError:
         raise APIError(400, f"unknown task {task!r}; use 'caption', 'vqa' or 'grounding'", "invalid_task",
                        "task") from None
 
@@ -226,13 +219,8 @@ def build_question(text: str, task: str, generation_config: Any = None) -> str:
         return text
     if task == "caption" and _BARE_CAPTION_REQUEST.match(text):
         text = ""
-    if generation_config is not None and hasattr(generation_config, "prompt"):
-        return generation_config.prompt(task, text or None)
-    if task == "caption":
-        return text or CAPTION_PROMPT
-    if task == "grounding":
-        return GROUNDING_PROMPT.format(text)
-    return text
+    templates = generation_config if hasattr(generation_config, "prompt") else GenerationDefaults()
+    return templates.prompt(task, text or None)
 
 
 def normalise_tags(tags: Any, param: str = "tags") -> str | list[str] | None:

@@ -20,12 +20,12 @@ from fastapi import FastAPI
 from PIL import Image, ImageDraw, ImageFont
 
 from ..boxes import Box
-
 from .engine import DecodingSettings, GenerationRequest
 from .errors import APIError
 from .images import box_record, decode_image_bytes, find_boxes
 from .protocol import build_question, model_defaults, normalise_tags
 from .settings import ServerSettings
+from .state import tags_missing
 
 MODES = {"Caption": "caption", "Ask": "vqa", "Ground": "grounding"}
 
@@ -52,7 +52,7 @@ def run_request(lion: Any, scheduler: Any, settings: ServerSettings, image_path:
         raise APIError(400, "Type a question.")
     question = build_question(text, task, getattr(lion, "generation_config", None))
     tags = normalise_tags(tags_text or None)
-    if getattr(lion.config, "enable_semantic_tags", False) and tags is None and lion.tagger is None:
+    if tags_missing(lion, tags):
         raise APIError(400, "This model reads RAM tags and the server has no tagger: type a few tags "
                             "(e.g. 'dog, grass, ball').")
     beams = min(max(int(num_beams), 1), settings.max_num_beams)
@@ -166,7 +166,7 @@ def build_webui(lion: Any, scheduler: Any, settings: ServerSettings) -> Any:
 
 def mount_webui(app: FastAPI, lion: Any, scheduler: Any, settings: ServerSettings) -> FastAPI:
     """Mount the page at `/ui`. With an API key set, the server's own login page (`/login`: one field, the
-    key) guards it (see `app.GuardMiddleware`); Gradio's login, which asks for an unused user name, is off."""
+    key) guards it (see `guard.GuardMiddleware`); Gradio's login, which asks for an unused user name, is off."""
     import gradio as gr
 
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
