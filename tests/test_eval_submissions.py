@@ -21,20 +21,28 @@ def save(path: Path, rgb=RED, size=(12, 10)) -> None:
     Image.new("RGB", size, rgb).save(path)
 
 
+def benchmark_files(tmp_path: Path, folder: str, images: dict[str, tuple[int, int, int]], annotation: str,
+                    doc: dict) -> tuple[Path, Path]:
+    """(annotation file, image folder) of a small benchmark: `images` (name -> colour) under `folder`."""
+    root = tmp_path / folder
+    for name, rgb in images.items():
+        save(root / name, rgb)
+    ann = tmp_path / annotation
+    ann.write_text(json.dumps(doc))
+    return ann, root
+
+
 def colour_words(images, questions, tasks):
     return ["a red square" if im.getpixel((0, 0))[0] > 150 else "a blue square" for im in images]
 
 
 def test_textcaps_test_split_writes_evalai_json(tmp_path):
-    root = tmp_path / "textvqa"
-    save(root / "test_images/t1.jpg", RED)
-    save(root / "test_images/t2.jpg", BLUE)
-    ann = tmp_path / "TextCaps_0.1_test.json"
     # The test file has no caption_str / reference_strs.
-    ann.write_text(json.dumps({"data": [
-        {"image_id": "t1", "image_path": "test_images/t1.jpg", "image_name": "t1"},
-        {"image_id": "t2", "image_path": "test_images/t2.jpg", "image_name": "t2"},
-    ]}))
+    ann, root = benchmark_files(tmp_path, "textvqa", {"test_images/t1.jpg": RED, "test_images/t2.jpg": BLUE},
+                                "TextCaps_0.1_test.json", {"data": [
+                                    {"image_id": "t1", "image_path": "test_images/t1.jpg", "image_name": "t1"},
+                                    {"image_id": "t2", "image_path": "test_images/t2.jpg", "image_name": "t2"},
+                                ]})
     report = evaluate("textcaps", colour_words, ann, root, out_dir=tmp_path / "out")
     assert report["metrics"] == {}
     path = report["submission_path"]
@@ -45,14 +53,11 @@ def test_textcaps_test_split_writes_evalai_json(tmp_path):
 
 
 def test_nocaps_image_info_writes_integer_ids(tmp_path):
-    root = tmp_path / "nocaps"
-    save(root / "0013ea2087020901.jpg", BLUE)
-    save(root / "0a3d2fb7f2b7be62.jpg", RED)
-    ann = tmp_path / "nocaps_test_image_info.json"
-    ann.write_text(json.dumps({"images": [
+    ann, root = benchmark_files(tmp_path, "nocaps", {"0013ea2087020901.jpg": BLUE, "0a3d2fb7f2b7be62.jpg": RED},
+                                "nocaps_test_image_info.json", {"images": [
         {"id": 0, "file_name": "0013ea2087020901.jpg", "domain": "in-domain", "height": 10, "width": 12},
         {"id": 1, "file_name": "0a3d2fb7f2b7be62.jpg", "domain": "out-domain", "height": 10, "width": 12},
-    ]}))
+    ]})
     report = evaluate("nocaps", colour_words, ann, root, out_dir=tmp_path / "out")
     assert json.loads(Path(report["submission_path"]).read_text()) == [
         {"image_id": 0, "caption": "a blue square"}, {"image_id": 1, "caption": "a red square"}]
@@ -98,17 +103,14 @@ def test_mmbench_test_sheet_answers_each_circular_copy_in_its_own_order(tmp_path
 
 
 def _visdial_test_file(tmp_path: Path) -> tuple[Path, Path]:
-    root = tmp_path / "VisualDialog_test2018"
-    save(root / "VisualDialog_test2018_000000000005.jpg")
     answers = [f"option {i}" for i in range(100)]
     doc = {"version": "1.0", "split": "test2018", "data": {
         "questions": ["is it red", "is it big"], "answers": answers,
         # Test dialogs stop at a random round; only that round has options and no answer.
         "dialogs": [{"image_id": 5, "caption": "a red picture",
                      "dialog": [{"question": 0, "answer": 1}, {"question": 1, "answer_options": list(range(100))}]}]}}
-    ann = tmp_path / "visdial_1.0_test.json"
-    ann.write_text(json.dumps(doc))
-    return ann, root
+    return benchmark_files(tmp_path, "VisualDialog_test2018", {"VisualDialog_test2018_000000000005.jpg": RED},
+                           "visdial_1.0_test.json", doc)
 
 
 def test_visdial_test_split_writes_evalai_ranks(tmp_path):

@@ -28,8 +28,8 @@ from .metrics_vqa import (
     score_aokvqa_direct_answer,
     vqa_accuracy,
 )
-from .submissions import SUBMISSION_FORMATS, write_submission
 from .report import render_markdown, summarize_reports
+from .submissions import SUBMISSION_FORMATS, write_submission
 from .tasks import TASKS, get_task, task_names
 
 __all__ = [

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from ..model_options import add_model_options, decoding_from_args, model_from_args
+from ..model_options import add_model_options, decoding_from_args, model_from_args, resolve_device
 from .tasks import ALIASES, TASKS
 
 __all__ = ["add_eval_subcommand", "run_eval", "build_parser"]
@@ -86,7 +86,7 @@ def _maybe_init_distributed() -> None:
 
     if dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    if resolve_device(None) == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
@@ -94,16 +94,11 @@ def _maybe_init_distributed() -> None:
 
 
 def _default_device(requested: str | None) -> str:
+    """`requested`, else this process's GPU (its torchrun LOCAL_RANK) when there is one, else cpu."""
     if requested:
         return requested
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    except ImportError:
-        pass
-    return "cpu"
+    device = resolve_device(None)
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device == "cuda" else device
 
 
 def _model_generate_fn(args: argparse.Namespace):

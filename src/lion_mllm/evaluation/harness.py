@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import inspect
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,6 +23,7 @@ from ..images import ImageLoadError
 from .datasets import (
     AnnotationError,
     EvalSample,
+    iter_jsonl,
     load_aokvqa,
     load_captions,
     load_generic_vqa,
@@ -43,8 +43,6 @@ from .submissions import SUBMISSION_FORMATS, write_submission
 from .tasks import get_task, infer_split, set_protocol
 
 __all__ = ["evaluate", "load_task_samples", "render_prompt", "read_predictions", "GenerateFn", "ScoreFn"]
-
-log = logging.getLogger(__name__)
 
 GenerateFn = Callable[[list[Any], list[str], list[str]], list[str]]
 # (images, prompts, candidate answers per query, tasks) -> one score per candidate (higher = better),
@@ -122,20 +120,10 @@ def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     for f in files:
         if not os.path.isfile(f):
             continue
-        with open(f, encoding="utf-8") as fh:
-            lines = fh.readlines()
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("prediction"), str):
-                    raise ValueError("needs an object with 'id' and a string 'prediction'")
-            except (json.JSONDecodeError, ValueError) as exc:
-                if lineno == len(lines) and not line.endswith("\n"):
-                    log.warning("%s:%d: dropping truncated last line", f, lineno)
-                    continue
-                raise AnnotationError(f"{f}:{lineno}: malformed prediction line ({exc})") from None
+        for lineno, rec in iter_jsonl(f, resumable=True):
+            if "id" not in rec or not isinstance(rec.get("prediction"), str):
+                raise AnnotationError(f"{f}:{lineno}: malformed prediction line (needs an object with 'id' and a "
+                                      "string 'prediction')")
             out[str(rec["id"])] = rec
     return out
 

@@ -173,28 +173,38 @@ def score_captions(
     out["CIDEr"] = float(cider_mean)
     out["per_image"] = {k: {"CIDEr": float(c)} for k, c in zip(tok_gts.keys(), cider_each)}
 
-    want_spice = spice_available() if spice is None else spice
-    if want_spice:
-        if not spice_available():
-            raise RuntimeError(
-                "SPICE requested but the Stanford CoreNLP 3.6.0 jars are missing from "
-                "pycocoevalcap/spice/lib; run `python -m pycocoevalcap.spice.get_stanford_models` "
-                "with internet access, or pass spice=False."
-            )
-        try:
-            from pycocoevalcap.spice.spice import Spice
+    spice_score = _spice(tok_gts, tok_res, spice, out["notes"])
+    if spice_score is not None:
+        out["SPICE"] = spice_score
+    return out
 
-            out["SPICE"] = float(Spice().compute_score(tok_gts, tok_res)[0])
-        except Exception as exc:  # SPICE is optional: keep the other metrics
-            if spice:
-                raise
-            out["notes"].append(f"SPICE failed and was skipped: {exc!r}")
-    else:
-        out["notes"].append(
+
+def _spice(tok_gts: Mapping[Any, Any], tok_res: Mapping[Any, Any], spice: bool | None, notes: list[str]
+           ) -> float | None:
+    """SPICE, when asked for (`spice` True) or when its models are installed (None); else None, with a note
+    saying why."""
+    want_spice = spice_available() if spice is None else spice
+    if not want_spice:
+        notes.append(
             "SPICE skipped: its Stanford CoreNLP models are not installed "
             "(pycocoevalcap downloads them from nlp.stanford.edu at first use)."
         )
-    return out
+        return None
+    if not spice_available():
+        raise RuntimeError(
+            "SPICE requested but the Stanford CoreNLP 3.6.0 jars are missing from "
+            "pycocoevalcap/spice/lib; run `python -m pycocoevalcap.spice.get_stanford_models` "
+            "with internet access, or pass spice=False."
+        )
+    try:
+        from pycocoevalcap.spice.spice import Spice
+
+        return float(Spice().compute_score(tok_gts, tok_res)[0])
+    except Exception as exc:  # SPICE is optional: keep the other metrics
+        if spice:
+            raise
+        notes.append(f"SPICE failed and was skipped: {exc!r}")
+        return None
 
 
 def cider_per_group(

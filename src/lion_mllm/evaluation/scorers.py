@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .datasets import AnnotationError, EvalSample, _misfit_message, box_misfit
+from .datasets import AnnotationError, EvalSample, box_misfit, misfit_message
 from .metrics_caption import cider_per_group, score_captions
 from .metrics_mmbench import MMBenchItem, extract_choice, score_mmbench
 from .metrics_pope import score_pope
@@ -166,7 +166,7 @@ def _rec(run: _Scoring) -> dict[str, Any]:
         fmt = s.meta.get("box_format")
         why = box_misfit(s.meta["bbox"], fmt, w, h) if fmt is not None else None
         if why is not None:  # lines without width/height are checked here, against the image header
-            raise AnnotationError(_misfit_message(s.meta["where"], s.meta["bbox"], fmt, why, w, h))
+            raise AnnotationError(misfit_message(s.meta["where"], s.meta["bbox"], fmt, why, w, h))
         items.append((p, s.target, w, h))
     metrics = score_rec(items)
     metrics.pop("ious", None)
