@@ -19,8 +19,9 @@ import torch
 from conftest import GOLDEN, REPO, make_tiny_lion
 from PIL import Image
 
-from lion_mllm.cli import BOX_COLOR, draw_grounding, main
-from lion_mllm.pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
+from lion_mllm.cli import main
+from lion_mllm.drawing import BOX_COLORS, draw_grounding
+from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
 TAGS = "green, square"
 CAPTION = "a green square"
@@ -47,7 +48,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     image_path = root / "square.png"
     image.save(image_path)
     lion = make_tiny_lion()
-    batch = lion.processor([image] * 3, [CAPTION_PROMPT, QUESTION, GROUNDING_PROMPT.format(PHRASE)],
+    batch = lion.processor([image] * 3, [CAPTION_PROMPT, QUESTION, GROUNDING_TEMPLATE.format(phrase=PHRASE)],
                            ["caption", "vqa", "grounding"], [TAGS] * 3, answers=[CAPTION, ANSWER, BOX_TEXT])
     model = lion.model.train()
     for parameter in model.parameters():
@@ -172,11 +173,11 @@ def test_ground_prints_the_box_and_draws_it(assets: dict[str, Path], tmp_path: P
     picture = Image.open(drawn).convert("RGB")
     x0, y0, x1, y1 = (int(v) for v in BOX_PIXELS)
     for y in range(y0 + 2, y1 - 1, 4):
-        assert picture.getpixel((x0, y)) == BOX_COLOR and picture.getpixel((x1, y)) == BOX_COLOR
+        assert picture.getpixel((x0, y)) == BOX_COLORS[0] and picture.getpixel((x1, y)) == BOX_COLORS[0]
         assert picture.getpixel((x0 - 1, y)) == BACKGROUND and picture.getpixel((x1 + 1, y)) == BACKGROUND
     for x in range(x0, x1 + 1, 4):
-        assert picture.getpixel((x, y1)) == BOX_COLOR and picture.getpixel((x, y1 + 1)) == BACKGROUND
-    assert picture.getpixel((x1 - 3, y0)) == BOX_COLOR  # top edge, right of the label
+        assert picture.getpixel((x, y1)) == BOX_COLORS[0] and picture.getpixel((x, y1 + 1)) == BACKGROUND
+    assert picture.getpixel((x1 - 3, y0)) == BOX_COLORS[0]  # top edge, right of the label
     assert picture.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) == SQUARE  # inside untouched
     label = [picture.getpixel((x, y)) for x in range(x0, x1) for y in range(y0 + 20)]
     assert any(_is_text(p) for p in label)  # the phrase on its tag at the box's top-left corner
@@ -198,8 +199,8 @@ def test_draw_grounding_label_inside_when_no_room_above() -> None:
     image = Image.new("RGB", (200, 100), (0, 0, 0))
     drawn = draw_grounding(image, (20, 0, 180, 90), "a long phrase")
     assert drawn.size == image.size and image.getpixel((20, 50)) == (0, 0, 0)  # original unchanged
-    assert drawn.getpixel((20, 50)) == BOX_COLOR and drawn.getpixel((180, 50)) == BOX_COLOR
-    assert drawn.getpixel((100, 90)) == BOX_COLOR and drawn.getpixel((179, 0)) == BOX_COLOR
+    assert drawn.getpixel((20, 50)) == BOX_COLORS[0] and drawn.getpixel((180, 50)) == BOX_COLORS[0]
+    assert drawn.getpixel((100, 90)) == BOX_COLORS[0] and drawn.getpixel((179, 0)) == BOX_COLORS[0]
     inside = [drawn.getpixel((x, y)) for x in range(22, 120) for y in range(2, 30)]
     assert any(_is_text(p) for p in inside)  # label text below the top edge
     assert not any(_is_text(drawn.getpixel((x, y))) for x in range(200) for y in range(91, 100))

@@ -296,6 +296,33 @@ def test_unknown_repository_is_one_clear_error(fake_hub: FakeHub, monkeypatch: p
 # ---------------------------------------------------------------------------------------- resolving
 
 
+def test_hub_bundle_loads_like_the_local_one(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """`hf-hub:owner/repo@rev` downloads a published bundle (subfolders included) through the one resolver;
+    the model answers as the local copy does, and a second load is served from the cache."""
+    from PIL import Image
+
+    from lion_mllm import load_model
+
+    local = Path(hub.resolve_model("lion-shapes"))
+    fake_hub.repos["someone/lion-shapes"] = {str(p.relative_to(local)): p.read_bytes()
+                                             for p in sorted(local.rglob("*")) if p.is_file()}
+    image = Image.new("RGB", (64, 48), (30, 140, 200))
+    remote = load_model(f"hf-hub:someone/lion-shapes@{COMMIT}")
+    expected = load_model(str(local)).caption(image, max_new_tokens=8)
+    assert remote.caption(image, max_new_tokens=8) == expected
+    assert remote.generation_config == load_model(str(local)).generation_config
+    fetched = len(fake_hub.gets("/someone/lion-shapes/resolve/"))
+    assert fetched == len(fake_hub.repos["someone/lion-shapes"])  # every file once, subfolders included
+    load_model(f"hf-hub:someone/lion-shapes@{COMMIT}")
+    assert len(fake_hub.gets("/someone/lion-shapes/resolve/")) == fetched  # the cache, not the network
+
+    fake_hub.repos["someone/not-a-bundle"] = {"README.md": b"# hello\n"}
+    with pytest.raises(DownloadError, match="not-a-bundle.*no config.json"):
+        load_model("hf-hub:someone/not-a-bundle")
+    with pytest.raises(DownloadError, match="could not download someone/missing"):
+        load_model("hf-hub:someone/missing")
+
+
 def test_resolve_model_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LION_MLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(hub.MODEL_ENV, raising=False)
@@ -303,8 +330,9 @@ def test_resolve_model_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     config.write_text("model: {}\n")
     assert hub.resolve_model(str(config)) == str(config)
     assert hub.resolve_model(str(tmp_path)) == str(tmp_path)
-    assert hub.resolve_model("hf-hub:owner/repo") == "hf-hub:owner/repo"
-    assert hub.resolve_model("local-dir:/x") == "local-dir:/x"
+    assert hub.resolve_model(f"local-dir:{tmp_path}") == str(tmp_path)
+    with pytest.raises(hub.ModelNotInstalledError, match="local-dir:/nowhere/x: not a directory"):
+        hub.resolve_model("local-dir:/nowhere/x")
     with pytest.raises(hub.ModelNotInstalledError, match="no such config file"):
         hub.resolve_model(str(tmp_path / "other.yaml"))
     with pytest.raises(hub.ModelNotInstalledError, match="no such file or directory"):

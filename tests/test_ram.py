@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from lion_mllm.ram import weights as ram_weights
 from lion_mllm.downloads import DownloadError, file_digest
+from conftest import GOLDEN, SHARED
+
 from lion_mllm.checkpoint_files import read_torch_file
 from lion_mllm.errors import CheckpointError
 from lion_mllm.ram import (
@@ -32,18 +34,12 @@ from lion_mllm.ram import (
 )
 
 
-def shared_dir() -> Path:
-    """The project's shared data folder: always ``<repo>/../shared`` (beside the clone, also in CI)."""
-    return Path(__file__).resolve().parents[2] / "shared"
-
-
-GOLDEN = shared_dir() / "golden" / "lion-a"
 RAM_CKPT = GOLDEN / "assets" / "ram_swin_tiny_14m.pth"
 RAM_DIR = GOLDEN / "assets" / "ram"
 TINY_TAGS = RAM_DIR / "data" / "ram_tag_list.txt"
 TINY_THRESHOLDS = RAM_DIR / "data" / "ram_tag_list_threshold.txt"
-REAL_TAGS = shared_dir() / "ram" / "ram_tag_list.txt"
-REAL_THRESHOLDS = shared_dir() / "ram" / "ram_tag_list_threshold.txt"
+REAL_TAGS = SHARED / "ram" / "ram_tag_list.txt"
+REAL_THRESHOLDS = SHARED / "ram" / "ram_tag_list_threshold.txt"
 IMAGE_NAMES = ("a0", "a1", "a2")  # the goldens' batch order (results.json -> ram.batch_generate_tags.images)
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import make_tiny_lion
 from PIL import Image
 
-from lion_mllm.pipeline import CAPTION_PROMPT, GROUNDING_PROMPT
+from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
 COLOURS = [(200, 30, 30), (20, 160, 60), (40, 40, 220), (240, 200, 10)]
 
@@ -28,9 +28,9 @@ def picture(i: int) -> Image.Image:
 # (image, question, task, tags): both routes, batches of one and of two with mixed routes
 CASES = [
     ([0], [CAPTION_PROMPT], ["caption"], ["red"]),
-    ([1], [GROUNDING_PROMPT.format("the white square")], ["grounding"], ["green, square"]),
-    ([2, 3], ["what colour is it?", GROUNDING_PROMPT.format("the square")], ["vqa", "grounding"], ["blue", "x"]),
-    ([3, 0], [GROUNDING_PROMPT.format("it"), "is it red?"], ["grounding", "vqa"], ["yellow", "red, square"]),
+    ([1], [GROUNDING_TEMPLATE.format(phrase="the white square")], ["grounding"], ["green, square"]),
+    ([2, 3], ["what colour is it?", GROUNDING_TEMPLATE.format(phrase="the square")], ["vqa", "grounding"], ["blue", "x"]),
+    ([3, 0], [GROUNDING_TEMPLATE.format(phrase="it"), "is it red?"], ["grounding", "vqa"], ["yellow", "red, square"]),
 ]
 
 

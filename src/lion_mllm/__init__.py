@@ -54,9 +54,12 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = No
     from .hub import resolve_model
     from .pipeline import Lion
 
-    if str(name_or_path).endswith((".yaml", ".yml")):
+    if str(name_or_path).endswith((".yaml", ".yml")):  # read as it is: its errors name the YAML's keys
         return Lion.from_official(name_or_path, device=device, dtype=dtype, **kwargs)
-    return Lion.from_pretrained(resolve_model(name_or_path), device=device, dtype=dtype, **kwargs)
+    resolved = resolve_model(name_or_path)
+    if resolved.endswith((".yaml", ".yml")):  # an installed name whose download wrote the authors' YAML
+        return Lion.from_official(resolved, device=device, dtype=dtype, **kwargs)
+    return Lion.from_pretrained(resolved, device=device, dtype=dtype, **kwargs)
 
 
 __all__ = ["Box", "CheckpointError", "GenerationDefaults", "Grounding", "ImageLoadError", "Lion", "LionConfig",

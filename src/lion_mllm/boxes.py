@@ -63,9 +63,3 @@ def format_box(box: tuple[float, float, float, float] | Box) -> str:
     """The authors' target format: `[0.440,0.060,0.650,0.367]` (clamped, 3 decimals, no spaces)."""
     values = box.as_tuple() if isinstance(box, Box) else box
     return "[" + ",".join(f"{min(max(v, 0.0), 1.0):.3f}" for v in values) + "]"
-
-
-def normalise_pixel_box(box: tuple[float, float, float, float], width: int, height: int) -> Box:
-    """A pixel box (x0, y0, x1, y1) of a width x height image -> normalised Box."""
-    x0, y0, x1, y1 = box
-    return Box(x0 / width, y0 / height, x1 / width, y1 / height)

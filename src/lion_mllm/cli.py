@@ -38,10 +38,8 @@ from .model_options import (ModelOptionError, _positive_int, add_model_options, 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["build_parser", "draw_grounding", "main"]
+__all__ = ["build_parser", "main"]
 
-BOX_COLOR = (255, 0, 0)
-LABEL_TEXT_COLOR = (255, 255, 255)
 
 
 class UsageError(Exception):
@@ -125,6 +123,26 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
                    help="larger images become error records, checked from the header before decoding "
                         "(default: lion_mllm.images.DEFAULT_MAX_PIXELS, 150 megapixels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray_options = p.add_argument_group(
+        "Ray engine", "--engine ray runs the job on Ray Data (the `scale` extra; docs/scale.md): --input may also "
+                      "be a folder of images, Parquet files or WebDataset tar shards, and --output is a folder "
+                      "of result shards")
+    ray_options.add_argument("--engine", choices=("local", "ray"), default="local",
+                             help="local: this process (default); ray: a Ray cluster (ray.init() finds it, "
+                                  "or starts one on this machine)")
+    ray_options.add_argument("--layout", choices=("jsonl", "folder", "parquet", "webdataset"), default=None,
+                             help="the input layout (default: from --input)")
+    ray_options.add_argument("--task", choices=("caption", "vqa", "grounding"), default=None,
+                             help="the task of every image of a folder, and of rows/samples that name none")
+    ray_options.add_argument("--prompt", default=None, help="with --task: the question (vqa) or a full prompt")
+    ray_options.add_argument("--phrase", default=None, help="with --task grounding: the phrase to find")
+    ray_options.add_argument("--replicas", type=_positive_int, default=None,
+                             help="model replicas (default: one per GPU of the cluster, else 1)")
+    ray_options.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads of each replica")
+    ray_options.add_argument("--output-format", choices=("parquet", "jsonl"), default="parquet")
+    ray_options.add_argument("--shard-rows", type=_positive_int, default=1000,
+                             help="results per output shard (a restart redoes at most the unwritten shards)")
+    ray_options.add_argument("--ray-address", default=None, help="the cluster to join (default: ray.init()'s)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("download", parents=[base], help="download a published model (lion-flant5xl, lion-flant5xxl)")
@@ -221,39 +239,6 @@ def _fmt(values: Sequence[float], digits: int) -> str:
     return " ".join(f"{v:.{digits}f}" for v in values)
 
 
-def draw_grounding(image: Image.Image, box_pixels: Sequence[float], label: str | None = None, *,
-                   color: tuple[int, int, int] = BOX_COLOR) -> Image.Image:
-    """A copy of ``image`` with the box (x0, y0, x1, y1 in pixels) outlined and ``label`` on a tag.
-
-    The outline lies inside the box (its outer edge on the box coordinates); the label sits on a filled
-    tag above the box's top-left corner, or just inside it when there is no room above.
-    """
-    from PIL import ImageDraw, ImageFont
-
-    canvas = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(canvas)
-    width, height = canvas.size
-    line = max(2, round(min(width, height) / 150))
-    x0, y0, x1, y1 = (round(v) for v in box_pixels)
-    x0, x1 = sorted((min(max(x0, 0), width - 1), min(max(x1, 0), width - 1)))
-    y0, y1 = sorted((min(max(y0, 0), height - 1), min(max(y1, 0), height - 1)))
-    draw.rectangle((x0, y0, x1, y1), outline=color, width=line)
-    if label:
-        try:
-            font = ImageFont.load_default(size=max(10, round(min(width, height) / 30)))
-        except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-            font = ImageFont.load_default()
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        pad = 2
-        tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
-        tag_x = min(x0, max(0, width - tag_w))
-        # Above the box if it fits; else inside, below the outline so the edge stays visible.
-        tag_y = y0 - tag_h if y0 - tag_h >= 0 else min(y0 + line, max(0, height - tag_h))
-        draw.rectangle((tag_x, tag_y, tag_x + tag_w - 1, tag_y + tag_h - 1), fill=color)
-        draw.text((tag_x + pad - left, tag_y + pad - top), label, fill=LABEL_TEXT_COLOR, font=font)
-    return canvas
-
-
 # ---------------------------------------------------------------------------------------- commands
 
 
@@ -306,6 +291,8 @@ def _cmd_ground(args: argparse.Namespace) -> int:
     if args.draw:
         out = Path(args.draw)
         out.parent.mkdir(parents=True, exist_ok=True)
+        from .drawing import draw_grounding
+
         draw_grounding(image, result.box_pixels, args.phrase).save(out)
         record["drawn"] = str(out)
         _say(args, f"drew the box on {out}")
@@ -330,6 +317,8 @@ def _cmd_tag(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
+    if args.engine == "ray":
+        return _cmd_run_ray(args)
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"{args.input}: no such input file")
     lion = _load(args)
@@ -347,6 +336,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps({"output": args.output, "answered": summary.done, "errors": summary.errors,
                           "skipped": summary.skipped, "batches": summary.batches,
                           "complete": not summary.stopped_early, "seconds": round(summary.seconds, 3)}))
+    return 0
+
+
+def _cmd_run_ray(args: argparse.Namespace) -> int:
+    if args.max_batches is not None or args.retry_errors:
+        raise UsageError("--max-batches and --retry-errors are for --engine local (a Ray job resumes by shards)")
+    if not Path(args.input).exists():
+        raise FileNotFoundError(f"{args.input}: no such input file or folder")
+    import functools
+
+    try:
+        from .scale import run_ray
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    from .hub import resolve_model
+
+    resolve_model(getattr(args, "model", None))  # a wrong model name fails here, not in every replica
+    summary = run_ray(functools.partial(model_from_args, args), args.input, args.output, layout=args.layout,
+                      task=args.task, prompt=args.prompt, phrase=args.phrase, tags=args.tags,
+                      batch_size=args.batch_size, replicas=args.replicas, device=args.device,
+                      threads=args.threads, output_format=args.output_format, rows_per_shard=args.shard_rows,
+                      image_root=args.image_root, generate_kwargs=_decoding(args), address=args.ray_address,
+                      progress=not (args.no_progress or getattr(args, "quiet", False)),
+                      **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))
+    _say(args, f"{summary.done} answered, {summary.errors} error records, {summary.skipped} already in "
+               f"{args.output}; {summary.seconds:.1f} s")
+    if args.json:
+        print(json.dumps({"output": args.output, "answered": summary.done, "errors": summary.errors,
+                          "skipped": summary.skipped, "complete": True, "seconds": round(summary.seconds, 3)}))
     return 0
 
 

@@ -15,10 +15,7 @@ from typing import Any, Literal
 VisualInput = Literal["all", "qformer", "aggregator"]
 VISUAL_INPUTS: tuple[str, ...] = ("all", "qformer", "aggregator")
 
-# The authors' prompt; `<extra_id_0>`'s embedding is replaced by a learned vector (the "soft prompt")
-# that tells the model the tags that follow may be wrong. Trailing space included.
-TAG_PROMPT = "According to <extra_id_0>, you are allowed to use or partially use the following tags: [{}]. "
-SOFT_PROMPT_TOKEN = "<extra_id_0>"
+from .tasks import TAG_PROMPT
 
 
 @dataclass
@@ -110,8 +107,6 @@ class LionConfig:
     enable_semantic_tags: bool = True
     ln_vision_eps: float = 1e-5
     tag_prompt: str = TAG_PROMPT
-    # RAM tagger settings (a `lion_mllm.ram.RamConfig` as a dict); None = no built-in tagger.
-    tagger: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.visual_input = self.visual_input.lower()  # the authors' YAML says "ALL"
@@ -147,6 +142,8 @@ class LionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LionConfig":
         data = dict(data)
+        if data.get("tagger", "absent") is None:
+            del data["tagger"]  # an always-null field of bundles written before the tagger got its own file
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

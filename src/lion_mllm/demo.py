@@ -68,7 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from .cli import draw_grounding
+    from .drawing import draw_grounding
     from .hub import resolve_model
     from .shapes import ShapesTagger
 

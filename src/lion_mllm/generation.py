@@ -23,35 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, TASKS, VQA_TEMPLATE, canonical_task
 
-__all__ = ["CAPTION_PROMPT", "DECODING_FIELDS", "GENERATION_CONFIG_FILE", "GROUNDING_TEMPLATE", "TASKS",
-           "VQA_TEMPLATE", "GenerationDefaults", "canonical_task"]
+__all__ = ["DECODING_FIELDS", "GENERATION_CONFIG_FILE", "GenerationDefaults"]
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
-# The authors' caption instruction and their playground REC prompt (a Shikra template, `<image>` literal).
-CAPTION_PROMPT = "Please describe the image using a single short sentence."
-GROUNDING_TEMPLATE = "In the image <image>, can you locate {phrase} and let me know its coordinates?"
-# The authors' models take the question as typed.
-VQA_TEMPLATE = "{question}"
-
-# The three prompt kinds; other task names map onto them (the router only knows image vs region level).
-TASKS = ("caption", "vqa", "grounding")
-_TASK_ALIASES = {"caption": "caption", "vqa": "vqa", "ask": "vqa", "image_level": "vqa",
-                 "grounding": "grounding", "ground": "grounding", "rec": "grounding", "region_level": "grounding"}
 _PLACEHOLDERS = {"caption": None, "vqa": "question", "grounding": "phrase"}
 
 # The `Lion.generate` keyword arguments a generation config sets.
 DECODING_FIELDS = ("num_beams", "max_new_tokens", "min_length", "repetition_penalty", "length_penalty",
                    "do_sample", "temperature", "top_p")
-
-
-def canonical_task(task: str) -> str:
-    """`caption`, `vqa` or `grounding` for any task name the model accepts (`ask`, `rec`, `region_level`...)."""
-    try:
-        return _TASK_ALIASES[task]
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; use one of {sorted(_TASK_ALIASES)}") from None
 
 
 def _default_prompts() -> dict[str, str]:

@@ -205,16 +205,21 @@ def _looks_like_name(text: str) -> bool:
 
 
 def resolve_model(spec: str | os.PathLike[str] | None = None) -> str:
-    """Turn a ``--model`` value into what :func:`lion_mllm.load_model` accepts.
+    """The one place a model name becomes a local path: a bundle directory or the authors' YAML.
 
     ``spec`` (default ``$LION_MODEL``, else :data:`DEFAULT_MODEL`) may be a bundle directory, a YAML
-    config, ``local-dir:``/``hf-hub:`` names (passed through), or an installed model name
-    (``lion-flant5xl`` after ``lion download``). Raises :class:`ModelNotInstalledError` (a
-    FileNotFoundError) with a one-line explanation otherwise.
+    config, ``local-dir:PATH``, ``hf-hub:owner/repo[@revision]`` (downloaded into the Hugging Face cache,
+    or reused from it), or an installed model name (``lion-flant5xl`` after ``lion download``). Raises
+    :class:`ModelNotInstalledError` (a FileNotFoundError) with a one-line explanation otherwise.
     """
     text = str(spec) if spec else (os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
-    if text.startswith(("hf-hub:", "local-dir:")):
-        return text
+    if text.startswith("hf-hub:"):
+        return str(fetch_hub_bundle(text[len("hf-hub:"):]))
+    if text.startswith("local-dir:"):
+        path = Path(text[len("local-dir:"):]).expanduser()
+        if not path.is_dir():
+            raise ModelNotInstalledError(f"{text}: not a directory")
+        return str(path)
     path = Path(text).expanduser()
     if path.suffix.lower() in (".yaml", ".yml"):
         if not path.is_file():
@@ -293,6 +298,21 @@ def fetch_hub_folder(item: HubFolder, local_dir: Path | None = None) -> Path:
         folder = fetch(item.fallback_patterns)
     if not (folder / "config.json").is_file():
         raise DownloadError(f"{item.repo_id}: the download has no config.json (is it a model repository?)")
+    return folder
+
+
+def fetch_hub_bundle(repo_and_revision: str) -> Path:
+    """A lion-mllm bundle published on the hub (``owner/repo[@revision]``): the whole repository."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = repo_and_revision.partition("@")
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None, endpoint=_endpoint()))
+    except Exception as error:  # huggingface_hub raises many types; one clear line is what users need
+        raise _hub_error(repo_and_revision, error) from error
+    if not (folder / "config.json").is_file():
+        raise DownloadError(f"hf-hub:{repo_and_revision}: the repository has no config.json, so it is not a "
+                            "lion-mllm bundle (Lion.save_pretrained writes one)")
     return folder
 
 

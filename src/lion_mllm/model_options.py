@@ -156,15 +156,9 @@ def _ram_config(value: str | None) -> Any:
         return None
     path = Path(value).expanduser()
     if path.suffix.lower() == ".json":
-        import json
-
-        from .errors import CheckpointError
         from .ram import RamConfig
 
-        try:
-            return RamConfig.from_dict(json.loads(path.read_text()))
-        except (OSError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{path}: not a RAM config (RamConfig fields as JSON): {error}") from None
+        return RamConfig.from_json_file(path)
     return path
 
 
@@ -213,9 +207,9 @@ def tagger_from_args(args: argparse.Namespace) -> Any:
         if paths.ram_model is None:
             raise ModelOptionError(f"{resolved} names no ram_model; pass --ram ram_swin_large_14m.pth")
         return LazyRamTagger(paths.ram_model, device=device, **paths.ram_tagger_options())
-    from .pipeline import bundle_tagger, resolve_bundle
+    from .taggers import bundle_tagger
 
-    tagger = bundle_tagger(resolve_bundle(resolved), device)
+    tagger = bundle_tagger(Path(resolved), device)
     if tagger is None:
         raise ModelOptionError(f"{resolved}: the bundle holds no tagger; pass --ram ram_swin_large_14m.pth")
     return tagger

@@ -20,9 +20,10 @@ import yaml
 
 from .bundle import T5_TIED_KEYS, expected_keys, materialise
 from .checkpoint_files import read_hf_weights, read_torch_file
-from .config import SOFT_PROMPT_TOKEN, AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
+from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
 from .errors import CheckpointError
 from .modeling_lion import LionModel
+from .tasks import SOFT_PROMPT_TOKEN
 
 __all__ = ["OfficialPaths", "config_from_official", "load_official_model", "official_to_ours", "ours_to_official"]
 
@@ -231,11 +232,7 @@ class OfficialPaths:
         elif isinstance(config, Path) and config.suffix.lower() == ".json":
             from .ram import RamConfig
 
-            try:
-                options["config"] = RamConfig.from_dict(json.loads(config.read_text()))
-            except (OSError, TypeError, ValueError) as error:
-                raise CheckpointError(f"{config}: not a RAM config (lion_mllm.ram.RamConfig fields as JSON): "
-                                      f"{error}") from None
+            options["config"] = RamConfig.from_json_file(config)
         elif config is not None:
             options["config"] = config  # RAM's own config folder
         if "ram_tag_list" in self.extra:
@@ -316,6 +313,59 @@ def soft_prompt_token_id(tokenizer: Any, where: str | Path, required: bool = Tru
     return int(token_id)
 
 
+def _vit_state(vit_raw: dict[str, torch.Tensor], depth: int, where: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The ViT file's tensors under the authors' LION names, blocks beyond `depth` left out (and listed)."""
+    state, skipped = {}, []
+    for name, tensor in vit_raw.items():
+        block = re.match(r"blocks\.(\d+)\.", name)
+        if block and int(block.group(1)) >= depth:  # EVA-CLIP's 40th block: BLIP-2 and LION drop it
+            skipped.append(f"{where.name}:{name}")
+            continue
+        state["visual_encoder." + name] = tensor
+    return state, skipped
+
+
+class _Converter:
+    """One tensor of a file -> the dtype and device it has in the model, checked against the model's shape.
+
+    With `round_like_reference`, T5 weights go through bfloat16 and the ViT's linear/conv weights through
+    float16 first, as the authors' code loads them (their CPU path then computes in float32)."""
+
+    def __init__(self, targets: dict[str, torch.Tensor], paths: OfficialPaths, t5_source: str,
+                 device: torch.device, dtype: torch.dtype, round_like_reference: bool) -> None:
+        self.targets, self.paths, self.t5_source = targets, paths, t5_source
+        self.device, self.dtype, self.round_like_reference = device, dtype, round_like_reference
+
+    def __call__(self, name: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
+        target = self.targets[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                  f"{tuple(target.shape)} (a checkpoint of another architecture?)")
+        if not target.is_floating_point():
+            return tensor.to(self.device)
+        if self.round_like_reference:
+            if source == str(self.paths.vit_model) and _is_vit_linear(name):
+                tensor = tensor.to(torch.float16)
+            elif source == self.t5_source or (name.startswith("language_model.") and ".adapter." not in name):
+                tensor = tensor.to(torch.bfloat16)
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+
+def _check_complete(state: dict[str, torch.Tensor], unexpected: list[str], model: LionModel, paths: OfficialPaths,
+                    ignore_unexpected: bool) -> None:
+    """Unexpected keys (unless ignored) and missing keys are errors; a missing key names its file."""
+    if unexpected and not ignore_unexpected:
+        raise CheckpointError(f"unexpected keys (pass ignore_unexpected=True to skip them): "
+                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
+    missing = [k for k in expected_keys(model) if k not in state]
+    if missing:
+        by_file: dict[Path, list[str]] = {}
+        for key in missing:
+            by_file.setdefault(source_of(key, paths), []).append(key)
+        detail = "; ".join(f"{file}: {len(keys)} keys missing, e.g. {keys[:3]}" for file, keys in by_file.items())
+        raise CheckpointError(f"weights missing: {detail}")
+
+
 def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, round_like_reference: bool = True,
                         ignore_unexpected: bool = False, vision_num_heads: int | None = None,
@@ -332,51 +382,26 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
     device = torch.device(device)
     vit_raw = read_torch_file(paths.vit_model)
     config = config_from_official(paths, vit_raw, vision_num_heads)
-    lion_raw = read_torch_file(paths.pretrained)
+    vit_state, skipped = _vit_state(vit_raw, config.vision.num_hidden_layers, paths.vit_model)
     t5_raw, t5_source = read_hf_weights(paths.llm_model)
+    with torch.device("meta"):
+        model = LionModel(config, attn_implementation)
+    convert = _Converter(model.state_dict(), paths, t5_source, device, dtype, round_like_reference)
+    wanted = set(expected_keys(model)) | set(T5_TIED_KEYS)
 
-    skipped: list[str] = []
-    depth = config.vision.num_hidden_layers
-    vit_state = {}
-    for name, tensor in vit_raw.items():
-        block = re.match(r"blocks\.(\d+)\.", name)
-        if block and int(block.group(1)) >= depth:  # EVA-CLIP's 40th block: BLIP-2 and LION drop it
-            skipped.append(f"{paths.vit_model.name}:{name}")
-            continue
-        vit_state["visual_encoder." + name] = tensor
-    vit_mapped, vit_unknown = official_to_ours(vit_state)
     t5_ignorable = {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
     # read lazily: each T5 tensor is loaded, converted and released before the next one
     t5_mapped = ((f"language_model.{k}", t5_raw[k]) for k in t5_raw if k not in t5_ignorable)
-    lion_mapped, lion_unknown = official_to_ours(lion_raw)
-
-    with torch.device("meta"):
-        model = LionModel(config, attn_implementation)
-    targets = model.state_dict()  # meta tensors: shapes and dtypes only
-    wanted = set(expected_keys(model)) | set(T5_TIED_KEYS)
-
-    def convert(name: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
-        target = targets[name]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                  f"{tuple(target.shape)} (a checkpoint of another architecture?)")
-        if not target.is_floating_point():
-            return tensor.to(device)
-        if round_like_reference:
-            if source == str(paths.vit_model) and _is_vit_linear(name):
-                tensor = tensor.to(torch.float16)
-            elif source == t5_source or (name.startswith("language_model.") and ".adapter." not in name):
-                tensor = tensor.to(torch.bfloat16)
-        return tensor.to(device=device, dtype=dtype)
-
+    vit_mapped, vit_unknown = official_to_ours(vit_state)
+    lion_mapped, lion_unknown = official_to_ours(read_torch_file(paths.pretrained))
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     # Later files override earlier ones, as in the authors' loading order: ViT, T5, then the LION .pth.
-    for source, mapped, unknown in ((str(paths.vit_model), vit_mapped, vit_unknown),
+    for source, mapped, unknown in ((str(paths.vit_model), vit_mapped.items(), vit_unknown),
                                     (t5_source, t5_mapped, []),
-                                    (str(paths.pretrained), lion_mapped, lion_unknown)):
+                                    (str(paths.pretrained), lion_mapped.items(), lion_unknown)):
         unexpected += [f"{Path(source).name}:{k}" for k in unknown]
-        for name, tensor in (mapped.items() if isinstance(mapped, dict) else mapped):
+        for name, tensor in mapped:
             if name not in wanted:  # reported under the file's own name for the key
                 original = name[len("language_model."):] if source == t5_source else _apply(_INVERSE, name)
                 unexpected.append(f"{Path(source).name}:{original or name}")
@@ -384,16 +409,7 @@ def load_official_model(paths: OfficialPaths, *, device: str | torch.device = "c
             if name in T5_TIED_KEYS:
                 name = "language_model.shared.weight"
             state[name] = convert(name, tensor, source)
-    if unexpected and not ignore_unexpected:
-        raise CheckpointError(f"unexpected keys (pass ignore_unexpected=True to skip them): "
-                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
-    missing = [k for k in expected_keys(model) if k not in state]
-    if missing:
-        by_file: dict[Path, list[str]] = {}
-        for key in missing:
-            by_file.setdefault(source_of(key, paths), []).append(key)
-        detail = "; ".join(f"{file}: {len(keys)} keys missing, e.g. {keys[:3]}" for file, keys in by_file.items())
-        raise CheckpointError(f"weights missing: {detail}")
+    _check_complete(state, unexpected, model, paths, ignore_unexpected)
     materialise(model, state, device)
     if t5_tokenizer is None:
         from transformers import AutoTokenizer

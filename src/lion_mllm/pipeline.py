@@ -8,78 +8,24 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from PIL import Image
 
 from .boxes import Box, parse_box
-from .config import LionConfig
-from .errors import CheckpointError
-from .generation import CAPTION_PROMPT, GenerationDefaults  # noqa: F401  CAPTION_PROMPT: kept importable here
 from .bundle import bundle_state, load_bundle_model, write_bundle_config
 from .checkpoint_files import save_state_sharded
-from .official import OfficialPaths, load_official_model, soft_prompt_token_id
+from .config import LionConfig
+from .errors import CheckpointError
+from .generation import GenerationDefaults
 from .modeling_lion import LionModel
+from .official import OfficialPaths, load_official_model, soft_prompt_token_id
 from .processing import ImageInput, LionProcessor, load_image
-
-# The authors' playground REC prompt (a Shikra template, `<image>` kept literally); `{}` is the phrase.
-# Models say their own template in `generation_config.prompts["grounding"]` (with `{phrase}`).
-GROUNDING_PROMPT = "In the image <image>, can you locate {} and let me know its coordinates?"
-
-
-TAGGER_FILE = "tagger.json"
-
-
-def write_tagger(tagger: Any, directory: Path) -> None:
-    """Put the model's tagger into a bundle, with `tagger.json` saying how to rebuild it: built-in taggers
-    by their few settings (`bundle_spec`), RAM by its weights, config and vocabulary (read lazily when
-    loaded). Other taggers cannot be stored and must be attached again after loading."""
-    spec = getattr(tagger, "bundle_spec", None)
-    if spec is None:
-        from .ram import LazyRamTagger, RamTagger
-
-        if isinstance(tagger, LazyRamTagger):
-            tagger = tagger.load()
-        if isinstance(tagger, RamTagger):
-            spec = tagger.save_bundle(directory)
-    if spec is not None:
-        (Path(directory) / TAGGER_FILE).write_text(json.dumps(spec, indent=1) + "\n")
-
-
-def bundle_tagger(directory: Path, device: str | torch.device = "cpu") -> Any:
-    """The tagger a bundle's `tagger.json` names (RAM read lazily on `device`), or None without that file."""
-    path = Path(directory) / TAGGER_FILE
-    if not path.is_file():
-        return None
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{path}: expected a JSON object with a 'type'")
-    spec = dict(spec)
-    kind = spec.pop("type", None)
-    if kind == "shapes":
-        from .shapes import ShapesTagger  # the demo world's pixel tagger (RAM's stand-in)
-
-        try:
-            return ShapesTagger(**spec)
-        except TypeError as error:
-            raise CheckpointError(f"{path}: not a shapes tagger's settings: {error}") from None
-    if kind == "ram":
-        from .ram import LazyRamTagger
-
-        return LazyRamTagger.from_bundle(directory, spec, device=device)
-    raise CheckpointError(f"{path}: unknown tagger type {kind!r} (known: 'ram', 'shapes')")
-
-
-class Tagger(Protocol):
-    def tag(self, images: list[Image.Image]) -> list[str]: ...
+from .taggers import Tagger, bundle_tagger, write_tagger
 
 
 @dataclass(frozen=True)
@@ -163,9 +109,14 @@ class Lion:
     def from_pretrained(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, tagger: Tagger | None = None,
                         attn_implementation: str = "sdpa") -> "Lion":
-        """From a bundle directory (`save_pretrained`), `local-dir:PATH`, or `hf-hub:owner/repo`.
-        `attn_implementation="eager"` runs attention as the authors' code does (for comparisons)."""
-        directory = resolve_bundle(name_or_path)
+        """From a bundle directory (`save_pretrained`), `local-dir:PATH`, `hf-hub:owner/repo[@revision]` or
+        an installed name (`lion_mllm.hub.resolve_model`). `attn_implementation="eager"` runs attention as the
+        authors' code does (for comparisons)."""
+        from .hub import resolve_model
+
+        directory = Path(resolve_model(name_or_path))
+        if directory.suffix.lower() in (".yaml", ".yml"):
+            raise CheckpointError(f"{directory}: the authors' YAML goes to Lion.from_official (or load_model)")
         device = torch.device(_available_device(device))
         model = load_bundle_model(directory, device=device, dtype=resolve_dtype(device, dtype),
                                   attn_implementation=attn_implementation)
@@ -280,19 +231,3 @@ def _available_device(device: str | torch.device) -> str:
     from .model_options import resolve_device
 
     return resolve_device(str(device), label="device")
-
-
-def resolve_bundle(name_or_path: str | Path) -> Path:
-    """`hf-hub:owner/repo[@revision]` (downloaded into the Hugging Face cache), `local-dir:PATH`, or a path."""
-    text = str(name_or_path)
-    if text.startswith("hf-hub:"):
-        from huggingface_hub import snapshot_download
-
-        repo, _, revision = text[len("hf-hub:"):].partition("@")
-        return Path(snapshot_download(repo, revision=revision or None))
-    if text.startswith("local-dir:"):
-        text = text[len("local-dir:"):]
-    path = Path(text).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{text}: not a lion-mllm bundle directory (nor hf-hub:/local-dir:)")
-    return path

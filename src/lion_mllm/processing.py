@@ -20,24 +20,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .config import LionConfig
 from .images import ImageInput, ImageLoadError, load_image
 from .resample import Filter, resize
+from .tasks import route_of
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-__all__ = ["ImageInput", "ImageLoadError", "LionImageProcessor", "LionProcessor", "load_image", "route_id"]
-
-# Task names a user may give, and the router row each takes (0 region-level, 1 image-level).
-TASK_ROUTES = {
-    "caption": 1, "vqa": 1, "ask": 1, "image_level": 1,
-    "ground": 0, "grounding": 0, "rec": 0, "region_level": 0,
-}
-
-
-def route_id(task: str) -> int:
-    try:
-        return TASK_ROUTES[task]
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASK_ROUTES)}") from None
+__all__ = ["ImageInput", "ImageLoadError", "LionImageProcessor", "LionProcessor", "load_image"]
 
 
 class LionImageProcessor:
@@ -142,7 +130,7 @@ class LionProcessor:
             "pixel_values": pixel_values,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "route_ids": torch.tensor([route_id(t) for t in tasks], dtype=torch.long),
+            "route_ids": torch.tensor([route_of(t) for t in tasks], dtype=torch.long),
         }
         if self.config.uses_qformer:
             if self.qformer_tokenizer is None:

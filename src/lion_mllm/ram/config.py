@@ -96,6 +96,15 @@ class RamConfig:
         return cls(**dict(data))
 
     @classmethod
+    def from_json_file(cls, path: PathLike) -> RamConfig:
+        """A JSON file of :meth:`to_dict`'s fields; a CheckpointError naming the file otherwise."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, TypeError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{path}: not a RAM config (lion_mllm.ram.RamConfig fields as JSON): "
+                                  f"{error}") from None
+
+    @classmethod
     def swin_large(cls) -> RamConfig:
         """The real ``ram_swin_large_14m`` configuration (Swin-L 384, 4585 tags)."""
         return cls()

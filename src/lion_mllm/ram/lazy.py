@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .config import RamConfig
 from .modeling_ram import RAM_BUNDLE_WEIGHTS, RamTagger
 
 
@@ -25,34 +25,15 @@ PathLike = str | os.PathLike[str]
 class LazyRamTagger:
     """Holds the paths and loads RAM's weights only when tags are first needed (thread-safe).
 
-    Same arguments as :meth:`RamTagger.from_official`; the files are not opened at construction.
+    Takes :meth:`RamTagger.from_official`'s arguments (the checkpoint, then `tag_list`, `thresholds`,
+    `config`, `device`, `dtype`, ...); the files are not opened at construction.
     """
 
-    def __init__(
-        self,
-        checkpoint_path: PathLike,
-        tag_list: PathLike | None = None,
-        thresholds: PathLike | None = None,
-        config: RamConfig | PathLike | None = None,
-        *,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        verify_tag_files: bool | None = None,
-        progress: bool = False,
-    ) -> None:
+    def __init__(self, checkpoint_path: PathLike, *args: Any, **kwargs: Any) -> None:
         self.checkpoint_path = Path(checkpoint_path)
-        self._kwargs = {
-            "tag_list": tag_list,
-            "thresholds": thresholds,
-            "config": config,
-            "device": device,
-            "dtype": dtype,
-            "verify_tag_files": verify_tag_files,
-            "progress": progress,
-        }
+        self._load: Callable[[], RamTagger] = partial(RamTagger.from_official, self.checkpoint_path, *args, **kwargs)
         self._tagger: RamTagger | None = None
         self._lock = threading.Lock()
-        self._bundle: tuple[Path, dict[str, Any]] | None = None
 
     @classmethod
     def from_bundle(cls, directory: PathLike, spec: Mapping[str, Any], *, device: str | torch.device = "cpu",
@@ -60,8 +41,8 @@ class LazyRamTagger:
         """A bundle's RAM (`RamTagger.from_bundle`), read when tags are first needed; the entry itself
         (config, named files) is checked now, so a broken bundle fails when it is loaded."""
         RamTagger.bundle_entry(directory, spec)
-        lazy = cls(Path(directory) / str(spec.get("weights", RAM_BUNDLE_WEIGHTS)), device=device, dtype=dtype)
-        lazy._bundle = (Path(directory), dict(spec))
+        lazy = cls(Path(directory) / str(spec.get("weights", RAM_BUNDLE_WEIGHTS)))
+        lazy._load = partial(RamTagger.from_bundle, Path(directory), dict(spec), device=device, dtype=dtype)
         return lazy
 
     @property
@@ -72,11 +53,8 @@ class LazyRamTagger:
         """Load (once) and return the underlying :class:`RamTagger`."""
         if self._tagger is None:
             with self._lock:
-                if self._tagger is None and self._bundle is not None:
-                    self._tagger = RamTagger.from_bundle(*self._bundle, device=self._kwargs["device"],
-                                                         dtype=self._kwargs["dtype"])  # type: ignore[arg-type]
-                elif self._tagger is None:
-                    self._tagger = RamTagger.from_official(self.checkpoint_path, **self._kwargs)  # type: ignore[arg-type]
+                if self._tagger is None:
+                    self._tagger = self._load()
         return self._tagger
 
     def tag(self, images: Sequence[Image.Image] | Image.Image, threshold: float | None = None) -> list[str]:
