@@ -29,12 +29,13 @@ openai = pytest.importorskip("openai")
 import uvicorn
 from conftest import make_tiny_lion
 
+from lion_mllm.drawing import draw_boxes
 from lion_mllm.generation import GenerationDefaults
 from lion_mllm.server import ServerSettings, add_serve_subcommand, create_app
 from lion_mllm.server.app import build_app
 from lion_mllm.server.engine import cut_at_stop
 from lion_mllm.server.errors import APIError
-from lion_mllm.server.images import decode_data_url, draw_boxes, find_boxes
+from lion_mllm.server.images import decode_data_url, find_boxes
 from lion_mllm.server.protocol import build_question, infer_task, word_chunks
 from lion_mllm.server.state import ServerState
 from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
@@ -189,7 +190,7 @@ def test_text_helpers_boxes_and_drawing():
     assert cut_at_stop("one two three", ["two"]) == ("one ", True)
     boxes = find_boxes("Answer: [0.1,0.2,0.3,0.4] and [0.5, 0.5, 0.9, 0.7] and [1,2]")
     assert [b.as_tuple() for b in boxes] == [(0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.7)]
-    drawn = draw_boxes(Image.new("RGB", (100, 50), (0, 0, 0)), boxes[:1])
+    drawn = draw_boxes(Image.new("RGB", (100, 50), (0, 0, 0)), [boxes[0].to_pixels(100, 50)])
     assert drawn.getpixel((10, 15)) != (0, 0, 0)  # left edge of the box: x = 0.1*100, y in 10..20
     assert drawn.getpixel((50, 40)) == (0, 0, 0)  # outside the box untouched
 
@@ -447,7 +448,7 @@ def json_bytes(payload: Any) -> bytes:
 @pytest.fixture(scope="module")
 def double_server(lion):
     double = Double(lion, tagger=FakeTagger(), hold="wait for the batch")
-    settings = ServerSettings(max_batch_size=8, max_wait_ms=300, default_max_tokens=6, allow_remote_images=True,
+    settings = ServerSettings(max_batch_size=8, max_wait_ms=10, default_max_tokens=6, allow_remote_images=True,
                               ui=False)
     with LiveServer(create_app(double, settings)) as live:
         live.double = double

@@ -1,4 +1,4 @@
-"""Images from requests, decoded defensively, and boxes drawn on them.
+"""Images from requests, decoded defensively, and the boxes found in answers.
 
 Decoding is `lion_mllm.images`' (raster formats only: no request reaches Ghostscript; the pixel count is
 read from the header and checked before any pixel is decoded); this module turns its errors into API
@@ -7,17 +7,14 @@ errors: 413 for too many pixels or bytes, 400 for everything else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..boxes import Box, find_boxes  # noqa: F401 - re-exported for the app and page
 from ..images import ImageLoadError, decode_image
 from ..images import decode_data_url as data_url_bytes
 from .errors import APIError
-
-BOX_COLOURS = ((255, 32, 96), (32, 200, 255), (255, 200, 0), (120, 255, 60))
 
 _ERROR_CODES = {"too_large": "image_too_large", "invalid_url": "invalid_image_url", "download_failed": "fetch_failed"}
 
@@ -80,18 +77,3 @@ def box_record(box: Box, width: int, height: int) -> dict:
     return {"box": [round(v, 4) for v in box.as_tuple()],
             "box_pixels": [round(v, 1) for v in box.to_pixels(width, height)],
             "text": format_box(box)}
-
-
-def draw_boxes(image: Image.Image, boxes: Sequence[Box], labels: Sequence[str] | None = None) -> Image.Image:
-    """A copy of `image` with each box outlined (line width scales with the image)."""
-    out = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(out)
-    width, height = out.size
-    line = max(2, round(min(width, height) / 100))
-    for i, box in enumerate(boxes):
-        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
-        x0, y0, x1, y1 = box.to_pixels(width, height)
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
-        if labels is not None and i < len(labels) and labels[i]:
-            draw.text((x0 + line + 2, y0 + line + 2), labels[i], fill=colour)
-    return out

@@ -17,9 +17,10 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
 from fastapi import FastAPI
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ..boxes import Box
+from ..drawing import draw_boxes
 from .engine import DecodingSettings, GenerationRequest
 from .errors import APIError
 from .images import box_record, decode_image_bytes, find_boxes
@@ -87,25 +88,10 @@ def draw_page_boxes(image: Image.Image, boxes: Sequence[Box]) -> Image.Image:
     factor = max(1, -(-DISPLAY_SHORT_SIDE // short)) if short < DISPLAY_SHORT_SIDE else 1
     if factor > 1:
         out = out.resize((out.width * factor, out.height * factor), Image.Resampling.NEAREST)
-    else:
-        out = out.copy()
-    draw = ImageDraw.Draw(out)
     width, height = out.size
-    line = max(3, round(min(width, height) / 120))
-    font = ImageFont.load_default(size=max(16, round(min(width, height) / 22)))
-    for i, box in enumerate(boxes):
-        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
-        x0, y0, x1, y1 = box.to_pixels(width, height)
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
-        label = str(i + 1)
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        pad = max(2, line // 2)
-        tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
-        tx = min(max(x0, 0), width - tag_w)
-        ty = y0 - tag_h if y0 - tag_h >= 0 else min(y0 + line, height - tag_h)  # above the box, else inside
-        draw.rectangle((tx, ty, tx + tag_w, ty + tag_h), fill=colour)
-        draw.text((tx + pad - left, ty + pad - top), label, fill=(0, 0, 0), font=font)
-    return out
+    return draw_boxes(out, [box.to_pixels(width, height) for box in boxes], [str(i + 1) for i in range(len(boxes))],
+                      colors=BOX_COLOURS, text_color=(0, 0, 0), line_width=max(3, round(min(width, height) / 120)),
+                      font_size=max(16, round(min(width, height) / 22)))
 
 
 def build_webui(lion: Any, scheduler: Any, settings: ServerSettings) -> Any:
