@@ -25,11 +25,13 @@ import os
 import re
 from typing import Any
 
+from ..tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
+
 __all__ = ["TASKS", "ALIASES", "get_task", "set_protocol", "task_names", "infer_split", "PROMPT_FIELDS"]
 
-CAPTION_PROMPT = "Please describe the image using a single short sentence."
 VQA_PROMPT = "Question: {question} Short answer:"
-REC_PROMPT = "In the image <image>, can you locate {expr} and let me know its coordinates?"
+# The authors' REC template, its phrase filled by the field the REC loader gives (`expr`).
+REC_PROMPT = GROUNDING_TEMPLATE.format(phrase="{expr}")
 YESNO_PROMPT = "{question} Please answer yes or no."
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 # VisDial: the caption and earlier rounds as text, then the question in the short-answer VQA form.
