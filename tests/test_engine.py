@@ -44,15 +44,24 @@ def test_mixed_requests_joining_between_steps_equal_lion_generate(shapes, images
     lengths = [40, 2, 40, 1, 6, 40]  # some stop on their end token, some on the length
     truth = [expected(shapes, images[i], q, t, max_new_tokens=n) for i, ((q, t), n) in enumerate(zip(QUESTIONS, lengths))]
     assert len(set(truth)) > 3 and any(len(x.split()) > 5 for x in truth)
+    requests: list[tuple[GenerationRequest, list[str]]] = []
+    for i, ((question, task), n) in enumerate(zip(QUESTIONS, lengths)):
+        pieces: list[str] = []
+        requests.append((GenerationRequest(images[i], question, task, None, DecodingSettings(n),
+                                           on_text=pieces.append), pieces))
+    pairs = [[r for r, _ in requests[i:i + 2]] for i in range(0, len(requests), 2)]
     steps: list[int] = []
-    engine = DecodingEngine(shapes, max_batch_size=3, on_step=lambda rows, tokens: steps.append(rows))
+
+    def on_step(rows: int, tokens: int) -> None:  # the engine thread, between two steps
+        steps.append(rows)
+        if len(steps) in (2, 4):  # some arrive together, some while others decode: by the steps, not a clock
+            for request in pairs[len(steps) // 2]:
+                engine.submit(request)
+
+    engine = DecodingEngine(shapes, max_batch_size=3, on_step=on_step)
     try:
-        requests = []
-        for i, ((question, task), n) in enumerate(zip(QUESTIONS, lengths)):
-            pieces: list[str] = []
-            request = GenerationRequest(images[i], question, task, None, DecodingSettings(n), on_text=pieces.append)
-            requests.append((engine.submit(request), pieces))
-            time.sleep(0.02 * (i % 2))  # some arrive together, some while others decode
+        for request in pairs[0]:
+            engine.submit(request)
         results = [r.future.result(120) for r, _ in requests]
     finally:
         engine.stop()
