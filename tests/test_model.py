@@ -280,6 +280,32 @@ def test_flops_accounting_matches_a_measured_count():
     assert predicted == pytest.approx(measured, rel=1e-3)
 
 
+def test_t5_flops_accounting_matches_a_measured_count():
+    """The T5 formulas behind the published bounds: the encoder over [visual tokens; prompt], the cross-
+    attention keys/values computed once per image, and one cached decoder step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers.modeling_outputs import BaseModelOutput
+
+    model = make_tiny_lion(attn_implementation="eager").model
+    language, prompt_tokens = model.config.language, 21
+    flops = model.flops_per_image(prompt_tokens=prompt_tokens)
+    encoder_inputs = torch.randn(1, model.config.num_visual_tokens + prompt_tokens, language.d_model)
+    lm = model.language_model
+    with model.routing(torch.tensor([1])), torch.no_grad():
+        with FlopCounterMode(display=False) as encoder_count:
+            encoded = BaseModelOutput(last_hidden_state=lm.encoder(inputs_embeds=encoder_inputs).last_hidden_state)
+        with FlopCounterMode(display=False) as first_count:  # the first step also projects the encoder output
+            first = lm(encoder_outputs=encoded, decoder_input_ids=torch.tensor([[0]]), use_cache=True)
+        with FlopCounterMode(display=False) as step_count:  # position 1: self-attention over 2 positions
+            lm(encoder_outputs=encoded, decoder_input_ids=torch.tensor([[5]]), cache=first.past_key_values,
+               use_cache=True)
+    prefix_scores = 4.0 * 2 * language.num_heads * language.d_kv * language.num_decoder_layers
+    assert encoder_count.get_total_flops() == flops["t5_encoder"]
+    assert step_count.get_total_flops() == flops["t5_decoder_per_token"] + prefix_scores
+    first_prefix = 4.0 * 1 * language.num_heads * language.d_kv * language.num_decoder_layers
+    assert first_count.get_total_flops() == flops["t5_cross_kv"] + flops["t5_decoder_per_token"] + first_prefix
+
+
 def test_ram_tagger_fills_the_prompt_with_the_authors_tags(golden_results):
     """RAM (the golden stand-in, read lazily) tags an image LION was given no tags for."""
     from lion_mllm.ram import LazyRamTagger

@@ -529,7 +529,13 @@ class LionModel(nn.Module):
         inner = lang.num_heads * lang.d_kv
         flops["t5_encoder"] = 2.0 * enc_tokens * linear_params(self.language_model.encoder) \
             + 4.0 * enc_tokens * enc_tokens * inner * lang.num_layers
-        flops["t5_decoder_per_token"] = 2.0 * (linear_params(self.language_model.decoder)
+        # The cross-attention keys and values of the encoder output are computed once per image (cached), so
+        # they are not part of a decoder step; a step at position t adds 4 t inner per layer of
+        # self-attention scores over the prefix, left out here (small beside the rest for short answers).
+        cross_kv = sum(layer.layer[1].EncDecAttention.k.weight.numel() + layer.layer[1].EncDecAttention.v.weight.numel()
+                       for layer in self.language_model.decoder.block)
+        flops["t5_cross_kv"] = 2.0 * enc_tokens * cross_kv
+        flops["t5_decoder_per_token"] = 2.0 * (linear_params(self.language_model.decoder) - cross_kv
                                               + self.language_model.lm_head.weight.numel()) \
             + 4.0 * enc_tokens * inner * lang.num_decoder_layers
         return flops
