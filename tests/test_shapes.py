@@ -192,3 +192,34 @@ def test_bundle_remembers_its_shapes_tagger(tmp_path):
     (directory / "tagger.json").write_text('{"type": "ram"}')
     with pytest.raises(ValueError, match="tagger.json"):
         Lion.from_pretrained(directory)
+
+
+def test_the_world_is_a_subpackage_with_its_public_names_at_the_top():
+    import importlib
+    import subprocess
+    import sys
+
+    parts = {"world": "make_scene", "dataset": "write_dataset", "tagger": "ShapesTagger",
+             "tokenizers": "build_tokenizers", "scoring": "score_pipeline", "cli": "main",
+             "recipe": "build_shapes_lion"}
+    for module, name in parts.items():
+        assert hasattr(importlib.import_module(f"lion_mllm.shapes.{module}"), name), (module, name)
+    for name in shapes.__all__:  # what other modules import from lion_mllm.shapes stays there
+        assert getattr(shapes, name) is not None, name
+    assert shapes.make_scene is importlib.import_module("lion_mllm.shapes.world").make_scene
+    done = subprocess.run([sys.executable, "-m", "lion_mllm.shapes", "--help"], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0 and "train-data" in done.stdout and "score" in done.stdout
+
+
+def test_dense_targets_mark_the_patch_of_each_centre():
+    from lion_mllm.shapes.recipe import COLOUR_IDS, SHAPE_IDS, dense_targets
+
+    scene = shapes.make_scene(7, 3)
+    targets = dense_targets([scene])
+    assert int((targets["dense_colour"] > 0).sum()) == 3 == int((targets["dense_shape"] >= 0).sum())
+    for obj in scene.objects:
+        cell = int(obj.centre[1] // 16) * 8 + int(obj.centre[0] // 16)
+        assert targets["dense_colour"][0, cell] == COLOUR_IDS[obj.colour]
+        assert targets["dense_shape"][0, cell] == SHAPE_IDS[obj.shape]
+        assert targets["dense_box"][0, cell].tolist() == pytest.approx(list(obj.normalised_box()))

@@ -86,18 +86,40 @@ class EvalTaskSpec:
     """A benchmark scored during training through `lion_mllm.evaluation` (the `lion eval` harness):
     generation with the model being trained on the first `limit` questions of `ann`."""
 
-    task: str  # a `lion eval --task` name: vqav2, gqa, iconqa, refcoco, coco_caption, ...
-    ann: Path
+    task: str  # a `lion eval --task` name: vqav2, gqa, iconqa, refcoco, coco_caption, ...; or `shapes`
+    ann: Path | None = None  # the benchmark's annotation file (`shapes` generates its held-out scenes instead)
     images: Path | None = None
     limit: int | None = 200
     batch_size: int = 8
     tags: str | None = None  # the same tags for every image (a model with tags and no tagger needs them)
     box_format: str = "auto"
     decoding: dict[str, Any] = field(default_factory=dict)  # num_beams, max_new_tokens, ... over the task's
+    # `shapes` only: held-out scenes from this seed on (default lion_mllm.shapes.HELD_OUT_SEED_BASE + 500,
+    # the selection scenes, never those the model card reports)
+    first_seed: int | None = None
 
     @property
     def key(self) -> str:
         return f"val_{self.task}"
+
+
+@dataclass
+class ObjectiveSpec:
+    """A training-only objective (`lion_mllm.train.objectives.OBJECTIVES`): its loss times `weight` is added
+    to the text loss; `options` go to its constructor."""
+
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StreamSpec:
+    """A `train_datasets` entry `{stream: NAME, ...}`: samples generated on the fly by the source NAME
+    (`lion_mllm.train.data.STREAMS`); the other keys are its options. It replaces annotation files."""
+
+    stream: str
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,7 +131,8 @@ class ModelSpec:
     - no `pretrained`: ViT and T5 from vit_model / llm_model, LION's own parts initialised as the authors'
       code does (stage 1 and 2 from scratch);
     - `preset` (tests, benchmarks): a random model of a `lion_mllm.config` preset, tokenizers from
-      llm_model / bert_model.
+      llm_model / bert_model; `preset: shapes` is the shapes world's model from scratch (its own
+      tokenizers, tagger and initialisation: `lion_mllm.shapes.recipe`).
     Then `init_from` (earlier stages' checkpoints) overwrite LION's own parts; single adapters go into
     their slot of the mixture (stage 2's -> adapters.0 (region), stage 1's -> adapters.1 (image)).
     """
@@ -146,6 +169,10 @@ class RunConfig:
     max_epoch: int | None = None
     iters_per_epoch: int | None = None  # optimizer steps per epoch; default: one pass over the data
     max_steps: int | None = None  # total optimizer steps; overrides max_epoch * iters_per_epoch
+    # time budget: the cosine follows whichever of steps or wall time (training, all invocations) is further
+    # along, and the run finishes (evaluated, saved, exported) when it is spent. The schedule then depends on
+    # the machine's speed: such a run is not bit-reproducible elsewhere (the lion-shapes recipe on a shared CPU)
+    max_minutes: float | None = None
     warmup_steps: int = 0
     batch_size_train: int = 1  # per process and micro-batch
     accum_grad_iters: int = 1
@@ -164,7 +191,10 @@ class RunConfig:
     save_every_steps: int | None = None  # also saved at every epoch end and at the end
     keep_checkpoints: int = 2
     export_final: bool = True  # write a `save_pretrained` bundle to <run dir>/final
-    tensorboard: bool = True
+    tensorboard: bool = True  # the same as naming tensorboard in `loggers`
+    loggers: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard, mlflow
+    mlflow_tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else MLflow's own default
+    mlflow_experiment: str | None = None  # default: the run name (the last part of output_dir)
     progress_bar: bool = True
     # evaluation on `valid_datasets` during training: every N steps (and at the end); None: at every
     # checkpoint save (when valid_datasets are given)
@@ -186,6 +216,12 @@ class RunConfig:
     # with nothing pretrained, such as the lion-shapes demo model
     unfreeze: list[str] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    objectives: list[ObjectiveSpec] = field(default_factory=list)  # training-only auxiliary losses
+    # with mixed_precision bf16: autocast on CPU too (weights and optimizer stay float32); about 2x faster
+    # for small models on CPUs with bf16 instructions, and what lion-shapes was trained with
+    cpu_autocast: bool = False
+    flush_denormal: bool = False  # flush denormal floats to zero (CPU): small models trained long slow ~2x
+    ship_best_to: Path | None = None  # also write each new best model here (float16, its MODEL_CARD.md kept)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_VISUAL_INPUT:
@@ -205,6 +241,11 @@ class RunConfig:
                      "batch_size_eval", "eval_max_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be at least 1")
+        unknown_loggers = sorted(set(self.loggers) - {"tensorboard", "mlflow"})
+        if unknown_loggers:
+            raise ConfigError(f"run.loggers: unknown {unknown_loggers}; known: tensorboard, mlflow")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"run.max_minutes must be positive, got {self.max_minutes}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"run.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
@@ -215,6 +256,7 @@ class TrainConfig:
     run: RunConfig
     train_datasets: list[DatasetSpec]
     valid_datasets: list[DatasetSpec] = field(default_factory=list)  # held-out files: loss during training
+    train_stream: StreamSpec | None = None  # samples generated on the fly instead of train_datasets' files
     source: Path | None = None  # the YAML this came from
     raw: dict[str, Any] = field(default_factory=dict)  # the mapping as read (after overrides)
     resume_from: Path | None = None  # LAVIS `run.resume_ckpt_path`: resume there when no --resume is given
@@ -241,7 +283,8 @@ class TrainConfig:
             return value
 
         return {"model": plain(self.model), "run": plain(self.run),
-                "train_datasets": [plain(d) for d in self.train_datasets],
+                "train_datasets": [plain(d) for d in self.train_datasets]
+                + ([{"stream": self.train_stream.stream, **self.train_stream.options}] if self.train_stream else []),
                 "valid_datasets": [plain(d) for d in self.valid_datasets]}
 
 
@@ -395,6 +438,9 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     if model.use_grad_checkpoint is not None:
         run_data.setdefault("activation_checkpointing", model.use_grad_checkpoint)
     run_data["tag_cache"] = resolve(run_data.get("tag_cache"), "run.tag_cache")
+    run_data["objectives"] = _objectives(run_data.get("objectives") or [])
+    if run_data.get("ship_best_to"):
+        run_data["ship_best_to"] = resolve(run_data["ship_best_to"], "run.ship_best_to", must_exist=False)
     run = _build(RunConfig, run_data, "run", IGNORED_RUN_KEYS, notes)
 
     stage_input = STAGE_VISUAL_INPUT[run.stage]
@@ -411,8 +457,9 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     entries = data.get("train_datasets", data.get("datasets"))
     if not entries or not isinstance(entries, list):
         raise ConfigError("train_datasets: expected a list of {ann_path, vis_root, is_train, sample_ratio}")
-    datasets = _dataset_specs(entries, "train_datasets", resolve)
-    if not any(d.is_train for d in datasets):
+    stream = _stream_spec(entries, run)
+    datasets = [] if stream else _dataset_specs(entries, "train_datasets", resolve)
+    if stream is None and not any(d.is_train for d in datasets):
         raise ConfigError("train_datasets: no entry has is_train: True")
     valid_entries = data.get("valid_datasets") or []
     if not isinstance(valid_entries, list):
@@ -428,17 +475,57 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     if run.eval_tasks and run.parallel == "fsdp2":
         raise ConfigError("run.eval_tasks: generation during training is not supported with parallel: fsdp2 "
                           "(each process would need the whole model); evaluate the exported model with lion eval")
+    if (stream or run.objectives) and (run.parallel == "fsdp2" or run.activation_checkpointing):
+        raise ConfigError("streamed data and run.objectives use the grouped training pass, which supports "
+                          "neither parallel: fsdp2 nor activation_checkpointing")
     return TrainConfig(model=model, run=run, train_datasets=datasets, valid_datasets=valid, source=path, raw=data,
-                       resume_from=resume_from, notes=notes)
+                       resume_from=resume_from, notes=notes, train_stream=stream)
+
+
+def _objectives(entries: Any) -> list[ObjectiveSpec]:
+    if not isinstance(entries, list):
+        raise ConfigError("run.objectives: expected a list of {name, weight, options}")
+    from .objectives import OBJECTIVES
+
+    specs = []
+    for i, entry in enumerate(entries):
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or entry.get("name") not in OBJECTIVES:
+            raise ConfigError(f"run.objectives[{i}]: expected {{name, weight, options}} with name one of "
+                              f"{sorted(OBJECTIVES)}, got {entry!r}")
+        specs.append(_build(ObjectiveSpec, entry, f"run.objectives[{i}]"))
+    return specs
+
+
+def _stream_spec(entries: list[Any], run: RunConfig) -> StreamSpec | None:
+    """The `{stream: NAME, ...}` entry of train_datasets, if any (then it must be the only one)."""
+    streams = [e for e in entries if isinstance(e, dict) and "stream" in e]
+    if not streams:
+        return None
+    if len(entries) != 1:
+        raise ConfigError("train_datasets: a `stream` entry cannot be mixed with other entries (yet)")
+    from .data import STREAMS
+
+    options = dict(streams[0])
+    name = options.pop("stream")
+    if name not in STREAMS:
+        raise ConfigError(f"train_datasets[0].stream: unknown stream {name!r}; known: {sorted(STREAMS)}")
+    if run.max_steps is None:
+        raise ConfigError("train_datasets: a stream has no epochs; set run.max_steps")
+    return StreamSpec(name, options)
 
 
 def _eval_task(entry: Any, index: int, resolve: PathResolver) -> EvalTaskSpec:
     where = f"run.eval_tasks[{index}]"
-    if not isinstance(entry, dict) or "task" not in entry or "ann" not in entry:
+    if not isinstance(entry, dict) or "task" not in entry:
         raise ConfigError(f"{where}: expected a mapping with task and ann (and images, limit, tags, ...)")
     entry = dict(entry)
     from ..evaluation.tasks import TASKS
 
+    if entry["task"] == "shapes":  # held-out scenes of the shapes world, generated: no files
+        return _build(EvalTaskSpec, entry, where)
+    if "ann" not in entry:
+        raise ConfigError(f"{where}: expected a mapping with task and ann (and images, limit, tags, ...)")
     if entry["task"] not in TASKS:
         raise ConfigError(f"{where}.task: unknown task {entry['task']!r}; known: {sorted(TASKS)}")
     entry["ann"] = resolve(entry["ann"], f"{where}.ann")

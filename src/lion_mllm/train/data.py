@@ -560,3 +560,65 @@ class MixtureSampler(torch.utils.data.Sampler):
         schedule = MixtureSchedule(*self.args, state=self.state)
         while True:
             yield schedule.next()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streamed sources: samples generated on the fly
+
+
+# `train_datasets: [{stream: NAME, ...options}]` -> "module:Class"; the class takes (seed, images_per_batch
+# (= run.batch_size_train), **options) and has `group(index, step, rng) -> (images, records, extra batch
+# tensors)`, records naming their image by its index in `images` (a world that writes no files: shapes)
+STREAMS: dict[str, str] = {"shapes": "lion_mllm.shapes.recipe:ShapesStream"}
+
+
+class StreamedBatches:
+    """An endless stream of micro-batches from a generating source, each one group of images with their
+    samples. The batch holds every image once (`pixel_values` (I,3,S,S)) and `image_index` (B,) naming each
+    sample's image, so the training pass encodes an image once for all of its samples, plus the source's
+    extra tensors (the targets of training-only objectives).
+
+    Rank r of n draws groups r, r + n, r + 2n, ... (disjoint scenes). Its random generator (tag noise, which
+    questions) is seeded once and saved with the position in checkpoints: a resumed run draws exactly the
+    batches the uninterrupted one would have."""
+
+    def __init__(self, source: Any, processor: LionProcessor, seed: int, rank: int, world_size: int,
+                 accum_grad_iters: int, state: dict[str, Any] | None = None):
+        self.source, self.processor = source, processor
+        self.rank, self.world_size, self.accum = rank, world_size, accum_grad_iters
+        self.position = 0  # micro-batches this rank has drawn
+        self.rng = random.Random(seed + rank * 1_000_003)  # rank 0: random.Random(seed), the original recipe's
+        if state is not None:
+            self.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"position": self.position, "rng": [version, list(internal), gauss], "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["world_size"]) != self.world_size:
+            logger.warning("resuming a stream saved on %d processes on %d: the scenes are re-partitioned",
+                           state["world_size"], self.world_size)
+        self.position = int(state["position"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+    def advance(self, samples: int) -> None:
+        """The loop's bookkeeping call (file mixtures count samples there); a stream counts its own draws."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        step = self.position // self.accum + 1  # the optimizer step this micro-batch belongs to (1-based)
+        index = self.position * self.world_size + self.rank
+        images, records, extras = self.source.group(index, step, self.rng)
+        self.position += 1
+        pixels = self.processor.image_processor(images)  # (I, 3, S, S)
+        image_index = torch.tensor([r["image"] for r in records])  # (B,)
+        tags = [r["tags"] for r in records] if self.processor.config.enable_semantic_tags else None
+        batch = self.processor(pixels[image_index], [r["question"] for r in records],
+                               [r["category"] for r in records], tags, answers=[r["answer"] for r in records])
+        batch.update(pixel_values=pixels, image_index=image_index, **extras)
+        return {"batch": batch, "bad": [], "size": len(records),
+                "region": sum(r["category"] == "region_level" for r in records)}

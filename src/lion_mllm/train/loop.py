@@ -36,13 +36,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ..loading import CheckpointError
-from ..pipeline import Lion, write_tagger
+from ..errors import CheckpointError
+from ..pipeline import Lion
+from ..taggers import write_tagger
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import STAGE_VISUAL_INPUT, AugmentConfig, ConfigError, DatasetSpec, TrainConfig
-from .data import AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler, MixtureSchedule
-from .data import load_tag_cache
+from .data import (STREAMS, AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler,
+                   MixtureSchedule, StreamedBatches, load_tag_cache)
+from .objectives import TrainingForward, build_objectives, load_named
 from .rundir import RunDirectoryLocked, RunLock, truncate_metrics
+from .trackers import MlflowLogger, flat_params
 from .distributed import DistContext, gradient_sync, init_distributed, wrap_ddp, wrap_fsdp2
 from .stages import (STAGE_DESCRIPTIONS, WarmupCosineSchedule, build_lion, configure_trainable, is_trained_parameter,
                      load_into, optimizer_param_groups)
@@ -137,9 +140,11 @@ class BadDataTracker:
 
 
 class MetricsWriter:
-    """metrics.jsonl (always) and TensorBoard (when installed), on the main process only."""
+    """metrics.jsonl (always), TensorBoard (when installed) and MLflow (`run.loggers`), on the main process
+    only."""
 
-    def __init__(self, run_dir: Path | None, tensorboard: bool, resumed_step: int | None = None):
+    def __init__(self, run_dir: Path | None, tensorboard: bool, resumed_step: int | None = None,
+                 mlflow: MlflowLogger | None = None):
         """`resumed_step`: the checkpoint a resumed run starts from. Rows logged after it by the run that
         was killed are dropped from metrics.jsonl and purged from TensorBoard, so every step appears once."""
         self.file = None
@@ -151,6 +156,7 @@ class MetricsWriter:
                                 resumed_step)
             self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tb = None
+        self.mlflow = mlflow
         if run_dir is not None and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -170,12 +176,16 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and key not in ("step", "time"):
                     name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
                     self.tb.add_scalar(name, value, record["step"])
+        if self.mlflow is not None:
+            self.mlflow.write(record)
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
         if self.file is not None:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.mlflow is not None:
+            self.mlflow.close(finished)
 
 
 def _setup_logging(run_dir: Path | None, ctx: DistContext) -> list[logging.Handler]:
@@ -282,6 +292,8 @@ def _task_score(task: Any, lion: Lion, model: torch.nn.Module, autocast: Callabl
     questions over processes and gathers them). Reports go to <run dir>/eval/step_N/."""
     from ..evaluation.harness import evaluate
 
+    if task.task == "shapes":
+        return _shapes_score(task, lion, model, step)
     model.eval()
     evaluator = Lion(model, lion.processor, lion.tagger)
 
@@ -298,6 +310,22 @@ def _task_score(task: Any, lion: Lion, model: torch.nn.Module, autocast: Callabl
     value = float(report["metrics"].get(primary, float("nan")))
     logger.info("step %d %s %s %.4f on %d questions", step, task.task, primary, value, report["num_samples"])
     return {task.key: value, f"{task.key}_samples": report["num_samples"]}
+
+
+def _shapes_score(task: Any, lion: Lion, model: torch.nn.Module, step: int) -> dict[str, Any]:
+    """The shapes world's held-out scores (REC Acc@0.5, VQA exact match, caption object-set; fractions, bf16
+    autocast on CPU) on generated scenes; `val_shapes` is their sum, what lion-shapes' best model is
+    chosen by. Every process scores the same scenes (small: no sharding)."""
+    from ..shapes import HELD_OUT_SEED_BASE, evaluate_model
+
+    start = task.first_seed if task.first_seed is not None else HELD_OUT_SEED_BASE + 500
+    scores = evaluate_model(model, lion.processor, task.limit or 100, start=start, batch_size=task.batch_size)
+    result = {"val_shapes": scores["rec_acc50"] + scores["vqa_exact"] + scores["caption_objects"],
+              "val_shapes_rec": scores["rec_acc50"], "val_shapes_vqa": scores["vqa_exact"],
+              "val_shapes_caption": scores["caption_objects"], "val_shapes_samples": scores["count"]}
+    logger.info("step %d shapes: REC %.3f VQA %.3f caption %.3f on %d held-out scenes from seed %d", step,
+                scores["rec_acc50"], scores["vqa_exact"], scores["caption_objects"], scores["count"], start)
+    return result
 
 
 def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -452,8 +480,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     run = cfg.run
     device = ctx.device
     use_bf16 = run.mixed_precision == "bf16" and device.type == "cuda"
-    if run.mixed_precision == "bf16" and device.type != "cuda":
-        logger.info("mixed_precision bf16 applies on GPU; on %s the run computes in float32", device.type)
+    cpu_bf16 = run.mixed_precision == "bf16" and device.type == "cpu" and run.cpu_autocast
+    if run.mixed_precision == "bf16" and device.type != "cuda" and not cpu_bf16:
+        logger.info("mixed_precision bf16 applies on GPU (on CPU with run.cpu_autocast); on %s the run computes "
+                    "in float32", device.type)
+    if run.flush_denormal:
+        torch.set_flush_denormal(True)
     if ctx.is_main:
         resolved = {**cfg.to_dict(), "_resolved": {"world_size": ctx.world_size, "device": str(device),
                                                    "source": str(cfg.source) if cfg.source else None,
@@ -469,6 +501,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     build_device = torch.device("cpu") if fsdp else device
     lion = build_lion(cfg.model, run.stage, build_device, frozen_dtype, seed=run.seed)
     model = lion.model
+    # made right after the model: a from-scratch preset leaves the generator where its init ended
+    objectives = build_objectives(run.objectives, model.config)
     untagged = [t.task for t in run.eval_tasks if t.tags is None]
     if untagged and model.config.enable_semantic_tags and lion.tagger is None:
         raise ConfigError(f"run.eval_tasks {untagged}: this model's prompt needs tags and it has no tagger "
@@ -488,15 +522,22 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("trainable: %d tensors, %s parameters of %s (%s model)", len(trainable), f"{n_train:,}",
                 f"{n_all:,}", model.config.visual_input)
+    # grouped batches (a stream) or objectives: the training pass is `TrainingForward`, and DDP wraps it
+    core = (TrainingForward(model, objectives, {o.name: o.weight for o in run.objectives}).to(device)
+            if objectives or cfg.train_stream else None)
     if fsdp:
         wrapped = wrap_fsdp2(model.to(device), ctx, use_bf16)
     elif ctx.distributed:
-        wrapped = wrap_ddp(model, ctx, run.find_unused_parameters)
+        wrapped = wrap_ddp(core or model, ctx, run.find_unused_parameters)
     else:
-        wrapped = model
+        wrapped = core or model
     if ctx.distributed:
         ctx.track(wrapped)  # the process group outlives it: see DistContext.close
     groups = optimizer_param_groups(model, run.weight_decay, run.lr_scale, run.boost_lr_scale)
+    if objectives:
+        named = _objective_parameters(objectives)
+        groups.append({"params": list(named.values()), "names": list(named), "weight_decay": run.weight_decay,
+                       "lr_scale": run.lr_scale, "group": "objectives"})
     optimizer = torch.optim.AdamW(groups, lr=run.init_lr, betas=(run.beta1, run.beta2))
     for group in groups:
         logger.info("optimizer group %s: %d tensors, lr x %g, weight decay %g", group["group"],
@@ -535,32 +576,42 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
             raise BadDataError(f"{spec.ann_path}: no usable record (see the skipped records above)")
     sizes = [len(d) for d in datasets]
     ratios = [d.spec.sample_ratio for d in datasets]
-    steps_per_epoch = _steps_per_epoch(cfg, sum(sizes), ctx.world_size)
+    # a stream has no epochs: one "epoch" is the whole run (config: a stream needs max_steps)
+    steps_per_epoch = run.max_steps if cfg.train_stream else _steps_per_epoch(cfg, sum(sizes), ctx.world_size)
     total_steps = run.max_steps if run.max_steps is not None else run.max_epoch * steps_per_epoch
     scheduler = WarmupCosineSchedule(optimizer, run.init_lr, run.min_lr, total_steps, run.warmup_steps,
                                      run.warmup_lr)
     micro_batch, accum = run.batch_size_train, run.accum_grad_iters
-    logger.info("%d steps (%d per epoch) of %d x %d samples x %d process(es); datasets %s, ratios %s",
-                total_steps, steps_per_epoch, micro_batch, accum, ctx.world_size,
-                [d.spec.label for d in datasets], ratios)
+    if cfg.train_stream:
+        logger.info("%d steps of %d x %d groups of samples generated by the %r stream x %d process(es)",
+                    total_steps, micro_batch, accum, cfg.train_stream.stream, ctx.world_size)
+    else:
+        logger.info("%d steps (%d per epoch) of %d x %d samples x %d process(es); datasets %s, ratios %s",
+                    total_steps, steps_per_epoch, micro_batch, accum, ctx.world_size,
+                    [d.spec.label for d in datasets], ratios)
 
     # -- resume --------------------------------------------------------------------------------------------
     step, schedule_state, saved_rng, best = 0, None, None, None
+    resumed_state: dict[str, Any] = {}
     if resume_point is not None:
         state = load_checkpoint(resume_point)
         step, schedule_state, saved_rng = _restore(state, model, wrapped, optimizer, scheduler, tracker, ctx, fsdp,
-                                                   run.unfreeze)
+                                                   run.unfreeze, objectives)
         best = state["training_state"].get("best")
+        resumed_state = state["training_state"]
         logger.info("resumed from %s at step %d (lr %.3g)", resume_point, step, scheduler.lr_at(step))
         _set_aside_later_checkpoints(run_dir, step, ctx)
-    schedule = MixtureSchedule(sizes, ratios, run.seed, ctx.rank, ctx.world_size, schedule_state)
-    loader = torch.utils.data.DataLoader(
-        MixtureDataset(datasets, model.config.vision.image_size, run.augment, run.seed, ctx.rank),
-        batch_size=micro_batch, sampler=MixtureSampler(sizes, ratios, run.seed, ctx.rank, ctx.world_size,
-                                                       schedule.state_dict()),
-        collate_fn=Collator(lion.processor), num_workers=run.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=run.num_workers > 0, generator=torch.Generator().manual_seed(run.seed),
-    )
+    if cfg.train_stream:  # generated in this process, in order: its position and generator are the state
+        schedule = stream = _stream(cfg, lion.processor, ctx, schedule_state)
+    else:
+        schedule = MixtureSchedule(sizes, ratios, run.seed, ctx.rank, ctx.world_size, schedule_state)
+        loader = torch.utils.data.DataLoader(
+            MixtureDataset(datasets, model.config.vision.image_size, run.augment, run.seed, ctx.rank),
+            batch_size=micro_batch, sampler=MixtureSampler(sizes, ratios, run.seed, ctx.rank, ctx.world_size,
+                                                           schedule.state_dict()),
+            collate_fn=Collator(lion.processor), num_workers=run.num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=run.num_workers > 0, generator=torch.Generator().manual_seed(run.seed),
+        )
     dummy = _to_device(Collator(lion.processor).dummy(), device)
     if resume_point is None:
         torch.manual_seed(run.seed + ctx.rank)  # dropout differs between processes, is reproducible
@@ -570,8 +621,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
         set_rng_state(saved_rng)
 
     # -- loop ----------------------------------------------------------------------------------------------
-    metrics = MetricsWriter(run_dir if ctx.is_main else None, run.tensorboard,
-                            step if resume_point is not None else None)
+    mlflow = None
+    if ctx.is_main and "mlflow" in run.loggers:
+        mlflow = MlflowLogger(run_dir, run.mlflow_experiment or run_dir.parent.name, run.mlflow_tracking_uri,
+                              flat_params(cfg.to_dict()["run"]))
+    metrics = MetricsWriter(run_dir if ctx.is_main else None, run.tensorboard or "tensorboard" in run.loggers,
+                            step if resume_point is not None else None, mlflow)
+    finished = False
     progress = None
     if ctx.is_main and run.progress_bar and sys.stderr.isatty():
         try:
@@ -580,21 +636,25 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
             progress = tqdm(total=total_steps, initial=step, desc=f"stage {run.stage}", dynamic_ncols=True)
         except ImportError:
             pass
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and not fsdp else nullcontext
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and not fsdp else
+                (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cpu_bf16 else nullcontext)
     last_saved: Path | None = resume_point
     saved_step = step if resume_point is not None else -1
-    window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0}
+    window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0, "aux": 0.0,
+              "local_samples": 0}
     started = time.time()
     first_step = step
+    earlier_s = float(resumed_state.get("elapsed_s", 0.0))  # training time of the invocations before this one
     steps_this_run = 0
     last_loss: float | None = None
     grad_norm = float("nan")
-    iterator = iter(loader)
+    iterator = stream if cfg.train_stream else iter(loader)
 
     def save(current_step: int) -> Path:
         nonlocal last_saved, saved_step
         path = _save(run_dir, current_step, model, wrapped, optimizer, scheduler, schedule, tracker, ctx, fsdp,
-                     cfg, steps_per_epoch, run.keep_checkpoints, best)
+                     cfg, steps_per_epoch, run.keep_checkpoints, best, objectives,
+                     earlier_s + time.time() - started)
         last_saved, saved_step = path, current_step
         return path
 
@@ -623,6 +683,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
                     f"; best {best['value']:.4f} at step {best['step']}" if best else "")
         if improved and run.keep_best:
             _export(run_dir, lion, model, wrapped, ctx, fsdp, name="best", info=best)
+            if run.ship_best_to is not None and ctx.is_main:
+                _ship(run_dir / "best", run.ship_best_to)
 
     try:
         while step < total_steps:
@@ -640,17 +702,23 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
                     tracker.log(gathered)
             tracker.update(int(bad), int(drawn))  # raises BadDataError on every process alike
             step_loss = torch.zeros((), dtype=torch.float64)
+            step_aux = 0.0
             if tokens > 0:
                 for index, m in enumerate(micro):
                     batch = _to_device(m["batch"], device) if m["batch"] else dummy
                     weight = 1.0 if m["batch"] else 0.0  # an empty micro-batch still joins the all-reduce
                     with gradient_sync(wrapped, index == accum - 1):
                         with autocast():
-                            loss_sum = _token_loss_sum(wrapped, batch)
+                            loss_sum, aux = wrapped(**batch) if core is not None else (
+                                _token_loss_sum(wrapped, batch), None)
                         # DDP/FSDP average gradients over processes: scale so the result is the token mean
                         scaled = loss_sum * (weight * ctx.world_size / tokens)
+                        if aux is not None:  # objectives: a mean per micro-batch, averaged over them (and ranks)
+                            scaled = scaled + aux * (weight / accum)
+                            step_aux += float(aux.detach()) * weight / accum
                         scaled.backward()
                     step_loss += loss_sum.detach().double().cpu() * weight
+                # the model's parameters only: objective heads are not clipped (the lion-shapes recipe)
                 params = [p for p in model.parameters() if p.requires_grad]
                 max_norm = run.max_grad_norm if run.max_grad_norm is not None else float("inf")
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -660,13 +728,18 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
                 logger.warning("step %d: no usable sample on any process; no update", step + 1)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if run.max_minutes is not None:
+                total_steps = _follow_time_budget(scheduler, earlier_s + time.time() - started, run.max_minutes,
+                                                  step + 1, total_steps)
             schedule.advance(accum * micro_batch)
             step += 1
             steps_this_run += 1
             window["loss"] += float(step_loss)
+            window["aux"] += step_aux
             window["tokens"] += tokens
             window["samples"] += drawn
             window["region"] += sum(m["region"] for m in micro)
+            window["local_samples"] += local_drawn  # samples (a stream's micro-batch counts images, not samples)
             window["steps"] += 1
             if progress is not None:
                 progress.update(1)
@@ -674,25 +747,29 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
                     progress.set_postfix(loss=f"{float(step_loss) / max(local_tokens, 1):.4f}")
             epoch_end = step % steps_per_epoch == 0
             if step % run.print_freq == 0 or step == total_steps or epoch_end:
-                loss_total = ctx.all_reduce_sum([window["loss"]])[0]
+                loss_total, aux_total = ctx.all_reduce_sum([window["loss"], window["aux"]])
                 elapsed = time.time() - window["start"]
                 run_elapsed = time.time() - started
                 eta = run_elapsed / max(step - first_step, 1) * (total_steps - step)
                 last_loss = loss_total / window["tokens"] if window["tokens"] else float("nan")
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
-                          "lr": scheduler.lr_at(step - 1), "grad_norm": grad_norm,
+                          "lr": scheduler.lr_at(scheduler.step_count - 1), "grad_norm": grad_norm,
                           "samples_per_s": window["samples"] / max(elapsed, 1e-9),
                           "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                          "region_fraction_rank0": window["region"] / max(1, window["steps"] * accum * micro_batch),
+                          "region_fraction_rank0": window["region"] / max(1, window["local_samples"]),
                           "samples_skipped": tracker.bad, "samples_drawn": tracker.drawn,
                           "elapsed_s": run_elapsed, "eta_s": eta, "time": time.time()}
                 for group in optimizer.param_groups:  # the rates this step's update used
                     record[f"lr_{group['group']}"] = record["lr"] * group["lr_scale"]
+                if objectives:  # the weighted objective loss, mean over steps and processes
+                    record["aux_loss"] = aux_total / (window["steps"] * ctx.world_size)
                 metrics.write(record)
-                logger.info("step %d/%d epoch %.2f loss %.4f lr %.3g grad_norm %.3g %.1f samples/s elapsed %s "
-                            "eta %s", step, total_steps, record["epoch"], last_loss, record["lr"], grad_norm,
+                aux_text = f" aux_loss {record['aux_loss']:.4f}" if objectives else ""
+                logger.info("step %d/%d epoch %.2f loss %.4f%s lr %.3g grad_norm %.3g %.1f samples/s elapsed %s "
+                            "eta %s", step, total_steps, record["epoch"], last_loss, aux_text, record["lr"], grad_norm,
                             record["samples_per_s"], _clock(run_elapsed), _clock(eta))
-                window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0}
+                window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0,
+                          "aux": 0.0, "local_samples": 0}
             preempted = stops > 0 and step < total_steps
             stopping = (stop_after is not None and steps_this_run >= stop_after and step < total_steps) or preempted
             saving = (run.save_every_steps and step % run.save_every_steps == 0) or epoch_end or stopping
@@ -729,11 +806,62 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
             logger.info("finished: %d steps; %d of %d records skipped at load, %d of %d drawn samples skipped; "
                         "model exported to %s", step, record_report["skipped_records"], record_report["records"],
                         tracker.bad, tracker.drawn, export_dir)
+        finished = True
         return result
     finally:
         if progress is not None:
             progress.close()
-        metrics.close()
+        metrics.close(finished)
+
+
+def _follow_time_budget(scheduler: WarmupCosineSchedule, spent_s: float, max_minutes: float, step: int,
+                        total_steps: int) -> int:
+    """`run.max_minutes`: move the schedule to the fraction of the budget spent when that is further along
+    than the step count (a slow or shared machine still anneals in time); returns the run's total steps,
+    cut to `step` once the budget is spent."""
+    fraction = spent_s / (max_minutes * 60.0)
+    by_time = min(scheduler.total_steps, int(fraction * scheduler.total_steps))
+    if by_time > scheduler.step_count:
+        scheduler.step_count = by_time
+        scheduler.apply()
+    if fraction >= 1.0 and step < total_steps:
+        logger.info("run.max_minutes=%g spent at step %d of %d: finishing here", max_minutes, step, total_steps)
+        return step
+    return total_steps
+
+
+def _objective_parameters(objectives: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """The objectives' parameters by checkpoint name, `objectives.<name>.<parameter>`."""
+    return {f"objectives.{name}.{key}": param for name, module in objectives.items()
+            for key, param in module.named_parameters()}
+
+
+def _stream(cfg: TrainConfig, processor: Any, ctx: DistContext, state: dict[str, Any] | None) -> StreamedBatches:
+    """The run's streamed source (`train_datasets: [{stream: NAME, ...}]`), at `state` when resuming."""
+    spec = cfg.train_stream
+    try:
+        source = load_named(STREAMS, spec.stream, "stream")(seed=cfg.run.seed,
+                                                            images_per_batch=cfg.run.batch_size_train, **spec.options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"train_datasets[0] (stream {spec.stream}): {error}") from None
+    return StreamedBatches(source, processor, cfg.run.seed, ctx.rank, ctx.world_size, cfg.run.accum_grad_iters,
+                           state)
+
+
+def _ship(bundle: Path, target: Path) -> None:
+    """Copy an exported bundle to `target` in float16 (package data: small, readable by everyone), keeping
+    the MODEL_CARD.md already there; written beside it, then swapped in."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Lion.from_pretrained(bundle).save_pretrained(tmp, dtype=torch.float16)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            file.chmod(0o644)  # safetensors writes 0600
+    if (target / "MODEL_CARD.md").is_file():
+        shutil.copy(target / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    logger.info("shipped the best model to %s", target)
 
 
 def _digest(model: torch.nn.Module) -> str:
@@ -760,10 +888,12 @@ def _set_aside_later_checkpoints(run_dir: Path, step: int, ctx: DistContext) -> 
 
 def _restore(state: dict[str, Any], model: torch.nn.Module, wrapped: torch.nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: WarmupCosineSchedule, tracker: BadDataTracker,
-             ctx: DistContext, fsdp: bool, unfreeze: list[str]) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+             ctx: DistContext, fsdp: bool, unfreeze: list[str], objectives: dict[str, torch.nn.Module]
+             ) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
     training = state["training_state"]
     params = state["lion_params"]
     expected = {n for n, _ in model.named_parameters() if is_trained_parameter(n, unfreeze)}
+    expected |= set(_objective_parameters(objectives))
     if set(params) != expected:
         missing, extra = sorted(expected - set(params)), sorted(set(params) - expected)
         raise CheckpointError(f"the checkpoint's parameters do not fit this model (another stage or size?): "
@@ -782,7 +912,7 @@ def _restore(state: dict[str, Any], model: torch.nn.Module, wrapped: torch.nn.Mo
         set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=options)
     else:
         with torch.no_grad():
-            named = dict(model.named_parameters())
+            named = {**dict(model.named_parameters()), **_objective_parameters(objectives)}
             for name, tensor in params.items():
                 named[name].copy_(tensor)
         optimizer.load_state_dict(state["optimizer"])
@@ -799,7 +929,8 @@ def _restore(state: dict[str, Any], model: torch.nn.Module, wrapped: torch.nn.Mo
 def _save(run_dir: Path, step: int, model: torch.nn.Module, wrapped: torch.nn.Module,
           optimizer: torch.optim.Optimizer, scheduler: WarmupCosineSchedule, schedule: MixtureSchedule,
           tracker: BadDataTracker, ctx: DistContext, fsdp: bool, cfg: TrainConfig, steps_per_epoch: int,
-          keep: int, best: dict[str, Any] | None = None) -> Path:
+          keep: int, best: dict[str, Any] | None = None, objectives: dict[str, torch.nn.Module] | None = None,
+          elapsed_s: float = 0.0) -> Path:
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -813,13 +944,15 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, wrapped: torch.nn.Mo
             saved["names"] = group["names"]
     else:
         params = {n: p for n, p in model.named_parameters() if is_trained_parameter(n, cfg.run.unfreeze)}
+        params.update(_objective_parameters(objectives or {}))  # trained, so saved (never exported)
         optimizer_state = optimizer.state_dict()
     rngs = ctx.gather_objects(rng_state())
     path = run_dir / "checkpoints" / f"step_{step:06d}"
     if ctx.is_main:
         training_state = {"step": step, "epoch": step // steps_per_epoch, "scheduler": scheduler.state_dict(),
                           "schedule": schedule.state_dict(), "rng": rngs, "world_size": ctx.world_size,
-                          "bad": {"samples_skipped": tracker.bad, "samples_drawn": tracker.drawn}}
+                          "bad": {"samples_skipped": tracker.bad, "samples_drawn": tracker.drawn},
+                          "elapsed_s": elapsed_s}
         if best is not None:  # the lowest validation loss so far and its step: a resumed run keeps it
             training_state["best"] = dict(best)
         meta = {"stage": cfg.run.stage, "visual_input": STAGE_VISUAL_INPUT[cfg.run.stage],
@@ -849,7 +982,8 @@ def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn
         if state is None:
             Lion(model, lion.processor, lion.tagger, lion.generation_config).save_pretrained(tmp)
         else:
-            from ..loading import save_state_sharded, write_bundle_config
+            from ..bundle import write_bundle_config
+            from ..checkpoint_files import save_state_sharded
 
             tmp.mkdir(parents=True)
             write_bundle_config(model.config, tmp)  # as save_pretrained writes it

@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, LionConfig
-from ..loading import (CheckpointError, OfficialPaths, config_from_official, official_to_ours, ours_to_official,
-                       read_bundle_config, read_safetensors, read_torch_file)
+from ..bundle import read_bundle_config
+from ..checkpoint_files import read_safetensors, read_torch_file
+from ..errors import CheckpointError
+from ..official import OfficialPaths, config_from_official, official_to_ours, ours_to_official
 from ..modeling_lion import LionModel
 from ..pipeline import Lion, resolve_dtype
 from ..processing import LionProcessor
@@ -252,6 +254,13 @@ def build_lion(spec: ModelSpec, stage: int, device: torch.device, dtype: torch.d
     parameters are made float32 by the trainer (they are what the optimizer updates)."""
     visual_input = STAGE_VISUAL_INPUT[stage]
     dtype = resolve_dtype(device, dtype)
+    if spec.preset == "shapes":  # the shapes world's model from scratch: its own tokenizers and init
+        from ..shapes.recipe import build_shapes_lion
+
+        lion = build_shapes_lion(seed)
+        _check_visual_input(lion.config.visual_input, visual_input, "model.preset shapes")
+        lion.model.requires_grad_(False).to(device=device, dtype=dtype).eval()
+        return lion
     if spec.preset is not None:
         return _build_preset(spec, visual_input, device, dtype, seed)
     if spec.pretrained is not None and spec.pretrained.is_dir():

@@ -7,6 +7,11 @@ tests of the trainer without real weights or data.
 
 Image-level records ask for the square's colour (a JSON list); region-level records ask where it is,
 answered with a box in the authors' format (JSON Lines). Both write tags into the records.
+
+It stays apart from the shapes world (`lion_mllm.shapes`, which `write_dataset` also puts on disk) because
+the trainer's tests need exactly this: both annotation layouts (a JSON list and JSON Lines), 48 px images
+for the `tiny` preset built on the golden set's real T5 and BERT tokenizers (the shapes world has its own
+tokenizers and 128 px images), and one record per line that the bad-data tests break line by line.
 """
 
 from __future__ import annotations

@@ -1,0 +1,5 @@
+"""`python -m lion_mllm.shapes`."""
+
+from .cli import main
+
+raise SystemExit(main())

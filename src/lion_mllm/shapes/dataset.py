@@ -1,0 +1,61 @@
+"""The world written to disk: training records + images for `lion train`, and tiny REC / VQA / caption
+benchmark files that :mod:`lion_mllm.evaluation.datasets` reads."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .world import (caption_of, make_scene, referring_expressions, render, scene_samples, scene_tags, vqa_samples)
+
+
+def write_dataset(directory: str | Path, seeds: Iterable[int], num_objects: int | Sequence[int] | None = None,
+                  vqa_per_image: int = 2, rec_per_image: int = 2, name: str = "shapes") -> Path:
+    """Images (`images/<seed>.png`) and `<name>.jsonl` of training records; returns the JSONL path.
+    Use it as a `train_datasets` entry: `ann_path: <that file>`, `vis_root: <directory>`."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.jsonl"
+    with path.open("w") as out:
+        for seed in seeds:
+            scene = make_scene(seed, num_objects)
+            image = f"images/{seed}.png"
+            render(scene).save(directory / image)
+            for record in scene_samples(scene, image, random.Random(seed + 7), vqa_per_image, rec_per_image):
+                out.write(json.dumps(record) + "\n")
+    return path
+
+
+def write_benchmarks(directory: str | Path, seeds: Iterable[int], num_objects: Sequence[int] = (2, 3, 4)
+                     ) -> dict[str, Path]:
+    """Tiny benchmark files for :mod:`lion_mllm.evaluation`, images under `directory/images`:
+    `rec.jsonl` (load_rec, xyxy pixel boxes), `vqa.jsonl` (load_generic_vqa), `captions.json`
+    (load_captions, LAVIS list layout) and `tags.json` ({image: tags}). Returns their paths."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    rec_lines, vqa_lines, captions, tags = [], [], [], {}
+    for seed in seeds:
+        scene = make_scene(seed, num_objects)
+        image = f"images/{seed}.png"
+        render(scene).save(directory / image)
+        rng = random.Random(seed + 11)
+        phrases = referring_expressions(scene)
+        if not phrases:  # no phrase picks out one shape: not a usable benchmark scene
+            continue
+        tags[image] = scene_tags(scene)
+        captions.append({"image": image, "caption": [caption_of(scene)], "image_id": str(seed)})
+        phrase, obj = rng.choice(phrases)
+        rec_lines.append({"id": f"{seed}-rec", "image": image, "expression": phrase, "bbox": list(obj.box),
+                          "bbox_format": "xyxy", "width": scene.size, "height": scene.size})
+        question, answer, kind = rng.choice(vqa_samples(scene, rng))
+        vqa_lines.append({"question_id": f"{seed}-vqa", "image": image, "question": question, "answer": answer,
+                          "question_type": kind})
+    paths = {"rec": directory / "rec.jsonl", "vqa": directory / "vqa.jsonl",
+             "captions": directory / "captions.json", "tags": directory / "tags.json"}
+    paths["rec"].write_text("".join(json.dumps(r) + "\n" for r in rec_lines))
+    paths["vqa"].write_text("".join(json.dumps(r) + "\n" for r in vqa_lines))
+    paths["captions"].write_text(json.dumps(captions))
+    paths["tags"].write_text(json.dumps(tags))
+    return paths
