@@ -5,17 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .common import (
-    AnnotationError,
-    EvalSample,
-    PathLike,
-    _candidates,
-    _check_unique,
-    _get,
-    _str_id,
-    _where,
-    read_records,
-)
+from .common import AnnotationError, EvalSample, PathLike, _candidates, _check_unique, _get, _where, read_records
 
 
 def load_captions(annotation_path: PathLike, image_root: PathLike | None, *, split: str = "test") -> list[EvalSample]:
@@ -68,7 +58,7 @@ def _from_records(records: list[tuple[str, dict]], image_root: PathLike | None) 
         caps = [caps] if isinstance(caps, str) else caps
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
             raise AnnotationError(f"{where}: 'caption' must be a string or a list of strings")
-        sid = _str_id(rec.get("image_id", image))
+        sid = str(rec.get("image_id", image))
         if sid in grouped:  # LAVIS train-style: one caption per record
             grouped[sid].target.extend(caps)
             continue
@@ -86,7 +76,7 @@ def _image_info(images: list, path: PathLike, image_root: PathLike | None) -> li
         where = _where(path, record=f"images[{i}]")
         if not isinstance(img, dict):
             raise AnnotationError(f"{where}: expected a JSON object")
-        iid = _str_id(_get(img, ("id",), where))
+        iid = str(_get(img, ("id",), where))
         fname = _get(img, ("file_name", "filename"), where)
         meta = {"group": img["domain"]} if "domain" in img else {}
         samples.append(EvalSample(id=iid, image_candidates=_candidates(image_root, fname), target=None, meta=meta))
@@ -111,7 +101,7 @@ def _karpathy(images: Any, path: PathLike, image_root: PathLike | None, split: s
                 refs.append(s)
             else:
                 raise AnnotationError(f"{where}: each sentence needs a 'raw' string")
-        sid = _str_id(img.get("cocoid", img.get("imgid", filename)))
+        sid = str(img.get("cocoid", img.get("imgid", filename)))
         samples.append(EvalSample(
             id=sid, image_candidates=_candidates(image_root, os.path.join(filepath, filename), filename), target=refs,
         ))
@@ -122,7 +112,7 @@ def _coco_captions(data: dict[str, Any], path: PathLike, image_root: PathLike | 
     by_image: dict[str, EvalSample] = {}
     for i, img in enumerate(data["images"]):
         where = _where(path, record=f"images[{i}]")
-        iid = _str_id(_get(img, ("id",), where))
+        iid = str(_get(img, ("id",), where))
         fname = _get(img, ("file_name", "filename"), where)
         meta = {"group": img["domain"]} if "domain" in img else {}
         if "width" in img and "height" in img:
@@ -130,7 +120,7 @@ def _coco_captions(data: dict[str, Any], path: PathLike, image_root: PathLike | 
         by_image[iid] = EvalSample(id=iid, image_candidates=_candidates(image_root, fname), target=[], meta=meta)
     for i, ann in enumerate(data["annotations"]):
         where = _where(path, record=f"annotations[{i}]")
-        iid = _str_id(_get(ann, ("image_id",), where))
+        iid = str(_get(ann, ("image_id",), where))
         cap = _get(ann, ("caption",), where)
         if iid not in by_image:
             raise AnnotationError(f"{where}: image_id {iid} is not in 'images'")
@@ -142,7 +132,7 @@ def _textcaps(records: list, path: PathLike, image_root: PathLike | None) -> lis
     by_image: dict[str, EvalSample] = {}
     for i, rec in enumerate(records):
         where = _where(path, record=f"data[{i}]")
-        iid = _str_id(_get(rec, ("image_id",), where))
+        iid = str(_get(rec, ("image_id",), where))
         if iid not in by_image:
             image_path = rec.get("image_path") or ""
             name = rec.get("image_name") or iid

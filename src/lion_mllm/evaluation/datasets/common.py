@@ -184,10 +184,6 @@ def _candidates(root: PathLike | None, *names: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))  # dedupe, keep order
 
 
-def _str_id(value: Any) -> str:
-    return str(value)
-
-
 def _check_unique(samples: list[EvalSample], path: PathLike) -> list[EvalSample]:
     seen: set[str] = set()
     for s in samples:

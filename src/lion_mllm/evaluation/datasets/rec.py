@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..metrics_rec import xywh_to_xyxy
-from .common import AnnotationError, EvalSample, PathLike, _candidates, _check_unique, _get, _str_id, read_records
+from .common import AnnotationError, EvalSample, PathLike, _candidates, _check_unique, _get, read_records
 
 BOX_FORMATS = ("xywh", "xyxy")
 # COCO boxes are floats whose right/bottom edge can pass the image by a rounding error.
@@ -115,7 +115,7 @@ def load_rec(annotation_path: PathLike, image_root: PathLike | None, *, box_form
         sid = rec.get("id", rec.get("question_id", rec.get("sent_id")))
         samples.append(
             EvalSample(
-                id=_str_id(sid) if sid is not None else f"line{item['line_id']}",
+                id=str(sid) if sid is not None else f"line{item['line_id']}",
                 image_candidates=_candidates(image_root, item["image"], os.path.basename(item["image"])),
                 fields={"expr": str(item["expr"]).strip(), "question": str(item["expr"]).strip()},
                 target=box_as_xyxy(item["bbox"], fmt),

@@ -15,7 +15,6 @@ from .common import (
     _get,
     _path_list,
     _read_json,
-    _str_id,
     _where,
 )
 
@@ -36,7 +35,7 @@ def _visdial_dense(path: str) -> dict[tuple[str, int], list[float]]:
             raise AnnotationError(f"{where}: 'gt_relevance' must be a list of numbers")
         if not isinstance(round_id, int) or round_id < 1:
             raise AnnotationError(f"{where}: 'round_id' must be a 1-based integer, got {round_id!r}")
-        dense[(_str_id(_get(rec, ("image_id",), where)), round_id)] = [float(v) for v in relevance]
+        dense[(str(_get(rec, ("image_id",), where)), round_id)] = [float(v) for v in relevance]
     return dense
 
 

@@ -18,7 +18,6 @@ from .common import (
     _get,
     _path_list,
     _read_json,
-    _str_id,
     _where,
     read_records,
 )
@@ -61,7 +60,7 @@ def load_vqa_pair(annotation_path: PathLike | Sequence[PathLike], image_root: Pa
     samples = []
     for i, q in enumerate(qdoc["questions"]):
         where = _where(qfile, record=f"questions[{i}]")
-        qid = _str_id(_get(q, ("question_id",), where))
+        qid = str(_get(q, ("question_id",), where))
         image_id = _get(q, ("image_id",), where)
         question = _get(q, ("question",), where)
         if qid not in anns:
@@ -113,7 +112,7 @@ def _vqa_answers(afile: str, adoc: dict) -> dict[str, dict[str, Any]]:
     anns: dict[str, dict[str, Any]] = {}
     for i, ann in enumerate(adoc["annotations"]):
         where = _where(afile, record=f"annotations[{i}]")
-        qid = _str_id(_get(ann, ("question_id",), where))
+        qid = str(_get(ann, ("question_id",), where))
         answers = _get(ann, ("answers",), where)
         if not isinstance(answers, list) or not answers:
             raise AnnotationError(f"{where}: 'answers' must be a non-empty list")
@@ -141,7 +140,7 @@ def load_gqa(annotation_path: PathLike, image_root: PathLike | None) -> list[Eva
         items = [(_where(path, record=repr(k)), {**v, "question_id": v.get("question_id", k)}) for k, v in data.items()]
     samples = []
     for where, rec in items:
-        qid = _str_id(_get(rec, ("question_id", "id", "qid"), where))
+        qid = str(_get(rec, ("question_id", "id", "qid"), where))
         image_id = rec.get("imageId")
         image = rec.get("image") or (f"{image_id}.jpg" if image_id is not None else None)
         if image is None:
@@ -171,7 +170,7 @@ def load_aokvqa(annotation_path: PathLike, image_root: PathLike | None) -> list[
     """
     samples = []
     for where, rec in read_records(annotation_path):
-        qid = _str_id(_get(rec, ("question_id",), where))
+        qid = str(_get(rec, ("question_id",), where))
         choices = _get(rec, ("choices",), where)
         if not isinstance(choices, list) or not choices or len(choices) > len(OPTION_LETTERS):
             raise AnnotationError(f"{where}: 'choices' must be a non-empty list")
@@ -217,7 +216,7 @@ def load_generic_vqa(annotation_path: PathLike, image_root: PathLike | None) -> 
     """
     samples = []
     for n, (where, rec) in enumerate(read_records(annotation_path)):
-        qid = _str_id(rec.get("question_id", rec.get("id", rec.get("pid", n))))
+        qid = str(rec.get("question_id", rec.get("id", rec.get("pid", n))))
         image = _get(rec, ("image", "image_path", "img_path", "file_name"), where)
         question = _get(rec, ("question", "text"), where)
         raw = _get(rec, ("answers", "answer", "label"), where)
@@ -374,7 +373,7 @@ def load_vsr(annotation_path: PathLike, image_root: PathLike | None) -> list[Eva
             raise AnnotationError(f"{where}: 'label' must be 0 or 1, got {label!r}")
         samples.append(
             EvalSample(
-                id=_str_id(rec.get("id", rec.get("question_id", n))),
+                id=str(rec.get("id", rec.get("question_id", n))),
                 image_candidates=_candidates(
                     image_root, image, os.path.join("train2017", image), os.path.join("val2017", image)
                 ),
@@ -398,7 +397,7 @@ def load_pope(annotation_path: PathLike, image_root: PathLike | None) -> list[Ev
         image = str(_get(rec, ("image",), where))
         samples.append(
             EvalSample(
-                id=_str_id(_get(rec, ("question_id", "id"), where)),
+                id=str(_get(rec, ("question_id", "id"), where)),
                 image_candidates=_candidates(image_root, image, os.path.join("val2014", image)),
                 fields={"question": str(_get(rec, ("text", "question"), where))},
                 target=label,
