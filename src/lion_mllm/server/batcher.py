@@ -165,6 +165,7 @@ class Batcher:
                 self._active = 0
 
     def _run_group(self, jobs: list) -> None:
+        """One batch; when it fails, its requests one by one, so only the culprit gets the error."""
         for job, outcome in zip(jobs, batch_then_singly(jobs, self._execute, on_batch_error=self._count_failed_batch)):
             if isinstance(outcome, Exception):
                 self._fail(job, outcome)
