@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from .common import AnnotationError, EvalSample, PathLike, _candidates, _check_unique, _get, _where, read_records
@@ -72,10 +73,7 @@ def _image_info(images: list, path: PathLike, image_root: PathLike | None) -> li
     """COCO-style image info without captions (NoCaps nocaps_{val,test}_image_info.json): predictions only,
     for the evaluation server."""
     samples = []
-    for i, img in enumerate(images):
-        where = _where(path, record=f"images[{i}]")
-        if not isinstance(img, dict):
-            raise AnnotationError(f"{where}: expected a JSON object")
+    for where, img in _image_records(images, path):
         iid = str(_get(img, ("id",), where))
         fname = _get(img, ("file_name", "filename"), where)
         meta = {"group": img["domain"]} if "domain" in img else {}
@@ -85,10 +83,7 @@ def _image_info(images: list, path: PathLike, image_root: PathLike | None) -> li
 
 def _karpathy(images: Any, path: PathLike, image_root: PathLike | None, split: str) -> list[EvalSample]:
     samples = []
-    for i, img in enumerate(images):
-        where = _where(path, record=f"images[{i}]")
-        if not isinstance(img, dict):
-            raise AnnotationError(f"{where}: expected a JSON object")
+    for where, img in _image_records(images, path):
         if split and img.get("split", split) != split:
             continue
         filename = _get(img, ("filename", "file_name"), where)
@@ -110,8 +105,7 @@ def _karpathy(images: Any, path: PathLike, image_root: PathLike | None, split: s
 
 def _coco_captions(data: dict[str, Any], path: PathLike, image_root: PathLike | None) -> list[EvalSample]:
     by_image: dict[str, EvalSample] = {}
-    for i, img in enumerate(data["images"]):
-        where = _where(path, record=f"images[{i}]")
+    for where, img in _image_records(data["images"], path):
         iid = str(_get(img, ("id",), where))
         fname = _get(img, ("file_name", "filename"), where)
         meta = {"group": img["domain"]} if "domain" in img else {}
@@ -153,3 +147,12 @@ def _textcaps(records: list, path: PathLike, image_root: PathLike | None) -> lis
             sample.target = None
         return list(by_image.values())
     return [s for s in by_image.values() if s.target]
+
+
+def _image_records(images: Any, path: PathLike) -> Iterator[tuple[str, dict]]:
+    """(where, record) of each entry of a COCO-style ``images`` list, each checked to be an object."""
+    for i, img in enumerate(images):
+        where = _where(path, record=f"images[{i}]")
+        if not isinstance(img, dict):
+            raise AnnotationError(f"{where}: expected a JSON object")
+        yield where, img

@@ -4,7 +4,7 @@ folders of ``<pid>/data.json``, its ``problems.json``, or converted records), VS
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..metrics_mmbench import OPTION_LETTERS
@@ -316,19 +316,8 @@ def load_iconqa(annotation_path: PathLike, image_root: PathLike | None, *, split
     problems (choices given as images) are left out, since the model sees one image.
     """
     path = os.fspath(annotation_path)
-    samples: list[EvalSample] = []
     if os.path.isdir(path):
-        for folder, _dirs, files in sorted(os.walk(path)):
-            if "data.json" not in files:
-                continue
-            record_path = os.path.join(folder, "data.json")
-            rec = _read_json(record_path)
-            if not isinstance(rec, dict):
-                raise AnnotationError(f"{record_path}: expected a JSON object")
-            sample = _iconqa_sample(os.path.basename(folder), rec, record_path,
-                                    (os.path.join(folder, "image.png"),))
-            if sample is not None:
-                samples.append(sample)
+        samples = [s for s in _iconqa_release_folder(path) if s is not None]
         if not samples:
             raise AnnotationError(f"{path}: no IconQA <pid>/data.json of types {ICONQA_QUESTION_TYPES} below this folder")
         return _check_unique(samples, path)
@@ -337,21 +326,36 @@ def load_iconqa(annotation_path: PathLike, image_root: PathLike | None, *, split
     if not (isinstance(problems, dict) and problems and all(isinstance(v, dict) and "ques_type" in v
                                                           for v in problems.values())):
         return load_generic_vqa(path, image_root)
+    samples = [s for s in _iconqa_problems(path, problems, split, image_root) if s is not None]
+    if not samples:
+        raise AnnotationError(f"{path}: no problems of split {split!r} and types {ICONQA_QUESTION_TYPES}")
+    return _check_unique(samples, path)
+
+
+def _iconqa_release_folder(path: str) -> Iterator[EvalSample | None]:
+    """A sample (None for choose_img) per ``<pid>/data.json`` below `path`, its image beside it."""
+    for folder, _dirs, files in sorted(os.walk(path)):
+        if "data.json" not in files:
+            continue
+        record_path = os.path.join(folder, "data.json")
+        rec = _read_json(record_path)
+        if not isinstance(rec, dict):
+            raise AnnotationError(f"{record_path}: expected a JSON object")
+        yield _iconqa_sample(os.path.basename(folder), rec, record_path, (os.path.join(folder, "image.png"),))
+
+
+def _iconqa_problems(path: str, problems: dict, split: str, image_root: PathLike | None
+                     ) -> Iterator[EvalSample | None]:
+    """A sample (None for choose_img) per problem of `split` in ``problems.json``."""
     in_split = _iconqa_split_pids(path, problems, split)
     for pid, rec in problems.items():
         if str(pid) not in in_split:
             continue
-        where = _where(path, record=repr(pid))
         ques_type = str(rec.get("ques_type"))
         relative = os.path.join(split, ques_type, str(pid), "image.png")
-        sample = _iconqa_sample(str(pid), rec, where,
-                                _candidates(image_root, os.path.join("iconqa", relative), relative,
-                                            os.path.join(ques_type, str(pid), "image.png")))
-        if sample is not None:
-            samples.append(sample)
-    if not samples:
-        raise AnnotationError(f"{path}: no problems of split {split!r} and types {ICONQA_QUESTION_TYPES}")
-    return _check_unique(samples, path)
+        yield _iconqa_sample(str(pid), rec, _where(path, record=repr(pid)),
+                             _candidates(image_root, os.path.join("iconqa", relative), relative,
+                                         os.path.join(ques_type, str(pid), "image.png")))
 
 
 def load_vsr(annotation_path: PathLike, image_root: PathLike | None) -> list[EvalSample]:
