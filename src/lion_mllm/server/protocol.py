@@ -2,10 +2,10 @@
 
 LION is single-turn: the last user message gives the question, the last image in the user messages the
 image; system, developer and assistant messages are accepted and not read. A request is parsed into
-`ChatCompletionRequest` (pydantic, strict types, unknown fields refused), then `plan_chat` checks what
-the types cannot (limits of this server, combinations LION cannot honour) and resolves the decoding
-settings: request fields, else the operator's flags, else the model's own defaults
-(`lion.generation_config`, when the model carries one), else the authors'.
+`ChatCompletionRequest` (pydantic, strict types, unknown fields refused), then `refuse_unsupported` and
+`resolve_decoding` check what the types cannot (limits of this server, combinations LION cannot honour)
+and resolve the decoding settings: request fields, else the operator's flags, else the model's own
+defaults (`lion.generation_config`, when the model carries one), else the authors'.
 
 Fields of the OpenAI API that LION cannot honour are refused with 400 rather than ignored: `n` > 1,
 `logprobs: true`, `top_logprobs`, a `response_format` other than text, non-zero `presence_penalty` /
@@ -303,44 +303,45 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def model_defaults(lion: Any, task: str) -> dict[str, Any]:
-    """The model's own decoding defaults for `task` (`lion.generation_config.for_task`), when it has them."""
+    """Every decoding default for `task`: the model's own (`lion.generation_config.for_task`), or the
+    authors' (`GenerationDefaults`) for a model without them."""
     config = getattr(lion, "generation_config", None)
-    if config is not None and hasattr(config, "for_task"):
-        return dict(config.for_task(task))
-    return {}
+    if config is None or not hasattr(config, "for_task"):
+        config = GenerationDefaults()
+    return dict(config.for_task(task))
 
 
 def resolve_decoding(request: ChatCompletionRequest, settings: ServerSettings, defaults: dict[str, Any]
                      ) -> DecodingSettings:
-    """Decoding settings: request fields, else operator flags (`settings`), else the model's defaults,
-    else the authors' (5 beams, repetition penalty 1.5, up to 256 tokens). `temperature` > 0 samples,
-    `temperature: 0` is greedy; without it the model's default decides."""
-    def pick(value: Any, operator: Any, name: str, authors: Any) -> Any:
+    """Decoding settings: request fields, else operator flags (`settings`), else `defaults` (`model_defaults`:
+    the model's, or the authors'). `temperature` > 0 samples, `temperature: 0` is greedy; without it the
+    model's default decides."""
+    def pick(value: Any, operator: Any, name: str) -> Any:
         if value is not None:
             return value
         if operator is not None:
             return operator
-        return defaults.get(name, authors)
+        return defaults[name]
 
     limit = settings.max_tokens_limit
     given = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     if given is not None and given > limit:
         raise APIError(400, f"{name} must be at most {limit} on this server, got {given}", "invalid_value", name)
-    max_new = given if given is not None else min(pick(None, settings.default_max_tokens, "max_new_tokens", 256),
+    max_new = given if given is not None else min(pick(None, settings.default_max_tokens, "max_new_tokens"),
                                                   limit)
     if request.temperature is not None:
         sampling = request.temperature > 0
     else:
-        sampling = bool(defaults.get("do_sample", False))
-    temperature = request.temperature if request.temperature else defaults.get("temperature", 1.0)
+        sampling = bool(defaults["do_sample"])
+    temperature = request.temperature if request.temperature else defaults["temperature"]
     if not sampling and request.top_p is not None and request.top_p < 1:
         raise APIError(400, "top_p applies only when sampling: set temperature > 0 (temperature 0 or none is "
                             "deterministic decoding)", "invalid_value", "top_p")
     if not sampling and request.top_k is not None:
         raise APIError(400, "top_k applies only when sampling: set temperature > 0", "invalid_value", "top_k")
     beams = request.num_beams if request.num_beams is not None else \
-        (1 if sampling else pick(None, settings.num_beams, "num_beams", 5))
+        (1 if sampling else pick(None, settings.num_beams, "num_beams"))
     if beams > settings.max_num_beams:
         raise APIError(400, f"num_beams must be at most {settings.max_num_beams} on this server, got {beams}",
                        "invalid_value", "num_beams")
@@ -358,12 +359,12 @@ def resolve_decoding(request: ChatCompletionRequest, settings: ServerSettings, d
         return DecodingSettings(
             max_new_tokens=max_new, num_beams=beams,
             # transformers' min_length counts the decoder start token: N answer tokens = min_length N + 1
-            min_length=min_tokens + 1 if min_tokens else defaults.get("min_length", 1),
+            min_length=min_tokens + 1 if min_tokens else defaults["min_length"],
             repetition_penalty=float(pick(request.repetition_penalty, settings.repetition_penalty,
-                                          "repetition_penalty", 1.5)),
-            length_penalty=float(pick(request.length_penalty, None, "length_penalty", 1.0)),
+                                          "repetition_penalty")),
+            length_penalty=float(pick(request.length_penalty, None, "length_penalty")),
             do_sample=sampling, temperature=float(temperature) if sampling else 1.0,
-            top_p=float(request.top_p if request.top_p is not None else defaults.get("top_p", 0.9)) if sampling
+            top_p=float(request.top_p if request.top_p is not None else defaults["top_p"]) if sampling
             else 1.0,
             top_k=request.top_k if request.top_k is not None else TRANSFORMERS_TOP_K,
             seed=request.seed if sampling else None)

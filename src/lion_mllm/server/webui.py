@@ -59,10 +59,10 @@ def run_request(lion: Any, scheduler: Any, settings: ServerSettings, image_path:
     beams = min(max(int(num_beams), 1), settings.max_num_beams)
     tokens = min(max(int(max_tokens), 1), settings.max_tokens_limit)
     defaults = model_defaults(lion, task)
-    repetition = settings.repetition_penalty or defaults.get("repetition_penalty", 1.5)
+    repetition = settings.repetition_penalty or defaults["repetition_penalty"]
     request = GenerationRequest(image, question, task, tags, DecodingSettings(
         max_new_tokens=tokens, num_beams=beams, repetition_penalty=float(repetition),
-        length_penalty=float(defaults.get("length_penalty", 1.0))))
+        length_penalty=float(defaults["length_penalty"])))
     scheduler.submit(request)
     try:
         result = request.future.result(timeout=settings.timeout_s)
@@ -101,8 +101,8 @@ def build_webui(lion: Any, scheduler: Any, settings: ServerSettings) -> Any:
     import gradio as gr
 
     defaults = model_defaults(lion, "caption")
-    default_beams = min(settings.num_beams or defaults.get("num_beams", 5), settings.max_num_beams)
-    default_tokens = min(settings.default_max_tokens or defaults.get("max_new_tokens", 256), settings.max_tokens_limit)
+    default_beams = min(settings.num_beams or defaults["num_beams"], settings.max_num_beams)
+    default_tokens = min(settings.default_max_tokens or defaults["max_new_tokens"], settings.max_tokens_limit)
 
     def handler(image_path: str | None, mode: str, text: str, tags_text: str, num_beams: float,
                 max_tokens: float) -> tuple[str, str, Image.Image | None, list[dict] | None, str]:
