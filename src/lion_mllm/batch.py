@@ -32,12 +32,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .generation import GenerationDefaults
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, is_url, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, is_url, load_image
 
-__all__ = ["TASKS", "BatchItem", "RunSummary", "completed_keys", "read_tasks", "run_batch"]
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["TASKS", "BatchItem", "LineError", "RunSummary", "answer_items", "completed_keys", "error_record",
+           "load_item_image", "parse_task", "pending_tasks", "read_tasks", "run_batch", "task_key"]
 
 TASKS = ("caption", "vqa", "grounding")
 
@@ -76,7 +80,7 @@ class RunSummary:
     duplicates: list[Any] = field(default_factory=list)
 
 
-def _key(item_id: Any, line: int) -> str:
+def task_key(item_id: Any, line: int) -> str:
     # Ids are compared through their JSON form so 1 and "1" stay distinct; id-less lines by number.
     return f"id:{json.dumps(item_id, sort_keys=True)}" if item_id is not None else f"line:{line}"
 
@@ -110,46 +114,47 @@ def read_tasks(path: Path, *, image_root: Path | None = None) -> Iterator[BatchI
             if not isinstance(record, dict):
                 yield LineError(None, number, f"{where}:{number}: expected a JSON object, got {type(record).__name__}")
                 continue
-            item_id = record.get("id")
-            if item_id is None or isinstance(item_id, (dict, list)):
-                yield LineError(None, number, f"{where}:{number}: missing or invalid \"id\"")
-                continue
+            yield parse_task(record, f"{where}:{number}", number, path.parent, image_root)
 
-            def bad(message: str, _id: Any = item_id, _n: int = number) -> LineError:
-                return LineError(_id, _n, f"{where}:{_n}: {message}")
 
-            task = record.get("task")
-            if task not in TASKS:
-                yield bad(f"\"task\" must be one of {', '.join(TASKS)}, got {task!r}")
-                continue
-            image = record.get("image")
-            if not isinstance(image, str) or not image:
-                yield bad("missing \"image\" (a path or URL)")
-                continue
-            prompt = record.get("prompt")
-            phrase = record.get("phrase")
-            if prompt is not None and not isinstance(prompt, str):
-                yield bad("\"prompt\" must be a string")
-                continue
-            text = None
-            if task == "caption":
-                prompt = prompt or None
-            elif task == "grounding" and not prompt:
-                if not isinstance(phrase, str) or not phrase.strip():
-                    yield bad("a grounding task needs a \"phrase\" (or a full \"prompt\")")
-                    continue
-                prompt, text = None, phrase
-            elif task == "vqa":
-                if not prompt or not prompt.strip():
-                    yield bad("a vqa task needs a \"prompt\" (the question)")
-                    continue
-                prompt, text = None, prompt
-            tags = record.get("tags")
-            if tags is not None and not (isinstance(tags, str) or
-                                         (isinstance(tags, list) and all(isinstance(t, str) for t in tags))):
-                yield bad("\"tags\" must be a string or a list of strings")
-                continue
-            yield BatchItem(item_id, number, _resolve_image(image, path.parent, image_root), task, prompt, tags, text)
+def parse_task(record: dict[str, Any], where: str, number: int, input_dir: Path,
+               image_root: Path | None = None) -> BatchItem | LineError:
+    """One task record (a parsed line of a task file, or a row another input layout describes as one)
+    checked and made a :class:`BatchItem`, or a :class:`LineError` saying what is wrong; ``where``
+    ("input-file:line") starts its messages, ``number`` is the line."""
+    item_id = record.get("id")
+    if item_id is None or isinstance(item_id, (dict, list)):
+        return LineError(None, number, f"{where}: missing or invalid \"id\"")
+
+    def bad(message: str) -> LineError:
+        return LineError(item_id, number, f"{where}: {message}")
+
+    task = record.get("task")
+    if task not in TASKS:
+        return bad(f"\"task\" must be one of {', '.join(TASKS)}, got {task!r}")
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        return bad("missing \"image\" (a path or URL)")
+    prompt = record.get("prompt")
+    phrase = record.get("phrase")
+    if prompt is not None and not isinstance(prompt, str):
+        return bad("\"prompt\" must be a string")
+    text = None
+    if task == "caption":
+        prompt = prompt or None
+    elif task == "grounding" and not prompt:
+        if not isinstance(phrase, str) or not phrase.strip():
+            return bad("a grounding task needs a \"phrase\" (or a full \"prompt\")")
+        prompt, text = None, phrase
+    elif task == "vqa":
+        if not prompt or not prompt.strip():
+            return bad("a vqa task needs a \"prompt\" (the question)")
+        prompt, text = None, prompt
+    tags = record.get("tags")
+    if tags is not None and not (isinstance(tags, str) or
+                                 (isinstance(tags, list) and all(isinstance(t, str) for t in tags))):
+        return bad("\"tags\" must be a string or a list of strings")
+    return BatchItem(item_id, number, _resolve_image(image, input_dir, image_root), task, prompt, tags, text)
 
 
 def completed_keys(output: Path) -> set[str]:
@@ -177,7 +182,7 @@ def completed_keys(output: Path) -> set[str]:
             raise ValueError(f"{output}: line {line_number} is not a JSON record; "
                              f"is this a results file of `lion run`?")
         good_end = position
-        keys.add(_key(record.get("id"), record.get("line", 0)))
+        keys.add(task_key(record.get("id"), record.get("line", 0)))
     if good_end != len(data):
         with open(output, "r+b") as handle:
             handle.truncate(good_end)
@@ -230,6 +235,27 @@ def _result(item: BatchItem, answer: str, size: tuple[int, int]) -> dict[str, An
     return record
 
 
+def pending_tasks(input_path: Path, done: set[str], summary: RunSummary, *,
+                  image_root: Path | None = None) -> Iterator[BatchItem | LineError]:
+    """The tasks of ``input_path`` whose keys are not in ``done``, first occurrences only; counts
+    lines, skips and duplicates into ``summary``."""
+    seen: dict[str, int] = {}
+    for entry in read_tasks(input_path, image_root=image_root):
+        summary.total += 1
+        key = task_key(entry.id, entry.line)
+        if key in seen:
+            # A second line with the same id would make results ambiguous and break resuming.
+            summary.duplicates.append(entry.id)
+            print(f"lion run: {input_path}:{entry.line}: duplicate id {entry.id!r} (first on line {seen[key]}); "
+                  f"skipped", file=sys.stderr)
+            continue
+        seen[key] = entry.line
+        if key in done:
+            summary.skipped += 1
+            continue
+        yield entry
+
+
 def run_batch(lion: Any, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
               batch_size: int = 8, tags: str | None = None, image_root: str | os.PathLike[str] | None = None,
               max_batches: int | None = None, progress: bool = True, retry_errors: bool = False,
@@ -256,26 +282,9 @@ def run_batch(lion: Any, input_path: str | os.PathLike[str], output_path: str | 
         tmp = output_path.with_name(output_path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, output_path)
-    done = completed_keys(output_path)
     summary = RunSummary()
     root = Path(image_root).expanduser() if image_root is not None else None
-
-    pending: list[BatchItem | LineError] = []
-    seen: dict[str, int] = {}
-    for entry in read_tasks(input_path, image_root=root):
-        summary.total += 1
-        key = _key(entry.id, entry.line)
-        if key in seen:
-            # A second line with the same id would make results ambiguous and break resuming.
-            summary.duplicates.append(entry.id)
-            print(f"lion run: {input_path}:{entry.line}: duplicate id {entry.id!r} (first on line {seen[key]}); "
-                  f"skipped", file=sys.stderr)
-            continue
-        seen[key] = entry.line
-        if key in done:
-            summary.skipped += 1
-            continue
-        pending.append(entry)
+    pending = list(pending_tasks(input_path, completed_keys(output_path), summary, image_root=root))
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(pending), progress)
@@ -302,54 +311,100 @@ def run_batch(lion: Any, input_path: str | os.PathLike[str], output_path: str | 
     return summary
 
 
-def _error(entry: BatchItem | LineError, message: str) -> dict[str, Any]:
+def error_record(entry: BatchItem | LineError, message: str) -> dict[str, Any]:
+    """The error record of a task: its id and the message (and its line when it has no id)."""
     record: dict[str, Any] = {"id": entry.id, "error": message}
     if entry.id is None:
         record["line"] = entry.line  # lets a re-run recognise an id-less bad line it already reported
     return record
 
 
+def load_item_image(item: BatchItem, where: str, max_pixels: int | None,
+                    data: bytes | None = None) -> Image.Image | dict[str, Any]:
+    """The image of a task (from ``data`` when its bytes came with the input, else its path or URL), or
+    its error record; ``where`` ("input-file:line") starts the message."""
+    try:
+        if data is not None:
+            return decode_image(data, str(item.image), max_pixels=max_pixels)
+        return load_image(item.image, max_pixels=max_pixels)
+    except ImageLoadError as error:
+        return error_record(item, f"{where}: {error}")
+    except Exception as error:  # noqa: BLE001 - one unreadable image must not end the run
+        return error_record(item, f"{where}: {item.image}: cannot read the image ({type(error).__name__}: {error})")
+
+
 def _run_chunk(lion: Any, chunk: Sequence[BatchItem | LineError], default_tags: str | None,
                decode: dict[str, Any], input_path: Path, max_pixels: int | None) -> list[dict[str, Any]]:
     """Results/error records for one batch, in input order."""
     records: dict[int, dict[str, Any]] = {}
-    ready: list[tuple[int, BatchItem, Any]] = []
+    ready: list[tuple[int, BatchItem, Image.Image, str]] = []
     for index, entry in enumerate(chunk):
         if isinstance(entry, LineError):
-            records[index] = _error(entry, entry.message)
+            records[index] = error_record(entry, entry.message)
             continue
-        try:
-            ready.append((index, entry, load_image(entry.image, max_pixels=max_pixels)))
-        except ImageLoadError as error:
-            records[index] = _error(entry, f"{input_path}:{entry.line}: {error}")
-        except Exception as error:  # noqa: BLE001 - one unreadable image must not end the run
-            records[index] = _error(entry, f"{input_path}:{entry.line}: {entry.image}: cannot read the image "
-                                           f"({type(error).__name__}: {error})")
-    if ready:
-        try:
-            answers = _generate(lion, ready, default_tags, decode)
-        except Exception:  # noqa: BLE001 - isolate the failing task(s) instead of losing the batch
-            answers = []
-            for one in ready:
-                try:
-                    answers.extend(_generate(lion, [one], default_tags, decode))
-                except Exception as error:  # noqa: BLE001
-                    answers.append(error)
-        for (index, item, image), answer in zip(ready, answers):
-            if isinstance(answer, Exception):
-                message = str(answer).strip().splitlines()[0] if str(answer).strip() else type(answer).__name__
-                records[index] = _error(item, f"{input_path}:{item.line}: {type(answer).__name__}: {message}")
-            else:
-                records[index] = _result(item, answer, image.size)
+        where = f"{input_path}:{entry.line}"
+        loaded = load_item_image(entry, where, max_pixels)
+        if isinstance(loaded, dict):
+            records[index] = loaded
+        else:
+            ready.append((index, entry, loaded, where))
+    records.update(answer_items(lion, ready, default_tags, decode))
     return [records[i] for i in sorted(records)]
 
 
-def _generate(lion: Any, ready: Sequence[tuple[int, BatchItem, Any]], default_tags: str | None,
+def answer_items(lion: Any, ready: Sequence[tuple[int, BatchItem, Image.Image, str]], default_tags: str | None,
+                 decode: dict[str, Any], *, with_tags: bool = False) -> dict[int, dict[str, Any]]:
+    """Result or error records of loaded tasks ``(index, item, image, where)`` by index, generated as one
+    batch; a failing batch is retried item by item so only the failing task(s) become error records.
+    ``with_tags`` completes missing tags with the model's tagger first and puts them in each result."""
+    if not ready:
+        return {}
+    tags = [item.tags if item.tags is not None else default_tags for _, item, _, _ in ready]
+    if with_tags:
+        tags = _complete_tags(lion, [image for _, _, image, _ in ready], tags)
+    try:
+        answers: list[str | Exception] = list(_generate(lion, ready, tags, decode))
+    except Exception:  # noqa: BLE001 - isolate the failing task(s) instead of losing the batch
+        answers = []
+        for one, one_tags in zip(ready, tags):
+            try:
+                answers.extend(_generate(lion, [one], [one_tags], decode))
+            except Exception as error:  # noqa: BLE001
+                answers.append(error)
+    records: dict[int, dict[str, Any]] = {}
+    for (index, item, image, where), answer, item_tags in zip(ready, answers, tags):
+        if isinstance(answer, Exception):
+            message = str(answer).strip().splitlines()[0] if str(answer).strip() else type(answer).__name__
+            records[index] = error_record(item, f"{where}: {type(answer).__name__}: {message}")
+        else:
+            records[index] = _result(item, answer, image.size)
+            if with_tags:
+                records[index]["tags"] = _tag_list(item_tags)
+    return records
+
+
+def _complete_tags(lion: Any, images: list[Image.Image], tags: list[Any]) -> list[Any]:
+    # What Lion.generate does with absent tags, done before it so the tags used can be reported.
+    if not getattr(getattr(lion, "config", None), "enable_semantic_tags", False) or lion.tagger is None:
+        return tags
+    todo = [i for i, t in enumerate(tags) if t is None]
+    if todo:
+        for i, found in zip(todo, lion.tag([images[i] for i in todo])):
+            tags[i] = found
+    return tags
+
+
+def _tag_list(tags: str | list[str] | None) -> list[str] | None:
+    if tags is None or isinstance(tags, list):
+        return tags
+    return [t.strip() for t in tags.split(",") if t.strip()]
+
+
+def _generate(lion: Any, ready: Sequence[tuple[int, BatchItem, Image.Image, str]], tags: Sequence[Any],
               decode: dict[str, Any]) -> list[str]:
-    tags = [item.tags if item.tags is not None else default_tags for _, item, _ in ready]
     templates = getattr(lion, "generation_config", None) or GenerationDefaults()  # the authors' by default
     questions = [item.prompt if item.prompt is not None else templates.prompt(item.task, item.text)
-                 for _, item, _ in ready]
-    return lion.generate([image for _, _, image in ready], questions,
-                         [item.task for _, item, _ in ready], tags if any(t is not None for t in tags) else None,
+                 for _, item, _, _ in ready]
+    return lion.generate([image for _, _, image, _ in ready], questions,
+                         [item.task for _, item, _, _ in ready], tags if any(t is not None for t in tags) else None,
                          **decode)

@@ -1,0 +1,160 @@
+"""Throughput of `lion run --engine ray` with 1 and 2 model replicas against single-process `lion run`.
+
+    OMP_NUM_THREADS=1 python benchmarks/scale_run.py --scenes 32 --output benchmarks/results/scale_run.json
+
+The same task file (lion-shapes scenes: a caption, a question and a grounding phrase each) is answered
+four ways in one run, at equal thread budgets: `lion run` in its own process with 1 thread and with 2
+threads, and the Ray engine on a local cluster of 2 CPUs with 1 replica x 1 thread and 2 replicas x 1
+thread. Every configuration's records are checked equal to the first `lion run`'s before its time counts.
+
+Reported per configuration: wall seconds of the whole job (process or Ray job start, model load, all
+items), and the steady rate: items answered per second once the model is loaded (`lion run`: its own
+batch-loop time; Ray: from the first result shard to the last, by their modification times, with one
+shard per batch). Also the CPU cost of the decode stage per image (what sizes the CPU side of a GPU node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tasks(directory: Path, scenes: int) -> Path:
+    from lion_mllm import shapes
+
+    lines = []
+    for seed in range(scenes):
+        scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + 5000 + seed)
+        path = directory / f"s{seed}.png"
+        shapes.render(scene).save(path)
+        rng = random.Random(seed)
+        lines.append({"id": f"c{seed}", "image": str(path), "task": "caption"})
+        lines.append({"id": f"q{seed}", "image": str(path), "task": "vqa",
+                      "prompt": rng.choice(shapes.vqa_samples(scene, rng))[0]})
+        phrases = shapes.referring_expressions(scene)
+        if phrases:
+            lines.append({"id": f"g{seed}", "image": str(path), "task": "grounding", "phrase": phrases[0][0]})
+    tasks = directory / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return tasks
+
+
+def run_local(tasks: Path, output: Path, threads: int, batch_size: int) -> dict[str, Any]:
+    """`lion run` in a fresh process with `threads` intra-op threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "lion_mllm.cli", "run", "--input", str(tasks), "--output",
+                           str(output), "--batch-size", str(batch_size), "--json", "-q"],
+                          env=env, capture_output=True, text=True, check=True)
+    wall = time.monotonic() - started
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"wall_s": round(wall, 2), "steady_s": report["seconds"], "answered": report["answered"]}
+
+
+def run_on_ray(tasks: Path, output: Path, replicas: int, batch_size: int) -> dict[str, Any]:
+    from lion_mllm.scale import run_ray
+
+    started = time.time()
+    # Logical CPUs: the replicas and a decode task fit the 2-CPU cluster together (one thread each).
+    summary = run_ray("lion-shapes", tasks, output, replicas=replicas, threads=1, replica_cpus=0.75, decode_cpus=0.25,
+                      batch_size=batch_size, rows_per_shard=batch_size, output_format="jsonl", progress=False)
+    wall = time.time() - started
+    shards = sorted(output.glob("part-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    first_rows = len(shards[0].read_text().splitlines())
+    steady = shards[-1].stat().st_mtime - shards[0].stat().st_mtime
+    return {"wall_s": round(wall, 2), "steady_s": round(steady, 2), "steady_items": summary.done - first_rows,
+            "answered": summary.done, "shards": len(shards)}
+
+
+def records(path: Path) -> dict[str, dict[str, Any]]:
+    from lion_mllm.scale import read_results
+
+    if path.is_dir():
+        return {r["id"]: {k: v for k, v in r.items() if k not in ("key", "tags")} for r in read_results(path)}
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def decode_cost(tasks: Path, repeats: int = 200) -> dict[str, float]:
+    """CPU seconds per image of the decode stage (load_image + the RGB bytes shipped to a replica), on
+    the benchmark's scenes and on a 1024x768 JPEG photo-sized image."""
+    import numpy as np
+    from PIL import Image
+
+    from lion_mllm.images import decode_image
+
+    scene = Path(json.loads(tasks.read_text().splitlines()[0])["image"]).read_bytes()
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)).save(
+        buffer, "JPEG", quality=90)
+    out = {}
+    for name, data in (("scene_png_ms", scene), ("jpeg_1024x768_ms", buffer.getvalue())):
+        started = time.process_time()
+        for _ in range(repeats):
+            decode_image(data).tobytes()
+        out[name] = round((time.process_time() - started) / repeats * 1000, 2)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=int, default=32, help="scenes (about 3 tasks each)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=None, help="write the JSON report here")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster (the token file is per account)
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="scale-run-"))
+    tasks = make_tasks(work, args.scenes)
+    items = len(tasks.read_text().splitlines())
+    load_before = os.getloadavg()
+    results: dict[str, Any] = {}
+    results["lion run, 1 thread"] = run_local(tasks, work / "local1.jsonl", 1, args.batch_size)
+    results["lion run, 2 threads"] = run_local(tasks, work / "local2.jsonl", 2, args.batch_size)
+    reference = records(work / "local1.jsonl")
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="lionray-", dir="/tmp"))
+    try:
+        for replicas in (1, 2):
+            out = work / f"ray{replicas}"
+            results[f"ray, {replicas} replica(s) x 1 thread"] = run_on_ray(tasks, out, replicas, args.batch_size)
+            assert records(out) == reference, f"ray with {replicas} replica(s) answered otherwise than lion run"
+    finally:
+        ray.shutdown()
+    assert records(work / "local2.jsonl") == reference
+    for name, row in results.items():
+        steady_items = row.get("steady_items", row["answered"])
+        row["items_per_s_wall"] = round(row["answered"] / row["wall_s"], 2)
+        row["items_per_s_steady"] = round(steady_items / row["steady_s"], 2)
+    report = {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/scale_run.py " + " ".join(sys.argv[1:]),
+        "items": items, "batch_size": args.batch_size, "model": "lion-shapes (float32, CPU)",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ray": ray.__version__, "results": results, "decode_cost": decode_cost(tasks),
+        "records_equal_lion_run": True,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""`lion run --engine ray` on a local Ray cluster started here (2 CPUs, 200 MB object store).
+
+The Ray job's records must equal single-process `lion run`'s item for item (lion-shapes on synthetic
+scenes), in every input layout; a replica killed mid-job and a job killed and restarted must lose and
+duplicate nothing; bad items must become error records.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from lion_mllm import shapes  # noqa: E402
+from lion_mllm.batch import run_batch  # noqa: E402
+from lion_mllm.scale import read_results, run_ray  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
+
+SCENES = 20  # x 3 tasks (when the scene has a phrase to find): about 60 tasks, plus bad items
+BAD_LINES = ['{"id": "no-image", "image": "nowhere/missing.png", "task": "caption"}',
+             '{"id": "not-an-image", "image": "broken.png", "task": "vqa", "prompt": "how many shapes are there?"}',
+             '{"id": "no-task", "image": "s0.png"}',
+             'this is not JSON']
+# Logical CPUs: two replicas leave one CPU of the two for Ray Data's own tasks (listing files takes a whole
+# one) and the read/decode/write tasks.
+RAY_OPTIONS = {"replicas": 2, "threads": 1, "replica_cpus": 0.5, "decode_cpus": 0.25, "batch_size": 4,
+               "progress": False}
+ONE_REPLICA = {**RAY_OPTIONS, "replicas": 1}  # layouts: one model load per job keeps the suite short
+LAYOUT_TASKS = 30  # the first tasks of the world, for the Parquet and WebDataset layouts
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A Ray head on this machine (ray start --block: stopping it stops every process it started), and
+    this process connected to it as the driver."""
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="lionray-", dir="/tmp")  # Ray's socket paths must stay short
+    # A test cluster on the loopback address; token authentication off, since its token file
+    # (~/.ray/auth_token) is shared with any other Ray user of this account.
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--object-store-memory=200000000",
+                             "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                break
+            except Exception:  # noqa: BLE001 - the head is still starting
+                if time.monotonic() > deadline or head.poll() is not None:
+                    raise
+                time.sleep(1)
+        yield address
+    finally:
+        ray.shutdown()
+        head.send_signal(signal.SIGINT)  # what `ray start --block` stops its cluster on
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Scenes with a caption, a question and a grounding task each, the task file of `lion run` (with
+    bad lines), and `lion run`'s own records for it (the reference)."""
+    root = tmp_path_factory.mktemp("scale")
+    images = root / "images"
+    images.mkdir()
+    tasks: list[dict[str, Any]] = []
+    for seed in range(SCENES):
+        scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + seed)
+        path = images / f"s{seed}.png"
+        shapes.render(scene).save(path)
+        rng = random.Random(seed)
+        question = rng.choice(shapes.vqa_samples(scene, rng))[0]
+        phrases = shapes.referring_expressions(scene)
+        tasks.append({"id": f"c{seed}", "image": str(path), "task": "caption"})
+        tasks.append({"id": f"q{seed}", "image": str(path), "task": "vqa", "prompt": question})
+        if phrases:
+            tasks.append({"id": f"g{seed}", "image": str(path), "task": "grounding", "phrase": phrases[0][0]})
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    task_file = images / "tasks.jsonl"
+    task_file.write_text("".join(json.dumps(t) + "\n" for t in tasks) + "\n".join(BAD_LINES) + "\n"
+                         + json.dumps(tasks[0]) + "\n")  # a duplicate id: lion run skips it, so must Ray
+    from lion_mllm import load_model
+
+    lion = load_model("lion-shapes")
+    reference = root / "reference.jsonl"
+    run_batch(lion, task_file, reference, progress=False)
+    records = {_key(r): r for r in map(json.loads, reference.read_text().splitlines())}
+    tags = {str(images / f"s{seed}.png"): lion.tag([images / f"s{seed}.png"])[0] for seed in range(SCENES)}
+    return {"root": root, "images": images, "tasks": tasks, "task_file": task_file, "reference": records,
+            "tags": tags, "lion": lion}
+
+
+def _key(record: dict[str, Any]) -> str:
+    from lion_mllm.batch import task_key
+
+    return task_key(record.get("id"), record.get("line", 0))
+
+
+def _answers(record: dict[str, Any]) -> dict[str, Any]:
+    """What must agree between engines whatever the layout (the image is named by each layout its way)."""
+    return {k: record.get(k) for k in ("task", "answer", "box", "box_pixels", "error") if k in record}
+
+
+def _check_complete(output: Path, world: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every record of the reference once, equal to `lion run`'s, and nothing else."""
+    records = read_results(output)
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)), "duplicate records"
+    assert set(keys) == set(world["reference"])
+    for record in records:
+        expected = world["reference"][record["key"]]
+        tags = record.pop("tags", None)
+        assert {k: v for k, v in record.items() if k != "key"} == expected
+        if "error" not in record:
+            assert ", ".join(tags) == world["tags"][record["image"]]  # the tags the model used
+    assert not [p for p in output.iterdir() if not p.name.startswith("part-")]  # no leftover temporary file
+    return records
+
+
+def test_task_file_equals_lion_run_item_for_item(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = run_ray("lion-shapes", world["task_file"], out, output_format="jsonl", rows_per_shard=16, **RAY_OPTIONS)
+    records = _check_complete(out, world)
+    errors = {r["id"] for r in records if "error" in r}
+    assert errors == {"no-image", "not-an-image", "no-task", None}  # None: the line that is not JSON
+    assert (summary.done, summary.errors, summary.duplicates) == (len(world["tasks"]), 4, ["c0"])
+
+    again = run_ray("lion-shapes", world["task_file"], out, output_format="jsonl", **RAY_OPTIONS)
+    assert (again.done, again.errors, again.skipped) == (0, 0, len(records))  # finished: nothing redone
+    assert len(read_results(out)) == len(records)
+
+
+def test_parquet_with_bytes_and_paths_equals_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
+    """The hub's layout: an `image` column of {bytes, path} (datasets' Image feature); here half the
+    rows carry the bytes, the other half only the path, over two files."""
+    rows = []
+    tasks = world["tasks"][:LAYOUT_TASKS]
+    for index, task in enumerate(tasks):
+        path = Path(task["image"])
+        image = {"bytes": path.read_bytes(), "path": path.name} if index % 2 else {"bytes": None, "path": str(path)}
+        rows.append({"id": task["id"], "task": task["task"], "prompt": task.get("prompt"),
+                     "phrase": task.get("phrase"), "image": image})
+    rows.append({"id": "corrupt", "task": "caption", "prompt": None, "phrase": None,
+                 "image": {"bytes": b"GIF89a truncated", "path": "corrupt.gif"}})
+    data = tmp_path / "data"
+    data.mkdir()
+    half = len(rows) // 2
+    for number, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part), data / f"train-{number:05d}.parquet")
+    out = tmp_path / "out"
+    run_ray("lion-shapes", data, out, **ONE_REPLICA)
+    records = {r["id"]: r for r in read_results(out)}
+    assert set(records) == {t["id"] for t in tasks} | {"corrupt"}
+    for task in tasks:
+        assert _answers(records[task["id"]]) == _answers(world["reference"][_key(task)])
+    assert "corrupt.gif" in records["corrupt"]["error"]
+
+
+def test_webdataset_shards_equal_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
+    """Tar shards of `<key>.png` + `<key>.json` (the task's fields), as the authors' training data."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    tasks = world["tasks"][:LAYOUT_TASKS]
+    samples = [(t["id"], Path(t["image"]).read_bytes(), {k: v for k, v in t.items() if k not in ("id", "image")})
+               for t in tasks]
+    samples.append(("broken", b"\x89PNG\r\n\x1a\n torn", {"task": "caption"}))
+    for number in range(2):
+        with tarfile.open(shards / f"shard-{number:06d}.tar", "w") as tar:
+            for key, image, meta in samples[number::2]:
+                for name, payload in ((f"{key}.png", image), (f"{key}.json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "out"
+    run_ray("lion-shapes", shards, out, **ONE_REPLICA)
+    records = {r["id"]: r for r in read_results(out)}
+    assert set(records) == {t["id"] for t in tasks} | {"broken"}
+    for task in tasks:
+        assert _answers(records[task["id"]]) == _answers(world["reference"][_key(task)])
+    assert "broken.png" in records["broken"]["error"]
+
+
+def _workers(head_address: str, title: str = "ray::MapWorker(MapBatches(LionReplica))") -> list[int]:
+    """Processes of this test's cluster whose title starts with ``title`` (found through /proc: other
+    clusters on this machine have other ports)."""
+    port = head_address.rsplit(":", 1)[1]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmdline.startswith(title) and _in_cluster(int(entry.name), port):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _title(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _in_cluster(pid: int, port: str) -> bool:
+    # A Ray worker is a child of its node's raylet, whose command line names the GCS port.
+    try:
+        parent = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        raylet = (Path("/proc") / str(parent) / "cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return False
+    return "raylet" in raylet and f":{port}" in raylet
+
+
+def test_a_replica_killed_mid_job_loses_and_duplicates_nothing(cluster: str, world: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_ray(
+        "lion-shapes", world["task_file"], out, rows_per_shard=4, **RAY_OPTIONS)))
+    job.start()
+    deadline = time.monotonic() + 120
+    killed = None
+    while killed is None and time.monotonic() < deadline and job.is_alive():
+        pids = _workers(cluster)
+        if pids and out.is_dir() and list(out.glob("part-*")):  # answering has begun
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    job.join(timeout=240)
+    assert killed is not None, "the job ended before a replica could be killed"
+    assert not job.is_alive() and "summary" in result
+    _check_complete(out, world)
+
+
+def test_a_killed_job_restarted_loses_and_duplicates_nothing(cluster: str, world: dict[str, Any],
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    options = {**RAY_OPTIONS, "rows_per_shard": 4}
+    script = (f"import ray; from lion_mllm.scale import run_ray; ray.init(address={cluster!r}, log_to_driver=False); "
+              f"run_ray('lion-shapes', {str(world['task_file'])!r}, {str(out)!r}, **{options!r})")
+    driver = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None and len(list(out.glob("part-*"))) < 3:
+        time.sleep(0.1)
+    assert driver.poll() is None, "the job ended before it could be killed"
+    driver.kill()  # SIGKILL: no cleanup, whatever was being written stays as it is
+    driver.wait()
+    # Ray ends a dead driver's tasks and actors; restart once they are gone, as one would after `ray job stop`.
+    deadline = time.monotonic() + 60
+    while [pid for pid in _workers(cluster, "ray::") if "MapBatches" in _title(pid) or "Write" in _title(pid)]:
+        assert time.monotonic() < deadline, "the killed job's workers are still running"
+        time.sleep(0.2)
+    written = read_results(out)
+    assert 0 < len(written) < len(world["reference"])
+
+    summary = run_ray("lion-shapes", world["task_file"], out, **options)
+    assert summary.skipped == len({r["key"] for r in written})
+    assert summary.done + summary.errors == len(world["reference"]) - summary.skipped
+    _check_complete(out, world)
+
+
+@pytest.mark.slow
+def test_a_few_hundred_scenes_equal_lion_run(cluster: str, tmp_path: Path) -> None:
+    """300 scenes x 3 tasks through the JSONL and Parquet layouts against lion run."""
+    from lion_mllm import load_model
+
+    tasks = []
+    for seed in range(300):
+        scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + 1000 + seed)
+        path = tmp_path / f"s{seed}.png"
+        shapes.render(scene).save(path)
+        rng = random.Random(seed)
+        tasks.append({"id": f"c{seed}", "image": str(path), "task": "caption"})
+        tasks.append({"id": f"q{seed}", "image": str(path), "task": "vqa",
+                      "prompt": rng.choice(shapes.vqa_samples(scene, rng))[0]})
+        phrases = shapes.referring_expressions(scene)
+        if phrases:
+            tasks.append({"id": f"g{seed}", "image": str(path), "task": "grounding", "phrase": phrases[0][0]})
+    task_file = tmp_path / "tasks.jsonl"
+    task_file.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    reference = tmp_path / "reference.jsonl"
+    run_batch(load_model("lion-shapes"), task_file, reference, progress=False)
+    expected = {r["id"]: r for r in map(json.loads, reference.read_text().splitlines())}
+
+    run_ray("lion-shapes", task_file, tmp_path / "out-jsonl", **RAY_OPTIONS)
+    got = {r["id"]: {k: v for k, v in r.items() if k not in ("key", "tags")} for r in read_results(tmp_path / "out-jsonl")}
+    assert got == expected
+
+    pq.write_table(pa.Table.from_pylist([{**t, "image": Path(t["image"]).read_bytes()} for t in tasks]),
+                   tmp_path / "tasks.parquet")
+    run_ray("lion-shapes", tmp_path / "tasks.parquet", tmp_path / "out-parquet", **RAY_OPTIONS)
+    got = {r["id"]: _answers(r) for r in read_results(tmp_path / "out-parquet")}
+    assert got == {i: _answers(r) for i, r in expected.items()}
+
+
+def test_cli_engine_ray_on_a_folder_equals_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
+    """`lion run --engine ray` joins the running cluster and captions every image of a folder; the
+    non-image file among them is an error record."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": cluster}
+    done = subprocess.run([sys.executable, "-m", "lion_mllm.cli", "run", "--engine", "ray", "--input",
+                           str(world["images"]), "--output", str(out), "--task", "caption", "--replicas", "1",
+                           "--batch-size", "4", "--output-format", "jsonl", "--json", "-q"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["answered"], summary["errors"]) == (SCENES, 1)
+    records = {r["id"]: r for r in read_results(out)}
+    assert set(records) == {f"s{seed}.png" for seed in range(SCENES)} | {"broken.png"}
+    for seed in range(SCENES):
+        assert _answers(records[f"s{seed}.png"]) == _answers(world["reference"][_key({"id": f"c{seed}"})])
+    assert "broken.png" in records["broken.png"]["error"]
+
+
+def test_the_local_engine_never_imports_ray(world: dict[str, Any], tmp_path: Path) -> None:
+    """Ray is an optional extra: `lion run` without `--engine ray` answers without it."""
+    tasks = tmp_path / "one.jsonl"
+    tasks.write_text(json.dumps(world["tasks"][0]) + "\n")
+    script = ("import sys; from lion_mllm.cli import main; "
+              f"code = main(['run', '--input', {str(tasks)!r}, '--output', {str(tmp_path / 'out.jsonl')!r}, '-q']); "
+              "assert code == 0 and 'ray' not in sys.modules, sorted(m for m in sys.modules if 'ray' in m)")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out.jsonl").read_text())["answer"] == world["reference"][_key(world["tasks"][0])]["answer"]
