@@ -17,7 +17,7 @@ ASSETS = GOLDEN / "assets"
 
 # A test module that uses any of these names (or a golden fixture) needs the shared goldens.
 _SHARED_NAMES = frozenset({"SHARED", "GOLDEN", "ASSETS", "golden_paths", "make_tiny_lion"})
-_SHARED_FIXTURES = frozenset({"golden_results", "golden_spec"})
+_SHARED_FIXTURES = frozenset({"golden_results", "golden_spec", "tiny_lion"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

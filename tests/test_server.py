@@ -31,6 +31,7 @@ from conftest import make_tiny_lion
 
 from lion_mllm.drawing import draw_boxes
 from lion_mllm.generation import GenerationDefaults
+from lion_mllm.pipeline import Lion
 from lion_mllm.server import ServerSettings, add_serve_subcommand, create_app
 from lion_mllm.server.app import build_app
 from lion_mllm.server.engine import cut_at_stop
@@ -115,6 +116,8 @@ class Double:
         self.config, self.processor, self.device = lion.config, lion.processor, lion.device
         self.calls: list[int] = []
         self.entered, self.release, self.left = threading.Event(), threading.Event(), threading.Event()
+
+    lacks_tagger = Lion.lacks_tagger  # Lion's own rule, over this double's config and tagger
 
     def tag(self, images: list) -> list[str]:
         return self.tagger.tag(images)

@@ -222,7 +222,7 @@ def _load(args: argparse.Namespace):
 
 
 def _need_tags(args: argparse.Namespace, lion: Any) -> None:
-    if lion.config.enable_semantic_tags and lion.tagger is None and args.tags is None:
+    if lion.lacks_tagger and args.tags is None:
         raise UsageError('this model puts image tags in its prompt but has no tagger: pass --tags "a, b" '
                          "or --ram ram_swin_large_14m.pth")
 
@@ -410,7 +410,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     lion = Lion.from_official(config, device=args.device, dtype=args.dtype)
     _say(args, f"loaded in {time.monotonic() - started:.1f} s; writing {out} ...")
     lion.save_pretrained(out)
-    if lion.config.enable_semantic_tags and lion.tagger is None:
+    if lion.lacks_tagger:
         _say(args, "note: the YAML names no ram_model, so the bundle has no tagger; pass --tags (or --ram) "
                    "when using it")
     print(str(out))

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .tasks import TAG_PROMPT
+
 VisualInput = Literal["all", "qformer", "aggregator"]
 VISUAL_INPUTS: tuple[str, ...] = ("all", "qformer", "aggregator")
-
-from .tasks import TAG_PROMPT
 
 
 @dataclass

@@ -152,6 +152,11 @@ class Lion:
 
     # -- inference ----------------------------------------------------------------------------------
 
+    @property
+    def lacks_tagger(self) -> bool:
+        """Whether a call without tags cannot be answered: the model reads image tags and has no tagger."""
+        return self.config.enable_semantic_tags and self.tagger is None
+
     def tag(self, images: Sequence[ImageInput]) -> list[str]:
         if self.tagger is None:
             raise ValueError("no tagger attached: load RAM (ram_model in the config) or pass tags")

@@ -40,7 +40,7 @@ def make_scheduler(lion: Any, settings: ServerSettings, metrics: ServerMetrics) 
 def tags_missing(lion: Any, tags: Any) -> bool:
     """Whether a request without `tags` cannot be answered: the model reads RAM tags and there is no
     tagger to make them. (The API and the web page word the remedy each their own way.)"""
-    return bool(getattr(lion.config, "enable_semantic_tags", False)) and tags is None and lion.tagger is None
+    return tags is None and lion.lacks_tagger
 
 
 @dataclass
