@@ -57,6 +57,9 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------- parser
 
 
+# The option groups a sub-command inherits (common flags, model options, --json).
+Parents = argparse.ArgumentParser
+
 EVAL_HELP = "evaluate a model on a benchmark (captioning, VQA, REC, POPE, MMBench)"
 
 
@@ -83,12 +86,42 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_caption(sub, base, model, output)
+    _add_ask(sub, base, model, output)
+    _add_ground(sub, base, model, output)
+    _add_tag(sub, base, tagger_only, output)
+    _add_run(sub, base, model, output)
+    _add_download(sub, base)
+    _add_convert(sub, base)
+
+    if command in ("*", "eval"):
+        try:
+            from .evaluation.cli import add_eval_subcommand
+        except ImportError:  # the evaluation extra is optional; the rest of the CLI works without it
+            pass
+        else:
+            add_eval_subcommand(sub)
+    else:  # listed under its name and help only: it is not the command being run
+        sub.add_parser("eval", help=EVAL_HELP)
+    from .demo import add_demo_subcommand
+    from .server import add_serve_subcommand  # imports no web framework until `lion serve` runs
+    from .train import add_train_subcommand
+
+    add_demo_subcommand(sub)
+    add_serve_subcommand(sub)
+    add_train_subcommand(sub)
+    return parser
+
+
+def _add_caption(sub: Any, base: Parents, model: Parents, output: Parents) -> None:
     p = sub.add_parser("caption", parents=[base, model, output], help="describe images in a sentence")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--prompt", default=None, help="caption instruction (default: the model's)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.set_defaults(func=_cmd_caption)
 
+
+def _add_ask(sub: Any, base: Parents, model: Parents, output: Parents) -> None:
     p = sub.add_parser("ask", parents=[base, model, output], help="answer a question about an image",
                        description="The question goes into the model's question template (lion-shapes: "
                                    "'Question: {question} Short answer:'; the authors' models: as typed).")
@@ -96,17 +129,23 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     p.add_argument("question", metavar="QUESTION")
     p.set_defaults(func=_cmd_ask)
 
+
+def _add_ground(sub: Any, base: Parents, model: Parents, output: Parents) -> None:
     p = sub.add_parser("ground", parents=[base, model, output], help="find the box of a phrase in an image")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("phrase", metavar="PHRASE")
     p.add_argument("--draw", metavar="OUT.png", default=None, help="save the image with the box and the phrase drawn")
     p.set_defaults(func=_cmd_ground)
 
+
+def _add_tag(sub: Any, base: Parents, tagger_only: Parents, output: Parents) -> None:
     p = sub.add_parser("tag", parents=[base, tagger_only, output],
                        help="image tags from the model's tagger (RAM, or lion-shapes' built-in one)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=_cmd_tag)
 
+
+def _add_run(sub: Any, base: Parents, model: Parents, output: Parents) -> None:
     p = sub.add_parser("run", parents=[base, model, output], help="batch inference over a JSON Lines task file",
                        description="Each input line: {\"id\", \"image\", \"task\": caption|vqa|grounding, \"prompt\" "
                                    "(or \"phrase\" for grounding), optional \"tags\"}. Re-running skips ids already "
@@ -145,6 +184,8 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     ray_options.add_argument("--ray-address", default=None, help="the cluster to join (default: ray.init()'s)")
     p.set_defaults(func=_cmd_run)
 
+
+def _add_download(sub: Any, base: Parents) -> None:
     p = sub.add_parser("download", parents=[base], help="download a published model (lion-flant5xl, lion-flant5xxl)")
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("--to", metavar="DIR", default=None, help="put the files here instead of the caches")
@@ -153,6 +194,8 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_download)
 
+
+def _add_convert(sub: Any, base: Parents) -> None:
     p = sub.add_parser("convert", parents=[base], help="authors' YAML config -> lion-mllm bundle (save_pretrained)",
                        description="Write the whole model as one bundle: weights, config, tokenizers, the RAM "
                                    "tagger the YAML names (weights, config, vocabulary) and the generation "
@@ -164,24 +207,6 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
                    help="dtype of the saved LION weights (default float32; RAM stays float32)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_convert)
-
-    if command in ("*", "eval"):
-        try:
-            from .evaluation.cli import add_eval_subcommand
-        except ImportError:  # the evaluation extra is optional; the rest of the CLI works without it
-            pass
-        else:
-            add_eval_subcommand(sub)
-    else:  # listed under its name and help only: it is not the command being run
-        sub.add_parser("eval", help=EVAL_HELP)
-    from .demo import add_demo_subcommand
-    from .server import add_serve_subcommand  # imports no web framework until `lion serve` runs
-    from .train import add_train_subcommand
-
-    add_demo_subcommand(sub)
-    add_serve_subcommand(sub)
-    add_train_subcommand(sub)
-    return parser
 
 
 def _version() -> str:
