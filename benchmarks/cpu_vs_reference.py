@@ -3,11 +3,14 @@
     python benchmarks/cpu_vs_reference.py --size base \
         --ref-python /tmp/venv-ref/bin/python --official /tmp/lion-official
 
-Three sides, each in its own process (so each one's peak RSS is its own):
+Four sides, each in its own process (so each one's peak RSS is its own):
   * `lion-mllm`: `Lion.from_official(OfficialPaths(...))`, SDPA attention, KV-cached decoding (defaults);
   * `lion-mllm (authors' flow)`: `Lion.from_official(..., attn_implementation="eager")` and
     `use_cache=False`, the authors' arithmetic and uncached decoding (their T5 copy never uses the
     cache under transformers 4.42);
+  * `lion-mllm-bf16`: the first side loaded with `dtype="bfloat16"` (the CPU bf16 opt-in: weights and
+    matrix products in bf16, on AMX where the CPU has it); its ids are compared with the authors' by
+    agreement (identical sequences, common prefix), since bf16 rounds differently from float32;
   * `authors`: the official JiuTian-LION code (commit 7578437), run by `_reference_side.py` inside the
     reference environment (transformers 4.42.4, built from shared/tools/refharness/requirements-ref.txt)
     and loaded through their `models.load_model(..., device="cpu")`.
@@ -41,9 +44,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _reference_side import SIZES, artifact_paths, current_rss_gib, serve  # noqa: E402  (no torch at import time)
 
-SIDES = ("lion-mllm", "lion-mllm-authors-flow", "authors")
+SIDES = ("lion-mllm", "lion-mllm-authors-flow", "lion-mllm-bf16", "authors")
+OUR_SIDES = SIDES[:3]
 LABELS = {"lion-mllm": "lion-mllm", "lion-mllm-authors-flow": "lion-mllm, authors' flow (eager, no cache)",
-          "authors": "authors' code"}
+          "lion-mllm-bf16": "lion-mllm, bfloat16 (opt-in)", "authors": "authors' code"}
 QUESTION = "Please describe the image using a single short sentence."
 TAGS = "airport, dog, luggage, man, terminal"
 
@@ -73,7 +77,8 @@ def _load_ours(args: argparse.Namespace):
     heads = SIZES[args.size]["vit"]["heads"]
     authors_flow = args.worker == "lion-mllm-authors-flow"
     t = time.time()
-    lion = Lion.from_official(paths, vision_num_heads=heads, attn_implementation="eager" if authors_flow else "sdpa")
+    lion = Lion.from_official(paths, vision_num_heads=heads, attn_implementation="eager" if authors_flow else "sdpa",
+                              dtype="bfloat16" if args.worker == "lion-mllm-bf16" else "float32")
     report = {"import_s": import_s, "load_s": time.time() - t, "rss_after_imports_gib": rss_imports,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "transformers": transformers.__version__,
@@ -81,14 +86,15 @@ def _load_ours(args: argparse.Namespace):
 
     def caption(req: dict) -> dict:
         n, b = req["new_tokens"], len(req["images"])
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         images = [Image.open(p).convert("RGB") for p in req["images"]]
         batch = lion.processor(images, [req["question"]] * b, ["caption"] * b, [req["tags"]] * b)
         ids = lion.model.generate(**batch, num_beams=req["num_beams"], max_new_tokens=n, min_length=n + 1,
                                   repetition_penalty=req["repetition_penalty"], do_sample=False,
                                   use_cache=not authors_flow)
         text = lion.processor.decode(ids)
-        return {"seconds": time.perf_counter() - t, "ids": ids.tolist(), "text": text}
+        return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "ids": ids.tolist(),
+                "text": text}
 
     return report, caption
 
@@ -188,6 +194,8 @@ def median(xs: list[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from lion_mllm.cpu_inference import id_agreement
+
     prepare(args)
     sides = [s for s in SIDES if s in args.sides]
     cases = [(b, k) for b in args.batches for k in args.beams]
@@ -207,15 +215,21 @@ def run(args: argparse.Namespace) -> dict:
     timings: dict[str, dict[str, list]] = {s: {f"b{b}_beams{k}": [] for b, k in cases} for s in sides}
     ids: dict[str, dict[str, list]] = {s: {f"b{b}_beams{k}": [] for b, k in cases} for s in sides}
     loads: list[float] = []
+    call_loads: dict[str, dict[str, list]] = {s: {f"b{b}_beams{k}": [] for b, k in cases} for s in sides}
+    # process CPU time of each call: with one intra-op thread per side, the other jobs of a shared machine
+    # disturb it far less than wall time (they take the core away, which wall time counts and CPU time not)
+    cpu_timings: dict[str, dict[str, list]] = {s: {f"b{b}_beams{k}": [] for b, k in cases} for s in sides}
 
     def measure(side: Side, rep: int) -> None:
         for b, k in cases:
             key = f"b{b}_beams{k}"
             answer = side.ask(request(b, k, args.new_tokens))
             timings[side.name][key].append(answer["seconds"])
+            cpu_timings[side.name][key].append(answer["cpu_seconds"])
             ids[side.name][key].append(answer["ids"])
             loads.append(os.getloadavg()[0])
-            print(f"  rep {rep} {side.name:24s} {key:12s} {answer['seconds']:8.2f} s  "
+            call_loads[side.name][key].append(os.getloadavg())
+            print(f"  rep {rep} {side.name:24s} {key:12s} {answer['seconds']:8.2f} s  cpu {answer['cpu_seconds']:8.2f} s  "
                   f"load {loads[-1]:.2f}  {answer['text'][0][:40]!r}", flush=True)
 
     def warm(side: Side) -> None:
@@ -258,10 +272,15 @@ def run(args: argparse.Namespace) -> dict:
         entry: dict = {"batch": b, "num_beams": k}
         for name in sides:
             med = median(timings[name][key])
-            entry[name] = {"seconds": timings[name][key], "median_s": med, "images_per_s": b / med}
+            cpu_med = median(cpu_timings[name][key])
+            entry[name] = {"seconds": timings[name][key], "median_s": med, "images_per_s": b / med,
+                           "cpu_seconds": cpu_timings[name][key], "median_cpu_s": cpu_med,
+                           "loadavg_after_each_call": call_loads[name][key]}
             if "authors" in sides and name != "authors":
                 entry[name]["speedup_vs_authors"] = median(timings["authors"][key]) / med
+                entry[name]["cpu_time_speedup_vs_authors"] = median(cpu_timings["authors"][key]) / cpu_med
                 entry[name]["same_ids_as_authors"] = ids[name][key] == ids["authors"][key]
+                entry[name]["agreement_with_authors"] = id_agreement(ids[name][key], ids["authors"][key])
             entry[name]["new_tokens_per_sequence"] = sorted({len(seq) - 1 for call in ids[name][key] for seq in call})
         entry["ids_first_call"] = {name: ids[name][key][0] for name in sides}
         result["cases"][key] = entry
@@ -280,13 +299,17 @@ def print_table(result: dict) -> None:
     for name in sides:
         s = result["sides"][name]
         print(f"{LABELS[name]:44s} {s['load_s']:7.1f} {s['peak_rss_gib']:12.2f} {s.get('peak_anon_gib', float('nan')):13.2f}")
-    print(f"\n{'case':14s} {'side':44s} {'latency s':>9s} {'img/s':>7s} {'x authors':>9s} {'same ids':>8s}")
+    print(f"\n{'case':14s} {'side':44s} {'latency s':>9s} {'img/s':>7s} {'x authors':>9s} {'CPU s':>8s} "
+          f"{'x authors':>9s} {'same ids':>9s}")
     for key, entry in result["cases"].items():
         for name in sides:
             e = entry[name]
             ratio = f"{e['speedup_vs_authors']:.2f}" if "speedup_vs_authors" in e else "1.00"
-            same = str(e.get("same_ids_as_authors", "-"))
-            print(f"{key:14s} {LABELS[name]:44s} {e['median_s']:9.2f} {e['images_per_s']:7.3f} {ratio:>9s} {same:>8s}")
+            cpu_ratio = f"{e['cpu_time_speedup_vs_authors']:.2f}" if "cpu_time_speedup_vs_authors" in e else "1.00"
+            agree = e.get("agreement_with_authors")
+            same = f"{agree['identical_sequences']}/{agree['sequences']}" if agree else "-"
+            print(f"{key:14s} {LABELS[name]:44s} {e['median_s']:9.2f} {e['images_per_s']:7.3f} {ratio:>9s} "
+                  f"{e['median_cpu_s']:8.2f} {cpu_ratio:>9s} {same:>9s}")
 
 
 def main() -> None:
@@ -307,7 +330,7 @@ def main() -> None:
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the untimed 2-token call each side makes before the timed ones")
     ap.add_argument("--output", help="results JSON (default benchmarks/results/cpu_vs_reference_SIZE.json)")
-    ap.add_argument("--worker", choices=SIDES[:2], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=OUR_SIDES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.artifacts = args.artifacts or f"/tmp/lion-bench-{args.size}"
     if args.worker:

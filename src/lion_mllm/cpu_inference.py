@@ -1,4 +1,11 @@
-"""An opt-in float32 CPU inference path: every `nn.Linear` of a model computed by oneDNN.
+"""CPU inference options: oneDNN linear layers (float32, opt-in), and how to compare reduced-precision ids.
+
+bfloat16 on CPU is a model option, not a switch here: load with `dtype="bfloat16"` (`Lion.from_official`,
+`Lion.from_pretrained`, `load_model`, `--dtype bfloat16`); the weights are stored and multiplied in bf16
+(oneDNN, on AMX where the CPU has it). Its ids are not the float32 ids bit for bit: `id_agreement`
+measures how far they agree (docs/benchmarks.md has the measured figures).
+
+oneDNN linear layers (float32):
 
 PyTorch's `F.linear` on CPU goes to MKL's sgemm; `torch.ops.mkldnn._linear_pointwise` (the kernel
 torch's own inductor emits for CPU linear layers) computes the same product with oneDNN. The two sum
@@ -56,3 +63,18 @@ def use_onednn_linear(model: nn.Module, enabled: bool = True) -> int:
 def uses_onednn_linear(model: nn.Module) -> bool:
     """Whether any linear layer of `model` runs the oneDNN path."""
     return any(type(module) is OneDnnLinear for module in model.modules())
+
+
+def id_agreement(ours: list[list[list[int]]], reference: list[list[list[int]]]) -> dict[str, float]:
+    """How far the token ids of several calls (each a list of sequences that start with the decoder start
+    token) agree with a reference's: the number of identical sequences, and the mean share of each
+    sequence's generated tokens before its first difference. Positions after a difference are not
+    counted: from there the two decodings condition on different prefixes."""
+    pairs = [(a, b) for call, ref in zip(ours, reference, strict=True) for a, b in zip(call, ref, strict=True)]
+
+    def common_prefix(a: list[int], b: list[int]) -> float:
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return (same - 1) / (max(len(a), len(b)) - 1)
+
+    return {"sequences": len(pairs), "identical_sequences": sum(a == b for a, b in pairs),
+            "mean_common_prefix": sum(common_prefix(a, b) for a, b in pairs) / len(pairs)}
