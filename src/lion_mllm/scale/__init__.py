@@ -10,7 +10,7 @@ See docs/scale.md. Ray is imported here only, so `lion run` without ``--engine r
 from __future__ import annotations
 
 try:
-    import ray  # noqa: F401
+    import ray
     import ray.data  # noqa: F401
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError("the Ray engine needs Ray Data: pip install 'lion-mllm[scale]'") from error

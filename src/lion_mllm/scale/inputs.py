@@ -19,7 +19,16 @@ from typing import Any, Literal
 import pyarrow as pa
 import ray.data
 
-from ..batch import BatchItem, LineError, RunSummary, error_record, load_item_image, parse_task, pending_tasks, task_key
+from ..batch import (
+    BatchItem,
+    LineError,
+    RunSummary,
+    error_record,
+    load_item_image,
+    parse_task,
+    pending_tasks,
+    task_key,
+)
 
 Layout = Literal["jsonl", "folder", "parquet", "webdataset"]
 LAYOUTS: tuple[str, ...] = ("jsonl", "folder", "parquet", "webdataset")
@@ -32,7 +41,8 @@ TASK_SCHEMA = pa.schema([
     ("item", pa.string()),       # the BatchItem as JSON (null for an input error)
     ("where", pa.string()),      # "input:line" (or file, shard#key) that starts error messages
     ("record", pa.string()),     # the error record as JSON when the task failed before the model
-    ("pixels", pa.binary()),     # decoded RGB, row-major (what load_image gave, losslessly)
+    ("pixels", pa.large_binary()),  # decoded RGB, row-major (what load_image gave, losslessly); 64-bit offsets
+                                    # since a batch of large photos passes 2 GiB
     ("width", pa.int32()),
     ("height", pa.int32()),
 ])
@@ -74,7 +84,9 @@ def read_input(path: Path, layout: Layout, defaults: TaskDefaults, done: frozens
                batch_size: int) -> ray.data.Dataset | None:
     """A dataset of :data:`TASK_SCHEMA` rows: the tasks of ``path`` whose keys are not in ``done``,
     read and decoded by CPU tasks of ``decode_cpus`` each; None when a task file has nothing left to do."""
-    prepare_args: dict[str, Any] = {"layout": layout, "defaults": defaults, "done": done,
+    # A task file is filtered by the driver; the streamed layouts are filtered in their prepare tasks.
+    prepare_args: dict[str, Any] = {"layout": layout, "defaults": defaults,
+                                    "done": frozenset() if layout == "jsonl" else done,
                                     "max_pixels": max_pixels, "root": str(path), "image_root": image_root}
     if layout == "jsonl":
         # Hand-read in the driver: lion run's parser gives line numbers (the keys of id-less lines and the

@@ -75,9 +75,9 @@ def run_ray(model: str | Callable[[], Any], input_path: str | os.PathLike[str], 
     ``.json`` member with the task's fields); None: from the path. ``tags``: default tags, as in
     `lion run`. ``replicas``: model actors (default: one per GPU of the cluster when ``device`` is
     not "cpu", else 1), each with ``threads`` intra-op threads and ``replica_cpus`` CPUs (default
-    ``threads``); read, decode and write tasks take ``decode_cpus`` each. Results go to ``output_dir`` as shards of
-    about ``rows_per_shard`` records ("parquet" or "jsonl"). ``address``: the Ray cluster (default:
-    the one ``ray.init()`` finds, else a new local one, shut down again at the end).
+    ``threads``); read, decode and write tasks take ``decode_cpus`` each. Results go to ``output_dir``
+    as shards of about ``rows_per_shard`` records ("parquet" or "jsonl"). ``address``: the Ray cluster
+    (default: the one ``ray.init()`` finds, else a new local one, shut down again at the end).
     """
     started = time.monotonic()
     input_path, output = Path(input_path), Path(output_dir)
