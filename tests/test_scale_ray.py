@@ -329,8 +329,10 @@ def test_a_few_hundred_scenes_equal_lion_run(cluster: str, tmp_path: Path) -> No
     got = {r["id"]: {k: v for k, v in r.items() if k not in ("key", "tags")} for r in read_results(tmp_path / "out-jsonl")}
     assert got == expected
 
-    pq.write_table(pa.Table.from_pylist([{**t, "image": Path(t["image"]).read_bytes()} for t in tasks]),
-                   tmp_path / "tasks.parquet")
+    # Every row names every column (from_pylist takes the columns from the first row): a plain binary image column.
+    pq.write_table(pa.Table.from_pylist([{"id": t["id"], "task": t["task"], "prompt": t.get("prompt"),
+                                          "phrase": t.get("phrase"), "image": Path(t["image"]).read_bytes()}
+                                         for t in tasks]), tmp_path / "tasks.parquet")
     run_ray("lion-shapes", tmp_path / "tasks.parquet", tmp_path / "out-parquet", **RAY_OPTIONS)
     got = {r["id"]: _answers(r) for r in read_results(tmp_path / "out-parquet")}
     assert got == {i: _answers(r) for i, r in expected.items()}

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,14 @@ def run_ray(model: str | Callable[[], Any], input_path: str | os.PathLike[str], 
         on_gpu = device != "cpu" and (gpus > 0 or (device or "").startswith("cuda"))
         if replicas is None:
             replicas = max(gpus, 1) if on_gpu else 1
+        cpus = ray.cluster_resources().get("CPU", 0)
+        held = replicas * (threads if replica_cpus is None else replica_cpus)
+        # Besides the replicas, decode tasks need their share and Ray Data's file listing a whole CPU of its own.
+        needed = held + max(decode_cpus, 0.0 if layout == "jsonl" else 1.0)
+        if not on_gpu and needed > cpus:
+            warnings.warn(f"{replicas} replica(s) hold {held:g} of the cluster's {cpus:g} CPUs and the other stages "
+                          f"need {needed - held:g}: the job waits until the cluster grows (fewer replicas, or "
+                          f"less replica_cpus/decode_cpus, fit it now)", RuntimeWarning, stacklevel=2)
         loader = (functools.partial(_load_named, model, device or ("cuda" if on_gpu else "cpu"), dtype)
                   if isinstance(model, str) else model)
 
