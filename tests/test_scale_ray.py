@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,6 +89,7 @@ def cluster() -> Iterator[str]:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
