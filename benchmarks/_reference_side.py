@@ -157,10 +157,10 @@ class Worker:
         self.torch = torch
         self.official = _import(args)
         torch.set_num_threads(args.threads)
+        import models
         from lionref.assets import lion_cfg
         from omegaconf import OmegaConf
         from preprocessors.lion_preprocessors import ImageEvalProcessor
-        import models
 
         self.import_s = time.time() - t0
         self.rss_after_imports = current_rss_gib()

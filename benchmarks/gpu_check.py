@@ -181,8 +181,9 @@ def main() -> None:
     report["generation_static_cache"] = static_rows
 
     if args.golden:
-        from lion_mllm import Lion, OfficialPaths
         from PIL import Image
+
+        from lion_mllm import Lion, OfficialPaths
 
         results = json.loads((args.golden / "outputs" / "results.json").read_text())
         assets = args.golden / "assets"

@@ -170,8 +170,13 @@ def _build_instructblip(lion_config, image_token_id: int):
     """InstructBLIP-T5 at LION's dimensions; trains query tokens, Q-Former and projection."""
     import torch
     from torch import nn
-    from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipQFormerConfig,
-                              InstructBlipVisionConfig, T5Config)
+    from transformers import (
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+        T5Config,
+    )
 
     v, qf, lang = lion_config.vision, lion_config.qformer, lion_config.language
     vision = InstructBlipVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,

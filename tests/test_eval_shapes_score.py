@@ -6,8 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lion_mllm import load_model  # noqa: E402
-from lion_mllm import shapes  # noqa: E402
+from lion_mllm import (
+    load_model,  # noqa: E402
+    shapes,  # noqa: E402
+)
 
 
 def test_score_pipeline_is_what_users_get():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from lion_mllm.evaluation.metrics_vqa import (
+    VQA_REVISIONS,
     aokvqa_direct_answer_accuracy,
     exact_match,
     normalize_answer,
@@ -20,7 +21,6 @@ from lion_mllm.evaluation.metrics_vqa import (
     score_aokvqa_direct_answer,
     score_vqa,
     vqa_accuracy,
-    VQA_REVISIONS,
 )
 
 CASES = [

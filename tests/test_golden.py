@@ -6,11 +6,11 @@ import functools
 
 import pytest
 import torch
+from conftest import GOLDEN, golden_paths
 from PIL import Image
 from safetensors.torch import load_file
 
 from lion_mllm import CheckpointError, Lion
-from conftest import GOLDEN, golden_paths
 
 MODES = ["ALL", "QFORMER", "AGGREGATOR"]
 CONFIGS = [(m, t) for m in MODES for t in ("tags", "notags")]

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import yaml
+from conftest import ASSETS, GOLDEN, golden_paths, make_tiny_lion
 from PIL import Image
 
 from lion_mllm import CheckpointError, ImageLoadError, Lion, LionConfig, LionModel, load_model
-from lion_mllm.config import PRESETS, AggregatorConfig, flant5xl, flant5xxl, tiny
 from lion_mllm.checkpoint_files import read_torch_file
+from lion_mllm.config import PRESETS, AggregatorConfig, flant5xl, flant5xxl, tiny
 from lion_mllm.official import official_to_ours, ours_to_official
 from lion_mllm.pipeline import resolve_dtype
-from conftest import ASSETS, GOLDEN, golden_paths, make_tiny_lion
 
 
 def images(n: int = 3) -> list[Image.Image]:

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GOLDEN, SHARED
 from PIL import Image
 from safetensors.torch import load_file
 
-from lion_mllm.ram import weights as ram_weights
-from lion_mllm.downloads import DownloadError, file_digest
-from conftest import GOLDEN, SHARED
-
 from lion_mllm.checkpoint_files import read_torch_file
+from lion_mllm.downloads import DownloadError, file_digest
 from lion_mllm.errors import CheckpointError
 from lion_mllm.ram import (
     OFFICIAL_NUM_TAGS,
@@ -32,7 +30,7 @@ from lion_mllm.ram import (
     preprocess_images,
     split_official_state_dict,
 )
-
+from lion_mllm.ram import weights as ram_weights
 
 RAM_CKPT = GOLDEN / "assets" / "ram_swin_tiny_14m.pth"
 RAM_DIR = GOLDEN / "assets" / "ram"

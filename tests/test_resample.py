@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.resize_cases import digest, pattern
 from PIL import Image
 
-from fixtures.resize_cases import digest, pattern
 from lion_mllm.processing import LionImageProcessor
-from lion_mllm.resample import fixed_point_weights, resize
 from lion_mllm.ram import preprocess_images
+from lion_mllm.resample import fixed_point_weights, resize
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "resize_reference.json").read_text())
 CASES = REFERENCE["cases"]

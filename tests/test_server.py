@@ -201,7 +201,7 @@ def test_text_helpers_boxes_and_drawing():
 def test_image_decoding_refuses_bad_inputs():
     assert decode_data_url(data_url(make_image(0)), 10_000).size == (64, 48)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
-    cases = {"data:image/png;base64,!!notbase64!!": (400, "invalid_base64"),
+    cases = {"data:image/png;base64,!!notbase64!!": (400, "invalid_image_url"),
              data_url(b"hello, not an image"): (400, "invalid_image"),
              data_url(eps, "image/eps"): (400, "invalid_image"),  # EPS would run Ghostscript: refused
              data_url(make_image(0).resize((200, 100))): (413, "image_too_large"),
@@ -209,8 +209,8 @@ def test_image_decoding_refuses_bad_inputs():
     for url, (status, code) in cases.items():
         with pytest.raises(APIError) as info:
             decode_data_url(url, 10_000)
-        # the status is the contract here; the codes are images.py's (under rework: old or new names)
         assert info.value.status == status, (url, info.value.code)
+        assert code is None or info.value.code == code, (url, info.value.code)
 
 
 def test_cli_parser_defaults_to_loopback():

@@ -21,8 +21,8 @@ httpx = pytest.importorskip("httpx")
 from conftest import REPO, make_tiny_lion
 from test_server import BOX_TEXT, Double, LiveServer
 
-from lion_mllm.tasks import CAPTION_PROMPT
 from lion_mllm.server import ServerSettings, create_app
+from lion_mllm.tasks import CAPTION_PROMPT
 
 CHROMIUM = os.environ.get("LION_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from .config import LionConfig, flant5xl, flant5xxl
     from .errors import CheckpointError
     from .generation import GenerationDefaults
-    from .official import OfficialPaths
     from .modeling_lion import LionModel
+    from .official import OfficialPaths
     from .pipeline import Grounding, Lion
     from .processing import ImageLoadError, LionProcessor
 
@@ -47,7 +47,7 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-def load_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = None, **kwargs: Any) -> "Lion":
+def load_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = None, **kwargs: Any) -> Lion:
     """A `Lion` from a bundle directory, `hf-hub:`/`local-dir:` name, the authors' YAML config, or an
     installed name (`lion-shapes`, built in; `lion-flant5xl` after `lion download`). The model comes with
     its tagger and generation config (decoding defaults, prompt templates)."""

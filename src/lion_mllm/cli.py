@@ -32,8 +32,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .model_options import (ModelOptionError, _positive_int, add_model_options, decoding_from_args, model_from_args,
-                            tagger_from_args)
+from .model_options import (
+    ModelOptionError,
+    _positive_int,
+    add_model_options,
+    decoding_from_args,
+    model_from_args,
+    tagger_from_args,
+)
 
 if TYPE_CHECKING:
     from PIL import Image

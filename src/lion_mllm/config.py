@@ -140,7 +140,7 @@ class LionConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LionConfig:
         data = dict(data)
         if data.get("tagger", "absent") is None:
             del data["tagger"]  # an always-null field of bundles written before the tagger got its own file
@@ -159,7 +159,7 @@ class LionConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "LionConfig":
+    def from_json(cls, path: str | Path) -> LionConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

@@ -118,7 +118,7 @@ class GenerationDefaults:
             raise ValueError(f"a {kind} prompt needs a {_PLACEHOLDERS[kind]}")
         return template.format(**{_PLACEHOLDERS[kind]: text})
 
-    def replace(self, **changes: Any) -> "GenerationDefaults":
+    def replace(self, **changes: Any) -> GenerationDefaults:
         return dataclasses.replace(self, **changes)
 
     # -- files --------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class GenerationDefaults:
                 "task_decoding": {k: dict(v) for k, v in self.task_decoding.items()}}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str | Path = "generation config") -> "GenerationDefaults":
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path = "generation config") -> GenerationDefaults:
         """From `to_dict`'s form; any problem is a CheckpointError naming `source`."""
         if not isinstance(data, Mapping):
             raise CheckpointError(f"{source}: expected a mapping of generation settings, got {type(data).__name__}")
@@ -147,7 +147,7 @@ class GenerationDefaults:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "GenerationDefaults":
+    def load(cls, directory: str | Path) -> GenerationDefaults:
         """A bundle's `generation_config.json`; the authors' defaults when the bundle has none."""
         path = Path(directory) / GENERATION_CONFIG_FILE
         if not path.is_file():

@@ -26,13 +26,13 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[Image.Image, str, Path, bytes]
+ImageInput = Image.Image | str | Path | bytes
 Orientation = Literal["exif", "stored"]
 
 # Raster formats only: Pillow's EPS (and PDF/PS) support runs Ghostscript, which untrusted input must not reach.

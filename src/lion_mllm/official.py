@@ -159,7 +159,7 @@ class OfficialPaths:
     source: Path | None = None  # the YAML these came from (named in error messages)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "OfficialPaths":
+    def from_yaml(cls, path: str | Path) -> OfficialPaths:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such config file")

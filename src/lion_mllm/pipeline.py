@@ -82,7 +82,7 @@ class Lion:
     def from_official(cls, config_or_paths: str | Path | OfficialPaths, *, device: str | torch.device = "cpu",
                       dtype: torch.dtype | str | None = None, round_like_reference: bool = True,
                       ignore_unexpected: bool = False, vision_num_heads: int | None = None,
-                      tagger: Tagger | None = None, attn_implementation: str = "sdpa") -> "Lion":
+                      tagger: Tagger | None = None, attn_implementation: str = "sdpa") -> Lion:
         """From the authors' YAML (`configs/models/lion_flant5xl.yaml`, read as it is) or OfficialPaths.
 
         When the YAML names a `ram_model` and no tagger is given, RAM is attached lazily: its weights
@@ -108,7 +108,7 @@ class Lion:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, tagger: Tagger | None = None,
-                        attn_implementation: str = "sdpa") -> "Lion":
+                        attn_implementation: str = "sdpa") -> Lion:
         """From a bundle directory (`save_pretrained`), `local-dir:PATH`, `hf-hub:owner/repo[@revision]` or
         an installed name (`lion_mllm.hub.resolve_model`). `attn_implementation="eager"` runs attention as the
         authors' code does (for comparisons)."""

@@ -82,7 +82,7 @@ class LionProcessor:
         return tokenizer, qformer_tokenizer
 
     @classmethod
-    def from_dirs(cls, config: LionConfig, t5_dir: str | Path, bert_dir: str | Path | None) -> "LionProcessor":
+    def from_dirs(cls, config: LionConfig, t5_dir: str | Path, bert_dir: str | Path | None) -> LionProcessor:
         return cls(config, *cls.load_tokenizers(t5_dir, bert_dir))
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -91,7 +91,7 @@ class LionProcessor:
             self.qformer_tokenizer.save_pretrained(str(Path(directory) / "qformer_tokenizer"))
 
     @classmethod
-    def from_pretrained(cls, config: LionConfig, directory: str | Path) -> "LionProcessor":
+    def from_pretrained(cls, config: LionConfig, directory: str | Path) -> LionProcessor:
         qformer_dir = Path(directory) / "qformer_tokenizer"
         return cls.from_dirs(config, Path(directory) / "tokenizer", qformer_dir if qformer_dir.is_dir() else None)
 

@@ -18,7 +18,6 @@ from torch import Tensor
 from ..errors import CheckpointError
 from .weights import rename_legacy_key
 
-
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]

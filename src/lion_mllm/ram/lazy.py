@@ -16,7 +16,6 @@ from torch import Tensor
 
 from .modeling_ram import RAM_BUNDLE_WEIGHTS, RamTagger
 
-
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]

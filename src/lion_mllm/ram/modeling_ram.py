@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ..checkpoint_files import read_torch_file, shareable_file_mode
 from ..errors import CheckpointError
 from ..resample import resize
-from ..checkpoint_files import read_torch_file, shareable_file_mode
 from .config import IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_NUM_TAGS, RamConfig
 from .vocabulary import RamVocabulary, resolve_vocabulary
 from .weights import layout_of_keys, official_to_ours, ours_to_official, ours_to_official_key, split_official_state_dict
-
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
