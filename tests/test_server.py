@@ -117,7 +117,8 @@ class Double:
         self.calls: list[int] = []
         self.entered, self.release, self.left = threading.Event(), threading.Event(), threading.Event()
 
-    lacks_tagger = Lion.lacks_tagger  # Lion's own rule, over this double's config and tagger
+    lacks_tagger = Lion.lacks_tagger  # Lion's own rules, over this double's config and tagger
+    fill_tags = Lion.fill_tags
 
     def tag(self, images: list) -> list[str]:
         return self.tagger.tag(images)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .generation import GenerationDefaults
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, is_url, load_image
+from .retry import batch_then_singly
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -361,16 +362,10 @@ def answer_items(lion: Any, ready: Sequence[tuple[int, BatchItem, Image.Image, s
         return {}
     tags = [item.tags if item.tags is not None else default_tags for _, item, _, _ in ready]
     if with_tags:
-        tags = _complete_tags(lion, [image for _, _, image, _ in ready], tags)
-    try:
-        answers: list[str | Exception] = list(_generate(lion, ready, tags, decode))
-    except Exception:  # noqa: BLE001 - isolate the failing task(s) instead of losing the batch
-        answers = []
-        for one, one_tags in zip(ready, tags):
-            try:
-                answers.extend(_generate(lion, [one], [one_tags], decode))
-            except Exception as error:  # noqa: BLE001
-                answers.append(error)
+        if lion.config.enable_semantic_tags and lion.tagger is not None:  # the tags used go into the results
+            tags = lion.fill_tags([image for _, _, image, _ in ready], tags)
+    pairs = list(zip(ready, tags))
+    answers = batch_then_singly(pairs, lambda some: _generate(lion, [p for p, _ in some], [t for _, t in some], decode))
     records: dict[int, dict[str, Any]] = {}
     for (index, item, image, where), answer, item_tags in zip(ready, answers, tags):
         if isinstance(answer, Exception):
@@ -381,17 +376,6 @@ def answer_items(lion: Any, ready: Sequence[tuple[int, BatchItem, Image.Image, s
             if with_tags:
                 records[index]["tags"] = _tag_list(item_tags)
     return records
-
-
-def _complete_tags(lion: Any, images: list[Image.Image], tags: list[Any]) -> list[Any]:
-    # What Lion.generate does with absent tags, done before it so the tags used can be reported.
-    if not getattr(getattr(lion, "config", None), "enable_semantic_tags", False) or lion.tagger is None:
-        return tags
-    todo = [i for i, t in enumerate(tags) if t is None]
-    if todo:
-        for i, found in zip(todo, lion.tag([images[i] for i in todo])):
-            tags[i] = found
-    return tags
 
 
 def _tag_list(tags: str | list[str] | None) -> list[str] | None:

@@ -185,7 +185,7 @@ class Lion:
                  "do_sample": do_sample, "temperature": temperature, "top_p": top_p}
         decoding = {**self.generation_config.for_tasks(tasks), **{k: v for k, v in given.items() if v is not None}}
         pil_images = [load_image(i) for i in images]
-        tags = self._complete_tags(pil_images, tags)
+        tags = self.fill_tags(pil_images, tags)
         batch = self.processor(pil_images, questions, tasks, tags, notebook_format=notebook_format)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
@@ -197,8 +197,9 @@ class Lion:
                                      use_cache=use_cache, **sampling)
         return self.processor.decode(output)
 
-    def _complete_tags(self, images: list[Image.Image], tags: Sequence[Any] | None) -> list[Any] | None:
-        """Fill absent tags with the tagger's, in one batched call (the authors' code crashes here)."""
+    def fill_tags(self, images: Sequence[Image.Image], tags: Sequence[Any] | None) -> list[Any] | None:
+        """`tags` (one entry per image, None where absent; or None for all) with the absent ones made by the
+        tagger in one batched call (the authors' code crashes here); None when the model reads no tags."""
         if not self.config.enable_semantic_tags:
             return None
         tags = list(tags) if tags is not None else [None] * len(images)

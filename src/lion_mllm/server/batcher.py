@@ -32,7 +32,6 @@ from .engine import (
     RequestCancelled,
     TagRequest,
     cut_at_stop,
-    fill_missing_tags,
 )
 from .errors import QueueFullError, ServerStoppingError
 from .protocol import word_chunks
@@ -199,7 +198,7 @@ class Batcher:
         with torch.inference_mode():
             if isinstance(jobs[0], TagRequest):
                 return list(self.lion.tag(images))
-            tags = fill_missing_tags(self.lion, images, [j.tags for j in jobs])
+            tags = self.lion.fill_tags(images, [j.tags for j in jobs])
             questions = [j.question for j in jobs]
             settings: DecodingSettings = jobs[0].settings
             texts = self.lion.generate(images, questions, [j.task for j in jobs], tags, **settings.generate_kwargs())

@@ -500,7 +500,7 @@ class DecodingEngine:
 
     def _beam_group(self, requests: list[GenerationRequest]) -> None:
         images = [r.image for r in requests]
-        tags = fill_missing_tags(self.lion, images, [r.tags for r in requests])
+        tags = self.lion.fill_tags(images, [r.tags for r in requests])
         texts = self.lion.generate(images, [r.question for r in requests], [r.task for r in requests], tags,
                                    **requests[0].settings.generate_kwargs())
         self._count(beam_batches=1)
@@ -522,7 +522,7 @@ class DecodingEngine:
         """Encoders for the newcomers in one batch, then their first decoder step; merge them in."""
         lion, model = self.lion, self.lion.model
         images = [r.image for r in requests]
-        tags = fill_missing_tags(self.lion, images, [r.tags for r in requests])
+        tags = self.lion.fill_tags(images, [r.tags for r in requests])
         batch = lion.processor(images, [r.question for r in requests], [r.task for r in requests], tags)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         routes = batch["route_ids"]
@@ -629,19 +629,6 @@ class DecodingEngine:
         if text.startswith(row.sent) and len(text) > len(row.sent):
             row.request.emit(text[len(row.sent):])
             row.sent = text
-
-
-def fill_missing_tags(lion: Any, images: list[Image.Image], tags: list[Any]) -> list[Any] | None:
-    """`tags` with the missing ones (None) filled by the tagger, in one call; None when the model reads no
-    tags."""
-    if not lion.config.enable_semantic_tags:
-        return None
-    tags = list(tags)
-    missing = [i for i, t in enumerate(tags) if t is None]
-    if missing:
-        for i, found in zip(missing, lion.tag([images[i] for i in missing])):
-            tags[i] = found
-    return tags
 
 
 def _fail(request: GenerationRequest | TagRequest, error: BaseException) -> None:
