@@ -7,14 +7,13 @@ import json
 
 import pytest
 import yaml
+from conftest import ASSETS
 
 from lion_mllm.train import main
 from lion_mllm.train.config import load_train_config
 from lion_mllm.train.data import BadDataError
 from lion_mllm.train.loop import train
 from lion_mllm.train.synthetic import tiny_train_config, write_synthetic_dataset
-from conftest import ASSETS
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 

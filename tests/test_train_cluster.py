@@ -14,14 +14,13 @@ import time
 
 import pytest
 import yaml
+from conftest import ASSETS, REPO
 
 from lion_mllm.train import main
 from lion_mllm.train.config import ConfigError, load_train_config
 from lion_mllm.train.loop import train
 from lion_mllm.train.rundir import LOCK_NAME, RunDirectoryLocked
 from lion_mllm.train.synthetic import tiny_train_config, write_synthetic_dataset
-from conftest import ASSETS, REPO
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 

@@ -13,8 +13,19 @@ from PIL import Image
 
 from lion_mllm.boxes import parse_box
 from lion_mllm.train.config import AugmentConfig, ConfigError, DatasetSpec, load_train_config
-from lion_mllm.train.data import (AnnotationDataset, AnnotationFileError, BadDataError, MixtureSchedule, Record, augment, flip_box_text,
-                                  load_tag_cache, read_annotations, swap_left_right, write_tag_cache)
+from lion_mllm.train.data import (
+    AnnotationDataset,
+    AnnotationFileError,
+    BadDataError,
+    MixtureSchedule,
+    Record,
+    augment,
+    flip_box_text,
+    load_tag_cache,
+    read_annotations,
+    swap_left_right,
+    write_tag_cache,
+)
 
 
 def record(**fields):

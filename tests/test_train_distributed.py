@@ -14,14 +14,13 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import ASSETS, REPO
 
 from lion_mllm.train.checkpoint import list_checkpoints, load_checkpoint
 from lion_mllm.train.config import load_train_config
 from lion_mllm.train.loop import train
 from lion_mllm.train.stages import build_lion
 from lion_mllm.train.synthetic import tiny_train_config, write_synthetic_dataset
-from conftest import ASSETS, REPO
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ASSETS, REPO
 
 from lion_mllm.train.checkpoint import SAVE_DELAY_ENV, is_complete, list_checkpoints, load_checkpoint
 from lion_mllm.train.config import load_train_config
 from lion_mllm.train.loop import train
 from lion_mllm.train.synthetic import tiny_train_config, write_synthetic_dataset
-from conftest import ASSETS, REPO
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import yaml
+from conftest import ASSETS
 from PIL import Image
 
 from lion_mllm import Lion, OfficialPaths
@@ -20,11 +21,18 @@ from lion_mllm.train import add_train_subcommand, run_train
 from lion_mllm.train.config import load_train_config
 from lion_mllm.train.data import read_annotations
 from lion_mllm.train.loop import train
-from lion_mllm.train.stages import (WarmupCosineSchedule, build_lion, configure_trainable, is_lion_parameter,
-                                    load_into, map_between_stages, optimizer_param_groups, read_lion_checkpoint,
-                                    unused_parameters)
+from lion_mllm.train.stages import (
+    WarmupCosineSchedule,
+    build_lion,
+    configure_trainable,
+    is_lion_parameter,
+    load_into,
+    map_between_stages,
+    optimizer_param_groups,
+    read_lion_checkpoint,
+    unused_parameters,
+)
 from lion_mllm.train.synthetic import tiny_train_config, write_synthetic_dataset
-from conftest import ASSETS
 
 T5, BERT = ASSETS / "flan-t5-tiny", ASSETS / "bert-tiny-uncased"
 STAGE_FILES = {1: ["image_level"], 2: ["region_level"], 3: ["image_level", "region_level"],

@@ -24,11 +24,19 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel, InstructBlipVisionConfig, T5Config
-from transformers import T5ForConditionalGeneration
+from transformers import (
+    InstructBlipQFormerConfig,
+    InstructBlipQFormerModel,
+    InstructBlipVisionConfig,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
-from transformers.models.instructblip.modeling_instructblip import InstructBlipEncoderLayer, InstructBlipVisionEmbeddings
+from transformers.models.instructblip.modeling_instructblip import (
+    InstructBlipEncoderLayer,
+    InstructBlipVisionEmbeddings,
+)
 from transformers.models.t5.modeling_t5 import T5LayerFF
 
 from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
@@ -214,7 +222,7 @@ class RouteState:
             ids = ids.repeat_interleave(batch // ids.shape[0])
         return ids
 
-    def __deepcopy__(self, memo: dict) -> "RouteState":
+    def __deepcopy__(self, memo: dict) -> RouteState:
         # a copied model gets its own (empty) routes; a ContextVar itself cannot be copied
         return RouteState()
 

@@ -22,10 +22,31 @@ from .dataset import write_benchmarks, write_dataset
 from .scoring import evaluate_model, held_out_items, score_pipeline
 from .tagger import ShapesTagger
 from .tokenizers import build_tokenizers, coordinate_tokens, world_words
-from .world import (CAPTION_PROMPT, COLOURS, HELD_OUT_SEED_BASE, IMAGE_SIZE, NUMBER_WORDS, REC_PROMPT, SHAPES, SIZES,
-                    VQA_PROMPT, Scene, ShapeObject, box_answer, caption_object_match, caption_objects, caption_of,
-                    make_scene, quantise, referring_expressions, referring_samples, render, scene_samples, scene_tags,
-                    vqa_samples)
+from .world import (
+                    CAPTION_PROMPT,
+                    COLOURS,
+                    HELD_OUT_SEED_BASE,
+                    IMAGE_SIZE,
+                    NUMBER_WORDS,
+                    REC_PROMPT,
+                    SHAPES,
+                    SIZES,
+                    VQA_PROMPT,
+                    Scene,
+                    ShapeObject,
+                    box_answer,
+                    caption_object_match,
+                    caption_objects,
+                    caption_of,
+                    make_scene,
+                    quantise,
+                    referring_expressions,
+                    referring_samples,
+                    render,
+                    scene_samples,
+                    scene_tags,
+                    vqa_samples,
+)
 
 __all__ = [
     "COLOURS", "SHAPES", "SIZES", "NUMBER_WORDS", "IMAGE_SIZE", "CAPTION_PROMPT", "VQA_PROMPT", "REC_PROMPT",

@@ -8,7 +8,7 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .world import (caption_of, make_scene, referring_expressions, render, scene_samples, scene_tags, vqa_samples)
+from .world import caption_of, make_scene, referring_expressions, render, scene_samples, scene_tags, vqa_samples
 
 
 def write_dataset(directory: str | Path, seeds: Iterable[int], num_objects: int | Sequence[int] | None = None,

@@ -23,7 +23,7 @@ from torch import nn
 
 from .tagger import ShapesTagger
 from .tokenizers import build_tokenizers, coordinate_tokens
-from .world import (COLOURS, HELD_OUT_SEED_BASE, SHAPES, SIZES, Scene, make_scene, render, scene_samples, scene_tags)
+from .world import COLOURS, HELD_OUT_SEED_BASE, SHAPES, SIZES, Scene, make_scene, render, scene_samples, scene_tags
 
 # The decoding the model was evaluated with: greedy, no repetition penalty (captions and boxes repeat words
 # and digits), answers of at most 40 tokens.

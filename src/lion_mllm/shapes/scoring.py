@@ -8,8 +8,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from .tagger import ShapesTagger
-from .world import (CAPTION_PROMPT, HELD_OUT_SEED_BASE, REC_PROMPT, VQA_PROMPT, caption_object_match, caption_of,
-                    make_scene, referring_expressions, render, vqa_samples)
+from .world import (
+    CAPTION_PROMPT,
+    HELD_OUT_SEED_BASE,
+    REC_PROMPT,
+    VQA_PROMPT,
+    caption_object_match,
+    caption_of,
+    make_scene,
+    referring_expressions,
+    render,
+    vqa_samples,
+)
 
 
 def torch_no_grad():

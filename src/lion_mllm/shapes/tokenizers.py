@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .world import (CAPTION_PROMPT, COLOURS, NUMBER_WORDS, REC_PROMPT, SHAPES, SIZES, VQA_PROMPT)
+from .world import CAPTION_PROMPT, COLOURS, NUMBER_WORDS, REC_PROMPT, SHAPES, SIZES, VQA_PROMPT
 
 
 def coordinate_tokens(step: float = 0.01) -> list[str]:

@@ -41,14 +41,31 @@ from ..pipeline import Lion
 from ..taggers import write_tagger
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import STAGE_VISUAL_INPUT, AugmentConfig, ConfigError, DatasetSpec, TrainConfig
-from .data import (STREAMS, AnnotationDataset, BadDataError, BadItem, Collator, MixtureDataset, MixtureSampler,
-                   MixtureSchedule, StreamedBatches, load_tag_cache)
+from .data import (
+    STREAMS,
+    AnnotationDataset,
+    BadDataError,
+    BadItem,
+    Collator,
+    MixtureDataset,
+    MixtureSampler,
+    MixtureSchedule,
+    StreamedBatches,
+    load_tag_cache,
+)
+from .distributed import DistContext, gradient_sync, init_distributed, wrap_ddp, wrap_fsdp2
 from .objectives import TrainingForward, build_objectives, load_named
 from .rundir import RunDirectoryLocked, RunLock, truncate_metrics
+from .stages import (
+    STAGE_DESCRIPTIONS,
+    WarmupCosineSchedule,
+    build_lion,
+    configure_trainable,
+    is_trained_parameter,
+    load_into,
+    optimizer_param_groups,
+)
 from .trackers import MlflowLogger, flat_params
-from .distributed import DistContext, gradient_sync, init_distributed, wrap_ddp, wrap_fsdp2
-from .stages import (STAGE_DESCRIPTIONS, WarmupCosineSchedule, build_lion, configure_trainable, is_trained_parameter,
-                     load_into, optimizer_param_groups)
 
 logger = logging.getLogger("lion_mllm.train")
 
@@ -904,8 +921,11 @@ def _restore(state: dict[str, Any], model: torch.nn.Module, wrapped: torch.nn.Mo
         raise CheckpointError("the trainable parameters changed since the checkpoint (run.freeze or stage?); "
                               "start a new run with model.init_from pointing at the checkpoint instead")
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(wrapped, params, options=options)
@@ -932,8 +952,11 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, wrapped: torch.nn.Mo
           keep: int, best: dict[str, Any] | None = None, objectives: dict[str, torch.nn.Module] | None = None,
           elapsed_s: float = 0.0) -> Path:
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(wrapped, options=options)

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PRESETS, LionConfig
 from ..bundle import read_bundle_config
 from ..checkpoint_files import read_safetensors, read_torch_file
+from ..config import PRESETS, LionConfig
 from ..errors import CheckpointError
-from ..official import OfficialPaths, config_from_official, official_to_ours, ours_to_official
 from ..modeling_lion import LionModel
+from ..official import OfficialPaths, config_from_official, official_to_ours, ours_to_official
 from ..pipeline import Lion, resolve_dtype
 from ..processing import LionProcessor
 from .config import STAGE_VISUAL_INPUT, ModelSpec
