@@ -119,10 +119,11 @@ def gemm_rates(reps: int = 20) -> dict[str, dict[str, float]]:
     for rows, width_in, width_out in GEMM_SHAPES:
         x = torch.randn(rows, width_in, generator=generator)
         weight, bias = torch.randn(width_out, width_in, generator=generator), torch.randn(width_out, generator=generator)
-        kernels = {"F.linear": lambda: F.linear(x, weight, bias),
-                   "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")}
+        # the operands are bound as defaults: each lambda keeps this shape's tensors
+        kernels = {"F.linear": lambda x=x, w=weight, b=bias: F.linear(x, w, b),
+                   "onednn": lambda x=x, w=weight, b=bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")}
         seconds = {name: [] for name in kernels}
-        for name, kernel in kernels.items():
+        for kernel in kernels.values():  # warm-up
             kernel()
         for _ in range(reps):
             for name, kernel in kernels.items():

@@ -206,7 +206,7 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_exits(data, tmp_path):
         _, err = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        raise AssertionError("the job did not exit after SIGTERM")
+        raise AssertionError("the job did not exit after SIGTERM") from None
     run_dir = next((tmp_path / "out").iterdir())
     log = (run_dir / "train.log").read_text()
     assert "SIGTERM received: saved step " in log, err[-3000:]
