@@ -328,8 +328,8 @@ def load_item_image(item: BatchItem, where: str, max_pixels: int | None,
         if data is not None:
             return decode_image(data, str(item.image), max_pixels=max_pixels)
         return load_image(item.image, max_pixels=max_pixels)
-    except ImageLoadError as error:
-        return error_record(item, f"{where}: {error}")
+    except ImageLoadError as error:  # its message starts with the image's name, which `where` may already be
+        return error_record(item, str(error) if error.source == where else f"{where}: {error}")
     except Exception as error:  # noqa: BLE001 - one unreadable image must not end the run
         return error_record(item, f"{where}: {item.image}: cannot read the image ({type(error).__name__}: {error})")
 
