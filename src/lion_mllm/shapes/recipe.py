@@ -8,6 +8,9 @@ Three pieces the training package looks up by name:
   scenes generated on the fly, each image with its caption, questions and referring phrases;
 * the objective `shapes_dense` (`run.objectives: [{name: shapes_dense}]`): :class:`DenseObjective`, a
   training-only head on the aggregator's patch tokens (not part of the exported model).
+
+The fourth, the held-out score `shapes` (`run.eval_tasks: [{task: shapes}]`), is
+:func:`lion_mllm.shapes.scoring.training_scores`.
 """
 
 from __future__ import annotations

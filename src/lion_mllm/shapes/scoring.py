@@ -3,6 +3,7 @@ caption object-set match)."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,9 @@ from .world import (
     render,
     vqa_samples,
 )
+
+# a child of the trainer's logger: `training_scores` runs inside `lion train`, whose train.log it writes to
+train_logger = logging.getLogger("lion_mllm.train.shapes")
 
 
 def torch_no_grad():
@@ -132,4 +136,19 @@ def score_pipeline(lion: Any, count: int = 100, start: int = HELD_OUT_SEED_BASE,
     result["dtype"] = str(lion.model.dtype).removeprefix("torch.")
     result["autocast"] = None
     result["path"] = "Lion.generate"
+    return result
+
+
+def training_scores(task: Any, lion: Any, model: Any, step: int) -> dict[str, Any]:
+    """`run.eval_tasks: [{task: shapes}]` of `lion train` (`lion_mllm.train.config.VALIDATORS`): the held-out
+    scores of the model being trained (:func:`evaluate_model`, bf16 autocast on CPU) on generated scenes;
+    `val_shapes` is their sum, what lion-shapes' best model is chosen by. Every process scores the same
+    scenes (small: no sharding)."""
+    start = task.first_seed if task.first_seed is not None else HELD_OUT_SEED_BASE + 500
+    scores = evaluate_model(model, lion.processor, task.limit or 100, start=start, batch_size=task.batch_size)
+    result = {"val_shapes": scores["rec_acc50"] + scores["vqa_exact"] + scores["caption_objects"],
+              "val_shapes_rec": scores["rec_acc50"], "val_shapes_vqa": scores["vqa_exact"],
+              "val_shapes_caption": scores["caption_objects"], "val_shapes_samples": scores["count"]}
+    train_logger.info("step %d shapes: REC %.3f VQA %.3f caption %.3f on %d held-out scenes from seed %d", step,
+                      scores["rec_acc50"], scores["vqa_exact"], scores["caption_objects"], scores["count"], start)
     return result

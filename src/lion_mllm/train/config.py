@@ -81,6 +81,12 @@ class AugmentConfig:
             self.random_resized_crop = (low, high)
 
 
+# `run.eval_tasks: [{task: NAME}]` scored outside `lion eval` (on data generated there: no files) ->
+# "module:function"; the function takes (task spec, Lion, model, step) and returns the metrics dict
+# ({task.key: score, ...}); imported only when a config names it (`lion_mllm.train.registry`)
+VALIDATORS: dict[str, str] = {"shapes": "lion_mllm.shapes.scoring:training_scores"}
+
+
 @dataclass
 class EvalTaskSpec:
     """A benchmark scored during training through `lion_mllm.evaluation` (the `lion eval` harness):
@@ -131,8 +137,9 @@ class ModelSpec:
     - no `pretrained`: ViT and T5 from vit_model / llm_model, LION's own parts initialised as the authors'
       code does (stage 1 and 2 from scratch);
     - `preset` (tests, benchmarks): a random model of a `lion_mllm.config` preset, tokenizers from
-      llm_model / bert_model; `preset: shapes` is the shapes world's model from scratch (its own
-      tokenizers, tagger and initialisation: `lion_mllm.shapes.recipe`).
+      llm_model / bert_model; a preset of `lion_mllm.train.stages.MODEL_BUILDERS` is built by its own
+      package: `preset: shapes` is the shapes world's model from scratch (its own tokenizers, tagger and
+      initialisation: `lion_mllm.shapes.recipe`).
     Then `init_from` (earlier stages' checkpoints) overwrite LION's own parts; single adapters go into
     their slot of the mixture (stage 2's -> adapters.0 (region), stage 1's -> adapters.1 (image)).
     """
@@ -377,26 +384,54 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
     """Read a training YAML (or an equivalent mapping), apply `--set` overrides and check every key."""
-    if isinstance(source, dict):
-        data, path = copy.deepcopy(source), None
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping with model, run, train_datasets")
+    data, path = _read_mapping(source)
     data = apply_overrides(data, overrides or [])
     unknown = sorted(set(data) - {"model", "run", "train_datasets", "datasets", "valid_datasets"})
     if unknown:
         raise ConfigError(f"unknown top-level keys {unknown}; expected model, run, train_datasets, valid_datasets")
     resolve = PathResolver(path.parent.resolve() if path else None)
     notes: list[str] = []
+    model = _model_spec(dict(data.get("model") or {}), resolve, notes)
+    run, resume_from = _run_config(dict(data.get("run") or {}), model, resolve, notes)
+    _check_model_source(model, run)
+    entries = data.get("train_datasets", data.get("datasets"))
+    if not entries or not isinstance(entries, list):
+        raise ConfigError("train_datasets: expected a list of {ann_path, vis_root, is_train, sample_ratio}")
+    stream = _stream_spec(entries, run)
+    datasets = [] if stream else _dataset_specs(entries, "train_datasets", resolve)
+    if stream is None and not any(d.is_train for d in datasets):
+        raise ConfigError("train_datasets: no entry has is_train: True")
+    valid_entries = data.get("valid_datasets") or []
+    if not isinstance(valid_entries, list):
+        raise ConfigError("valid_datasets: expected a list of {ann_path, vis_root}")
+    valid = _dataset_specs(valid_entries, "valid_datasets", resolve)
+    _check_evaluation(run, bool(valid))
+    if (stream or run.objectives) and (run.parallel == "fsdp2" or run.activation_checkpointing):
+        raise ConfigError("streamed data and run.objectives use the grouped training pass, which supports "
+                          "neither parallel: fsdp2 nor activation_checkpointing")
+    return TrainConfig(model=model, run=run, train_datasets=datasets, valid_datasets=valid, source=path, raw=data,
+                       resume_from=resume_from, notes=notes, train_stream=stream)
 
-    model_data = dict(data.get("model") or {})
+
+def _read_mapping(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    """The config as a mapping (a copy when given one) and the file it came from."""
+    if isinstance(source, dict):
+        return copy.deepcopy(source), None
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with model, run, train_datasets")
+    return data, path
+
+
+def _model_spec(model_data: dict[str, Any], resolve: PathResolver, notes: list[str]) -> ModelSpec:
+    """The `model` block, its paths resolved (the authors' `load_pretrained`, `freeze_vit` and
+    `init_from` shapes accepted)."""
     load_pretrained = model_data.pop("load_pretrained", True)
     if model_data.get("freeze_vit") is False:
         notes.append("model.freeze_vit: False is ignored: the ViT always stays frozen (run.unfreeze trains it)")
@@ -414,9 +449,13 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     model_data["init_from"] = [resolve(p, "model.init_from") for p in init_from]
     if isinstance(model_data.get("visual_input"), str):
         model_data["visual_input"] = model_data["visual_input"].lower()
-    model = _build(ModelSpec, model_data, "model", IGNORED_MODEL_KEYS, notes)
+    return _build(ModelSpec, model_data, "model", IGNORED_MODEL_KEYS, notes)
 
-    run_data = dict(data.get("run") or {})
+
+def _run_config(run_data: dict[str, Any], model: ModelSpec, resolve: PathResolver, notes: list[str]
+                ) -> tuple[RunConfig, Path | None]:
+    """The `run` block (LAVIS names mapped, the keys `model` may set for it taken over) and the checkpoint
+    LAVIS's `resume_ckpt_path` names, if any."""
     if "amp" in run_data:  # LAVIS: amp: True -> bf16 here (fp16 is refused)
         amp = run_data.pop("amp")
         run_data.setdefault("mixed_precision", "bf16" if amp else "fp32")
@@ -441,8 +480,11 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
     run_data["objectives"] = _objectives(run_data.get("objectives") or [])
     if run_data.get("ship_best_to"):
         run_data["ship_best_to"] = resolve(run_data["ship_best_to"], "run.ship_best_to", must_exist=False)
-    run = _build(RunConfig, run_data, "run", IGNORED_RUN_KEYS, notes)
+    return _build(RunConfig, run_data, "run", IGNORED_RUN_KEYS, notes), resume_from
 
+
+def _check_model_source(model: ModelSpec, run: RunConfig) -> None:
+    """The model fits the stage and has exactly one base (see `ModelSpec`)."""
     stage_input = STAGE_VISUAL_INPUT[run.stage]
     if model.visual_input is not None and model.visual_input != stage_input:
         raise ConfigError(f"run.stage {run.stage} trains a `{stage_input}` model but model.visual_input is "
@@ -454,32 +496,20 @@ def load_train_config(source: str | Path | dict[str, Any], overrides: list[str] 
         raise ConfigError("model: give `pretrained` (authors' .pth or a bundle directory), or vit_model + "
                           "llm_model + bert_model, or a `preset`")
 
-    entries = data.get("train_datasets", data.get("datasets"))
-    if not entries or not isinstance(entries, list):
-        raise ConfigError("train_datasets: expected a list of {ann_path, vis_root, is_train, sample_ratio}")
-    stream = _stream_spec(entries, run)
-    datasets = [] if stream else _dataset_specs(entries, "train_datasets", resolve)
-    if stream is None and not any(d.is_train for d in datasets):
-        raise ConfigError("train_datasets: no entry has is_train: True")
-    valid_entries = data.get("valid_datasets") or []
-    if not isinstance(valid_entries, list):
-        raise ConfigError("valid_datasets: expected a list of {ann_path, vis_root}")
-    valid = _dataset_specs(valid_entries, "valid_datasets", resolve)
-    if run.eval_every_steps is not None and not valid and not run.eval_tasks:
+
+def _check_evaluation(run: RunConfig, has_valid: bool) -> None:
+    """Evaluation during training: something to evaluate when it is scheduled, and `run.best_metric`
+    (default: the first metric evaluated) one of the metrics evaluated."""
+    if run.eval_every_steps is not None and not has_valid and not run.eval_tasks:
         raise ConfigError("run.eval_every_steps is set but there are no valid_datasets or run.eval_tasks")
-    metrics = (["val_loss"] if valid else []) + [t.key for t in run.eval_tasks]
+    metrics = (["val_loss"] if has_valid else []) + [t.key for t in run.eval_tasks]
     if metrics and run.best_metric is None:
         run.best_metric = metrics[0]
-    if (valid or run.eval_tasks) and run.best_metric not in metrics:
+    if (has_valid or run.eval_tasks) and run.best_metric not in metrics:
         raise ConfigError(f"run.best_metric: {run.best_metric!r} is not evaluated; choose one of {metrics}")
     if run.eval_tasks and run.parallel == "fsdp2":
         raise ConfigError("run.eval_tasks: generation during training is not supported with parallel: fsdp2 "
                           "(each process would need the whole model); evaluate the exported model with lion eval")
-    if (stream or run.objectives) and (run.parallel == "fsdp2" or run.activation_checkpointing):
-        raise ConfigError("streamed data and run.objectives use the grouped training pass, which supports "
-                          "neither parallel: fsdp2 nor activation_checkpointing")
-    return TrainConfig(model=model, run=run, train_datasets=datasets, valid_datasets=valid, source=path, raw=data,
-                       resume_from=resume_from, notes=notes, train_stream=stream)
 
 
 def _objectives(entries: Any) -> list[ObjectiveSpec]:
@@ -522,7 +552,7 @@ def _eval_task(entry: Any, index: int, resolve: PathResolver) -> EvalTaskSpec:
     entry = dict(entry)
     from ..evaluation.tasks import TASKS
 
-    if entry["task"] == "shapes":  # held-out scenes of the shapes world, generated: no files
+    if entry["task"] in VALIDATORS:  # its own scorer on data it generates: no files
         return _build(EvalTaskSpec, entry, where)
     if "ann" not in entry:
         raise ConfigError(f"{where}: expected a mapping with task and ann (and images, limit, tags, ...)")

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,15 @@ from ..errors import CheckpointError
 from ..pipeline import Lion
 from ..taggers import write_tagger
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import STAGE_VISUAL_INPUT, AugmentConfig, ConfigError, DatasetSpec, TrainConfig
+from .config import (
+    STAGE_VISUAL_INPUT,
+    VALIDATORS,
+    AugmentConfig,
+    ConfigError,
+    DatasetSpec,
+    RunConfig,
+    TrainConfig,
+)
 from .data import (
     STREAMS,
     AnnotationDataset,
@@ -54,7 +62,8 @@ from .data import (
     load_tag_cache,
 )
 from .distributed import DistContext, gradient_sync, init_distributed, wrap_ddp, wrap_fsdp2
-from .objectives import TrainingForward, build_objectives, load_named
+from .objectives import TrainingForward, build_objectives
+from .registry import load_named
 from .rundir import RunDirectoryLocked, RunLock, truncate_metrics
 from .stages import (
     STAGE_DESCRIPTIONS,
@@ -306,11 +315,12 @@ class Validation:
 def _task_score(task: Any, lion: Lion, model: torch.nn.Module, autocast: Callable[[], Any], run_dir: Path,
                 step: int) -> dict[str, Any]:
     """A benchmark score of the model being trained, through the `lion eval` harness (which shards the
-    questions over processes and gathers them). Reports go to <run dir>/eval/step_N/."""
+    questions over processes and gathers them), or through its own scorer when `VALIDATORS` names one.
+    Reports go to <run dir>/eval/step_N/."""
     from ..evaluation.harness import evaluate
 
-    if task.task == "shapes":
-        return _shapes_score(task, lion, model, step)
+    if task.task in VALIDATORS:
+        return load_named(VALIDATORS, task.task, "validator")(task, lion, model, step)
     model.eval()
     evaluator = Lion(model, lion.processor, lion.tagger)
 
@@ -327,22 +337,6 @@ def _task_score(task: Any, lion: Lion, model: torch.nn.Module, autocast: Callabl
     value = float(report["metrics"].get(primary, float("nan")))
     logger.info("step %d %s %s %.4f on %d questions", step, task.task, primary, value, report["num_samples"])
     return {task.key: value, f"{task.key}_samples": report["num_samples"]}
-
-
-def _shapes_score(task: Any, lion: Lion, model: torch.nn.Module, step: int) -> dict[str, Any]:
-    """The shapes world's held-out scores (REC Acc@0.5, VQA exact match, caption object-set; fractions, bf16
-    autocast on CPU) on generated scenes; `val_shapes` is their sum, what lion-shapes' best model is
-    chosen by. Every process scores the same scenes (small: no sharding)."""
-    from ..shapes import HELD_OUT_SEED_BASE, evaluate_model
-
-    start = task.first_seed if task.first_seed is not None else HELD_OUT_SEED_BASE + 500
-    scores = evaluate_model(model, lion.processor, task.limit or 100, start=start, batch_size=task.batch_size)
-    result = {"val_shapes": scores["rec_acc50"] + scores["vqa_exact"] + scores["caption_objects"],
-              "val_shapes_rec": scores["rec_acc50"], "val_shapes_vqa": scores["vqa_exact"],
-              "val_shapes_caption": scores["caption_objects"], "val_shapes_samples": scores["count"]}
-    logger.info("step %d shapes: REC %.3f VQA %.3f caption %.3f on %d held-out scenes from seed %d", step,
-                scores["rec_acc50"], scores["vqa_exact"], scores["caption_objects"], scores["count"], start)
-    return result
 
 
 def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -492,10 +486,136 @@ def _sigterm_requests_a_stop() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@dataclass
+class _Window:
+    """Sums over the steps since the last progress line (its rates and mean loss)."""
+
+    loss: float = 0.0  # summed token cross-entropy, this process
+    aux: float = 0.0  # weighted objective loss, this process
+    tokens: float = 0.0  # target tokens, all processes
+    samples: float = 0  # samples drawn, all processes
+    region: int = 0  # region-level samples, this process
+    local_samples: int = 0  # samples drawn, this process (a stream's micro-batch counts images, not samples)
+    steps: int = 0
+    start: float = field(default_factory=time.time)
+
+
+@dataclass
+class TrainRun:
+    """What the pieces of one invocation of a run share: the model and its optimizer, where the samples
+    come from, the position in the schedule, and the bookkeeping of logs, checkpoints and the best model.
+    Nothing in it refers back to it, so dropping the frames that hold it releases the DDP model."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    run_dir: Path
+    fsdp: bool
+    autocast: Callable[[], Any]
+    lion: Lion
+    objectives: dict[str, torch.nn.Module]
+    core: torch.nn.Module | None  # the grouped training pass (`TrainingForward`), when it is used
+    wrapped: torch.nn.Module  # what the forward runs: the model or `core`, wrapped by DDP or FSDP2
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosineSchedule
+    schedule: MixtureSchedule | StreamedBatches  # the sample stream's position (checkpointed)
+    iterator: Iterator[dict[str, Any]]  # micro-batches
+    dummy: dict[str, torch.Tensor]  # the batch a process without samples runs (zero-weighted)
+    tracker: BadDataTracker
+    record_report: dict[str, Any]
+    validation: Validation | None
+    metrics: MetricsWriter
+    progress: Any  # tqdm bar or None
+    steps_per_epoch: int
+    total_steps: int
+    step: int
+    best: dict[str, Any] | None  # the best evaluation so far: step, metric, value
+    earlier_s: float  # training time of the invocations before this one
+    last_saved: Path | None
+    saved_step: int
+    stop_after: int | None
+    stop_requested: Callable[[], bool]
+    first_step: int = field(init=False)  # where this invocation started (its ETA)
+    steps_this_run: int = 0
+    started: float = field(default_factory=time.time)
+    window: _Window = field(default_factory=_Window)
+    last_loss: float | None = None
+    grad_norm: float = float("nan")
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.lion.model
+
+    def __post_init__(self) -> None:
+        self.first_step = self.step
+
+
 def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path | None,
            stop_after: int | None, stop_requested: Callable[[], bool] = lambda: False) -> TrainResult:
+    state = _start(cfg, ctx, run_dir, resume_point, stop_after, stop_requested)
+    finished = False
+    try:
+        while state.step < state.total_steps:
+            stops = _train_step(state)
+            epoch_end = state.step % state.steps_per_epoch == 0
+            if state.step % cfg.run.print_freq == 0 or state.step == state.total_steps or epoch_end:
+                _log_progress(state)
+            stopped = _evaluate_and_save(state, stops, epoch_end)
+            if stopped is not None:
+                return stopped
+        result = _finish(state)
+        finished = True
+        return result
+    finally:
+        if state.progress is not None:
+            state.progress.close()
+        state.metrics.close(finished)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setting a run up: model, optimizer, data, resume point
+
+
+def _start(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path | None, stop_after: int | None,
+           stop_requested: Callable[[], bool]) -> TrainRun:
+    """Everything the loop needs, built in the order that fixes the random generators: model, objectives,
+    optimizer, data, schedule, resumed state, then the processes' seeds."""
     run = cfg.run
-    device = ctx.device
+    fsdp = run.parallel == "fsdp2" and ctx.distributed
+    use_bf16, autocast = _precision(run, ctx.device, fsdp)
+    _write_config(cfg, ctx, run_dir, resume_point)
+    lion, objectives = _build_model(cfg, resume_point, torch.bfloat16 if use_bf16 and not fsdp else
+                                    torch.float32, torch.device("cpu") if fsdp else ctx.device)
+    core, wrapped = _wrap(cfg, ctx, lion.model, objectives, fsdp, use_bf16)
+    optimizer = _build_optimizer(run, lion.model, objectives)
+    datasets, tracker, record_report, validation = _read_data(cfg, ctx, run_dir, lion)
+    steps_per_epoch, total_steps = _run_length(cfg, ctx, datasets)
+    scheduler = WarmupCosineSchedule(optimizer, run.init_lr, run.min_lr, total_steps, run.warmup_steps,
+                                     run.warmup_lr)
+    step, schedule_state, saved_rng, resumed = 0, None, None, {}
+    if resume_point is not None:
+        step, schedule_state, saved_rng, resumed = _resume(resume_point, run_dir, lion.model, wrapped, optimizer,
+                                                           scheduler, tracker, ctx, fsdp, run.unfreeze, objectives)
+    schedule, source = _sample_source(cfg, ctx, lion, datasets, schedule_state)
+    dummy = _to_device(Collator(lion.processor).dummy(), ctx.device)
+    if resume_point is None:
+        torch.manual_seed(run.seed + ctx.rank)  # dropout differs between processes, is reproducible
+        if ctx.device.type == "cuda":
+            torch.cuda.manual_seed(run.seed + ctx.rank)
+    elif saved_rng is not None:
+        set_rng_state(saved_rng)
+    metrics, progress = _outputs(cfg, ctx, run_dir, step, resume_point is not None, total_steps)
+    return TrainRun(cfg=cfg, ctx=ctx, run_dir=run_dir, fsdp=fsdp, autocast=autocast, lion=lion,
+                    objectives=objectives, core=core, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+                    schedule=schedule, iterator=iter(source), dummy=dummy, tracker=tracker,
+                    record_report=record_report, validation=validation, metrics=metrics, progress=progress,
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, step=step,
+                    best=resumed.get("best"), earlier_s=float(resumed.get("elapsed_s", 0.0)),
+                    last_saved=resume_point, saved_step=step if resume_point is not None else -1,
+                    stop_after=stop_after, stop_requested=stop_requested)
+
+
+def _precision(run: RunConfig, device: torch.device, fsdp: bool) -> tuple[bool, Callable[[], Any]]:
+    """Whether the frozen parts are bfloat16 (GPU), and the autocast the forward passes run under."""
     use_bf16 = run.mixed_precision == "bf16" and device.type == "cuda"
     cpu_bf16 = run.mixed_precision == "bf16" and device.type == "cpu" and run.cpu_autocast
     if run.mixed_precision == "bf16" and device.type != "cuda" and not cpu_bf16:
@@ -503,19 +623,28 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
                     "in float32", device.type)
     if run.flush_denormal:
         torch.set_flush_denormal(True)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and not fsdp else
+                (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cpu_bf16 else nullcontext)
+    return use_bf16, autocast
+
+
+def _write_config(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path | None) -> None:
+    """The resolved config into the run directory (each resumption its own file)."""
     if ctx.is_main:
-        resolved = {**cfg.to_dict(), "_resolved": {"world_size": ctx.world_size, "device": str(device),
+        resolved = {**cfg.to_dict(), "_resolved": {"world_size": ctx.world_size, "device": str(ctx.device),
                                                    "source": str(cfg.source) if cfg.source else None,
                                                    "torch": str(torch.__version__)}}
         name = "config.yaml" if resume_point is None else f"config.resume-{time.strftime('%Y%m%d%H%M%S')}.yaml"
         (run_dir / name).write_text(yaml.safe_dump(resolved, sort_keys=False))
-    logger.info("run directory %s; stage %d (%s); %d process(es) on %s", run_dir, run.stage,
-                STAGE_DESCRIPTIONS[run.stage], ctx.world_size, device)
+    logger.info("run directory %s; stage %d (%s); %d process(es) on %s", run_dir, cfg.run.stage,
+                STAGE_DESCRIPTIONS[cfg.run.stage], ctx.world_size, ctx.device)
 
-    # -- model ------------------------------------------------------------------------------------------
-    fsdp = run.parallel == "fsdp2" and ctx.distributed
-    frozen_dtype = torch.bfloat16 if use_bf16 and not fsdp else torch.float32
-    build_device = torch.device("cpu") if fsdp else device
+
+def _build_model(cfg: TrainConfig, resume_point: Path | None, frozen_dtype: torch.dtype,
+                 build_device: torch.device) -> tuple[Lion, dict[str, torch.nn.Module]]:
+    """The stage's model (earlier stages' weights loaded, trainable parts float32 and in train mode) and
+    the training-only objectives."""
+    run = cfg.run
     lion = build_lion(cfg.model, run.stage, build_device, frozen_dtype, seed=run.seed)
     model = lion.model
     # made right after the model: a from-scratch preset leaves the generator where its init ended
@@ -539,17 +668,28 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("trainable: %d tensors, %s parameters of %s (%s model)", len(trainable), f"{n_train:,}",
                 f"{n_all:,}", model.config.visual_input)
-    # grouped batches (a stream) or objectives: the training pass is `TrainingForward`, and DDP wraps it
-    core = (TrainingForward(model, objectives, {o.name: o.weight for o in run.objectives}).to(device)
+    return lion, objectives
+
+
+def _wrap(cfg: TrainConfig, ctx: DistContext, model: torch.nn.Module, objectives: dict[str, torch.nn.Module],
+          fsdp: bool, use_bf16: bool) -> tuple[torch.nn.Module | None, torch.nn.Module]:
+    """The training pass (`TrainingForward` for grouped batches (a stream) or objectives, else the model)
+    and what runs it: itself, or its DDP / FSDP2 wrapper."""
+    core = (TrainingForward(model, objectives, {o.name: o.weight for o in cfg.run.objectives}).to(ctx.device)
             if objectives or cfg.train_stream else None)
     if fsdp:
-        wrapped = wrap_fsdp2(model.to(device), ctx, use_bf16)
+        wrapped = wrap_fsdp2(model.to(ctx.device), ctx, use_bf16)
     elif ctx.distributed:
-        wrapped = wrap_ddp(core or model, ctx, run.find_unused_parameters)
+        wrapped = wrap_ddp(core or model, ctx, cfg.run.find_unused_parameters)
     else:
         wrapped = core or model
     if ctx.distributed:
         ctx.track(wrapped)  # the process group outlives it: see DistContext.close
+    return core, wrapped
+
+
+def _build_optimizer(run: RunConfig, model: torch.nn.Module, objectives: dict[str, torch.nn.Module]
+                     ) -> torch.optim.Optimizer:
     groups = optimizer_param_groups(model, run.weight_decay, run.lr_scale, run.boost_lr_scale)
     if objectives:
         named = _objective_parameters(objectives)
@@ -559,16 +699,21 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     for group in groups:
         logger.info("optimizer group %s: %d tensors, lr x %g, weight decay %g", group["group"],
                     len(group["params"]), group["lr_scale"], group["weight_decay"])
+    return optimizer
 
-    # -- data ---------------------------------------------------------------------------------------------
-    need_tags = model.config.enable_semantic_tags
+
+def _read_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path, lion: Lion
+               ) -> tuple[list[AnnotationDataset], BadDataTracker, dict[str, Any], Validation | None]:
+    """The training and validation annotation files, read and checked (too many malformed records, or a
+    file with none usable, is BadDataError), and the tracker of unusable samples."""
+    run, model = cfg.run, lion.model
     caches: dict[Path, dict[str, str]] = {}
 
     def read(spec: DatasetSpec) -> AnnotationDataset:
         cache_path = spec.tag_cache or run.tag_cache
         if cache_path is not None and cache_path not in caches:
             caches[cache_path] = load_tag_cache(cache_path)
-        return AnnotationDataset(spec, need_tags, run.missing_tags, caches.get(cache_path))
+        return AnnotationDataset(spec, model.config.enable_semantic_tags, run.missing_tags, caches.get(cache_path))
 
     datasets = []
     for spec in cfg.train_datasets:
@@ -591,60 +736,72 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
     for spec, d in zip([s for s in cfg.train_datasets if s.is_train], datasets):
         if len(d) == 0:
             raise BadDataError(f"{spec.ann_path}: no usable record (see the skipped records above)")
-    sizes = [len(d) for d in datasets]
-    ratios = [d.spec.sample_ratio for d in datasets]
+    return datasets, tracker, record_report, validation
+
+
+def _run_length(cfg: TrainConfig, ctx: DistContext, datasets: list[AnnotationDataset]) -> tuple[int, int]:
+    """Steps per epoch and in all (logged with the batch shape)."""
+    run = cfg.run
     # a stream has no epochs: one "epoch" is the whole run (config: a stream needs max_steps)
-    steps_per_epoch = run.max_steps if cfg.train_stream else _steps_per_epoch(cfg, sum(sizes), ctx.world_size)
+    steps_per_epoch = (run.max_steps if cfg.train_stream else
+                       _steps_per_epoch(cfg, sum(len(d) for d in datasets), ctx.world_size))
     total_steps = run.max_steps if run.max_steps is not None else run.max_epoch * steps_per_epoch
-    scheduler = WarmupCosineSchedule(optimizer, run.init_lr, run.min_lr, total_steps, run.warmup_steps,
-                                     run.warmup_lr)
-    micro_batch, accum = run.batch_size_train, run.accum_grad_iters
     if cfg.train_stream:
         logger.info("%d steps of %d x %d groups of samples generated by the %r stream x %d process(es)",
-                    total_steps, micro_batch, accum, cfg.train_stream.stream, ctx.world_size)
+                    total_steps, run.batch_size_train, run.accum_grad_iters, cfg.train_stream.stream, ctx.world_size)
     else:
         logger.info("%d steps (%d per epoch) of %d x %d samples x %d process(es); datasets %s, ratios %s",
-                    total_steps, steps_per_epoch, micro_batch, accum, ctx.world_size,
-                    [d.spec.label for d in datasets], ratios)
+                    total_steps, steps_per_epoch, run.batch_size_train, run.accum_grad_iters, ctx.world_size,
+                    [d.spec.label for d in datasets], [d.spec.sample_ratio for d in datasets])
+    return steps_per_epoch, total_steps
 
-    # -- resume --------------------------------------------------------------------------------------------
-    step, schedule_state, saved_rng, best = 0, None, None, None
-    resumed_state: dict[str, Any] = {}
-    if resume_point is not None:
-        state = load_checkpoint(resume_point)
-        step, schedule_state, saved_rng = _restore(state, model, wrapped, optimizer, scheduler, tracker, ctx, fsdp,
-                                                   run.unfreeze, objectives)
-        best = state["training_state"].get("best")
-        resumed_state = state["training_state"]
-        logger.info("resumed from %s at step %d (lr %.3g)", resume_point, step, scheduler.lr_at(step))
-        _set_aside_later_checkpoints(run_dir, step, ctx)
+
+def _resume(resume_point: Path, run_dir: Path, model: torch.nn.Module, wrapped: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: WarmupCosineSchedule, tracker: BadDataTracker,
+            ctx: DistContext, fsdp: bool, unfreeze: list[str], objectives: dict[str, torch.nn.Module]
+            ) -> tuple[int, dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """The checkpoint's state restored; returns its step, the sample stream's state, this process's
+    random generators and the saved training state."""
+    state = load_checkpoint(resume_point)
+    step, schedule_state, saved_rng = _restore(state, model, wrapped, optimizer, scheduler, tracker, ctx, fsdp,
+                                               unfreeze, objectives)
+    logger.info("resumed from %s at step %d (lr %.3g)", resume_point, step, scheduler.lr_at(step))
+    _set_aside_later_checkpoints(run_dir, step, ctx)
+    return step, schedule_state, saved_rng, state["training_state"]
+
+
+def _sample_source(cfg: TrainConfig, ctx: DistContext, lion: Lion, datasets: list[AnnotationDataset],
+                   schedule_state: dict[str, Any] | None
+                   ) -> tuple[MixtureSchedule | StreamedBatches, Iterable[dict[str, Any]]]:
+    """Where the micro-batches come from, at `schedule_state` when resuming: the position to checkpoint
+    and the micro-batches (iterate them after seeding: DataLoader workers start then)."""
+    run = cfg.run
     if cfg.train_stream:  # generated in this process, in order: its position and generator are the state
-        schedule = stream = _stream(cfg, lion.processor, ctx, schedule_state)
-    else:
-        schedule = MixtureSchedule(sizes, ratios, run.seed, ctx.rank, ctx.world_size, schedule_state)
-        loader = torch.utils.data.DataLoader(
-            MixtureDataset(datasets, model.config.vision.image_size, run.augment, run.seed, ctx.rank),
-            batch_size=micro_batch, sampler=MixtureSampler(sizes, ratios, run.seed, ctx.rank, ctx.world_size,
-                                                           schedule.state_dict()),
-            collate_fn=Collator(lion.processor), num_workers=run.num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=run.num_workers > 0, generator=torch.Generator().manual_seed(run.seed),
-        )
-    dummy = _to_device(Collator(lion.processor).dummy(), device)
-    if resume_point is None:
-        torch.manual_seed(run.seed + ctx.rank)  # dropout differs between processes, is reproducible
-        if device.type == "cuda":
-            torch.cuda.manual_seed(run.seed + ctx.rank)
-    elif saved_rng is not None:
-        set_rng_state(saved_rng)
+        stream = _stream(cfg, lion.processor, ctx, schedule_state)
+        return stream, stream
+    sizes = [len(d) for d in datasets]
+    ratios = [d.spec.sample_ratio for d in datasets]
+    schedule = MixtureSchedule(sizes, ratios, run.seed, ctx.rank, ctx.world_size, schedule_state)
+    loader = torch.utils.data.DataLoader(
+        MixtureDataset(datasets, lion.model.config.vision.image_size, run.augment, run.seed, ctx.rank),
+        batch_size=run.batch_size_train, sampler=MixtureSampler(sizes, ratios, run.seed, ctx.rank, ctx.world_size,
+                                                                schedule.state_dict()),
+        collate_fn=Collator(lion.processor), num_workers=run.num_workers, pin_memory=ctx.device.type == "cuda",
+        persistent_workers=run.num_workers > 0, generator=torch.Generator().manual_seed(run.seed),
+    )
+    return schedule, loader
 
-    # -- loop ----------------------------------------------------------------------------------------------
+
+def _outputs(cfg: TrainConfig, ctx: DistContext, run_dir: Path, step: int, resumed: bool, total_steps: int
+             ) -> tuple[MetricsWriter, Any]:
+    """The metrics writer (with MLflow when `run.loggers` names it) and, on a terminal, a progress bar."""
+    run = cfg.run
     mlflow = None
     if ctx.is_main and "mlflow" in run.loggers:
         mlflow = MlflowLogger(run_dir, run.mlflow_experiment or run_dir.parent.name, run.mlflow_tracking_uri,
                               flat_params(cfg.to_dict()["run"]))
     metrics = MetricsWriter(run_dir if ctx.is_main else None, run.tensorboard or "tensorboard" in run.loggers,
-                            step if resume_point is not None else None, mlflow)
-    finished = False
+                            step if resumed else None, mlflow)
     progress = None
     if ctx.is_main and run.progress_bar and sys.stderr.isatty():
         try:
@@ -653,182 +810,201 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
             progress = tqdm(total=total_steps, initial=step, desc=f"stage {run.stage}", dynamic_ncols=True)
         except ImportError:
             pass
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 and not fsdp else
-                (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cpu_bf16 else nullcontext)
-    last_saved: Path | None = resume_point
-    saved_step = step if resume_point is not None else -1
-    window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0, "aux": 0.0,
-              "local_samples": 0}
-    started = time.time()
-    first_step = step
-    earlier_s = float(resumed_state.get("elapsed_s", 0.0))  # training time of the invocations before this one
-    steps_this_run = 0
-    last_loss: float | None = None
-    grad_norm = float("nan")
-    iterator = stream if cfg.train_stream else iter(loader)
+    return metrics, progress
 
-    def save(current_step: int) -> Path:
-        nonlocal last_saved, saved_step
-        path = _save(run_dir, current_step, model, wrapped, optimizer, scheduler, schedule, tracker, ctx, fsdp,
-                     cfg, steps_per_epoch, run.keep_checkpoints, best, objectives,
-                     earlier_s + time.time() - started)
-        last_saved, saved_step = path, current_step
-        return path
 
-    def evaluate(current_step: int) -> None:
-        """Validation loss and task scores now; a new best (by run.best_metric) is exported to
-        <run dir>/best before the checkpoint that records it, so a resumed run knows its best."""
-        nonlocal best
-        result: dict[str, Any] = {}
-        if validation is not None:
-            result.update(validation.loss(model, device, autocast, dummy))
-            logger.info("step %d validation loss %.4f on %d samples (%d tokens)", current_step, result["val_loss"],
-                        result["val_samples"], result["val_tokens"])
-        for task in run.eval_tasks:
-            result.update(_task_score(task, lion, model, autocast, run_dir, current_step))
-        _train_mode(model)
-        record = {"step": current_step, "epoch": current_step / steps_per_epoch, **result, "time": time.time()}
-        value = result[run.best_metric]
-        lower_is_better = run.best_metric == "val_loss"
-        improved = math.isfinite(value) and (best is None or (value < best["value"] if lower_is_better
-                                                              else value > best["value"]))
-        if improved:
-            best = {"step": current_step, "metric": run.best_metric, "value": value}
-        record["val_best"] = best["value"] if best else None
-        metrics.write(record)
-        logger.info("step %d %s %.4f%s", current_step, run.best_metric, value, " - best so far" if improved else
-                    f"; best {best['value']:.4f} at step {best['step']}" if best else "")
-        if improved and run.keep_best:
-            _export(run_dir, lion, model, wrapped, ctx, fsdp, name="best", info=best)
-            if run.ship_best_to is not None and ctx.is_main:
-                _ship(run_dir / "best", run.ship_best_to)
+# ----------------------------------------------------------------------------------------------------
+# One step, its log line, evaluation and checkpoints
 
-    try:
-        while step < total_steps:
-            micro = [next(iterator) for _ in range(accum)]
-            local_tokens = sum(float((m["batch"]["labels"] != -100).sum()) for m in micro if m["batch"])
-            local_bad = sum(len(m["bad"]) for m in micro)
-            local_drawn = sum(m["size"] for m in micro)
-            local_items = [item for m in micro for item in m["bad"]]
-            tracker.note(local_items)
-            tokens, bad, drawn, stops = ctx.all_reduce_sum([local_tokens, local_bad, local_drawn,
-                                                           float(stop_requested())])
-            if bad:  # every rank knows the sum, so all join this gather: rank 0 logs them all to train.log
-                gathered = ctx.gather_objects([(i.source, i.reason, i.kind) for i in local_items])
-                if ctx.is_main:
-                    tracker.log(gathered)
-            tracker.update(int(bad), int(drawn))  # raises BadDataError on every process alike
-            step_loss = torch.zeros((), dtype=torch.float64)
-            step_aux = 0.0
-            if tokens > 0:
-                for index, m in enumerate(micro):
-                    batch = _to_device(m["batch"], device) if m["batch"] else dummy
-                    weight = 1.0 if m["batch"] else 0.0  # an empty micro-batch still joins the all-reduce
-                    with gradient_sync(wrapped, index == accum - 1):
-                        with autocast():
-                            loss_sum, aux = wrapped(**batch) if core is not None else (
-                                _token_loss_sum(wrapped, batch), None)
-                        # DDP/FSDP average gradients over processes: scale so the result is the token mean
-                        scaled = loss_sum * (weight * ctx.world_size / tokens)
-                        if aux is not None:  # objectives: a mean per micro-batch, averaged over them (and ranks)
-                            scaled = scaled + aux * (weight / accum)
-                            step_aux += float(aux.detach()) * weight / accum
-                        scaled.backward()
-                    step_loss += loss_sum.detach().double().cpu() * weight
-                # the model's parameters only: objective heads are not clipped (the lion-shapes recipe)
-                params = [p for p in model.parameters() if p.requires_grad]
-                max_norm = run.max_grad_norm if run.max_grad_norm is not None else float("inf")
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                optimizer.step()
-            else:
-                logger.warning("step %d: no usable sample on any process; no update", step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if run.max_minutes is not None:
-                total_steps = _follow_time_budget(scheduler, earlier_s + time.time() - started, run.max_minutes,
-                                                  step + 1, total_steps)
-            schedule.advance(accum * micro_batch)
-            step += 1
-            steps_this_run += 1
-            window["loss"] += float(step_loss)
-            window["aux"] += step_aux
-            window["tokens"] += tokens
-            window["samples"] += drawn
-            window["region"] += sum(m["region"] for m in micro)
-            window["local_samples"] += local_drawn  # samples (a stream's micro-batch counts images, not samples)
-            window["steps"] += 1
-            if progress is not None:
-                progress.update(1)
-                if tokens:
-                    progress.set_postfix(loss=f"{float(step_loss) / max(local_tokens, 1):.4f}")
-            epoch_end = step % steps_per_epoch == 0
-            if step % run.print_freq == 0 or step == total_steps or epoch_end:
-                loss_total, aux_total = ctx.all_reduce_sum([window["loss"], window["aux"]])
-                elapsed = time.time() - window["start"]
-                run_elapsed = time.time() - started
-                eta = run_elapsed / max(step - first_step, 1) * (total_steps - step)
-                last_loss = loss_total / window["tokens"] if window["tokens"] else float("nan")
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": last_loss,
-                          "lr": scheduler.lr_at(scheduler.step_count - 1), "grad_norm": grad_norm,
-                          "samples_per_s": window["samples"] / max(elapsed, 1e-9),
-                          "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                          "region_fraction_rank0": window["region"] / max(1, window["local_samples"]),
-                          "samples_skipped": tracker.bad, "samples_drawn": tracker.drawn,
-                          "elapsed_s": run_elapsed, "eta_s": eta, "time": time.time()}
-                for group in optimizer.param_groups:  # the rates this step's update used
-                    record[f"lr_{group['group']}"] = record["lr"] * group["lr_scale"]
-                if objectives:  # the weighted objective loss, mean over steps and processes
-                    record["aux_loss"] = aux_total / (window["steps"] * ctx.world_size)
-                metrics.write(record)
-                aux_text = f" aux_loss {record['aux_loss']:.4f}" if objectives else ""
-                logger.info("step %d/%d epoch %.2f loss %.4f%s lr %.3g grad_norm %.3g %.1f samples/s elapsed %s "
-                            "eta %s", step, total_steps, record["epoch"], last_loss, aux_text, record["lr"], grad_norm,
-                            record["samples_per_s"], _clock(run_elapsed), _clock(eta))
-                window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "region": 0, "start": time.time(), "steps": 0,
-                          "aux": 0.0, "local_samples": 0}
-            preempted = stops > 0 and step < total_steps
-            stopping = (stop_after is not None and steps_this_run >= stop_after and step < total_steps) or preempted
-            saving = (run.save_every_steps and step % run.save_every_steps == 0) or epoch_end or stopping
-            if run.eval_every_steps:
-                evaluation_due = step % run.eval_every_steps == 0 or step == total_steps
-            else:  # with every checkpoint, so that each checkpoint knows the best model up to it
-                evaluation_due = saving or step == total_steps
-            if (validation is not None or run.eval_tasks) and evaluation_due and not preempted:
-                evaluate(step)
-            if saving:
-                save(step)
-            if stopping:
-                why = "SIGTERM received" if preempted else f"stopping after {steps_this_run} steps of this invocation"
-                logger.info("%s: saved step %d; resume with --resume %s", why, step, run_dir)
-                return TrainResult(run_dir, step, total_steps, False, last_saved, None, last_loss, tracker.report())
-        if saved_step != step:
-            save(step)
-        export_dir = _export(run_dir, lion, model, wrapped, ctx, fsdp) if cfg.run.export_final else None
-        kinds = ctx.gather_objects(dict(tracker.kinds))
-        merged: Counter[str] = Counter()
-        for counts in kinds or []:
-            merged.update(counts)
-        result = TrainResult(run_dir, step, total_steps, True, last_saved, export_dir, last_loss,
-                             {**record_report, **tracker.report(merged)})
-        digests = None if fsdp else ctx.gather_objects(_digest(model))
+
+def _train_step(state: TrainRun) -> float:
+    """One optimizer step over `accum_grad_iters` micro-batches; returns how many processes were asked to
+    stop (SIGTERM)."""
+    run, ctx = state.cfg.run, state.ctx
+    micro = [next(state.iterator) for _ in range(run.accum_grad_iters)]
+    local_tokens = sum(float((m["batch"]["labels"] != -100).sum()) for m in micro if m["batch"])
+    local_drawn = sum(m["size"] for m in micro)
+    local_items = [item for m in micro for item in m["bad"]]
+    state.tracker.note(local_items)
+    tokens, bad, drawn, stops = ctx.all_reduce_sum([local_tokens, len(local_items), local_drawn,
+                                                   float(state.stop_requested())])
+    if bad:  # every rank knows the sum, so all join this gather: rank 0 logs them all to train.log
+        gathered = ctx.gather_objects([(i.source, i.reason, i.kind) for i in local_items])
         if ctx.is_main:
-            summary = {"step": step, "total_steps": total_steps, "final_loss": last_loss,
-                       "checkpoint": str(last_saved), "export": str(export_dir) if export_dir else None,
-                       "world_size": ctx.world_size, "bad_data": result.bad, "best": best,
-                       "replicas_identical": None if digests is None else len(set(digests)) == 1}
-            if digests is not None and len(set(digests)) != 1:
-                logger.error("the processes ended with different weights: %s", digests)
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            logger.info("finished: %d steps; %d of %d records skipped at load, %d of %d drawn samples skipped; "
-                        "model exported to %s", step, record_report["skipped_records"], record_report["records"],
-                        tracker.bad, tracker.drawn, export_dir)
-        finished = True
-        return result
-    finally:
-        if progress is not None:
-            progress.close()
-        metrics.close(finished)
+            state.tracker.log(gathered)
+    state.tracker.update(int(bad), int(drawn))  # raises BadDataError on every process alike
+    step_loss, step_aux = torch.zeros((), dtype=torch.float64), 0.0
+    if tokens > 0:
+        step_loss, step_aux = _update(state, micro, tokens)
+    else:
+        logger.warning("step %d: no usable sample on any process; no update", state.step + 1)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    if run.max_minutes is not None:
+        state.total_steps = _follow_time_budget(state.scheduler, state.earlier_s + time.time() - state.started,
+                                                run.max_minutes, state.step + 1, state.total_steps)
+    state.schedule.advance(run.accum_grad_iters * run.batch_size_train)
+    state.step += 1
+    state.steps_this_run += 1
+    window = state.window
+    window.loss += float(step_loss)
+    window.aux += step_aux
+    window.tokens += tokens
+    window.samples += drawn
+    window.region += sum(m["region"] for m in micro)
+    window.local_samples += local_drawn
+    window.steps += 1
+    if state.progress is not None:
+        state.progress.update(1)
+        if tokens:
+            state.progress.set_postfix(loss=f"{float(step_loss) / max(local_tokens, 1):.4f}")
+    return stops
+
+
+def _update(state: TrainRun, micro: list[dict[str, Any]], tokens: float) -> tuple[torch.Tensor, float]:
+    """Forward and backward passes over the micro-batches, clipping and the optimizer step; returns this
+    process's summed token loss and its weighted objective loss."""
+    accum, world_size = state.cfg.run.accum_grad_iters, state.ctx.world_size
+    step_loss, step_aux = torch.zeros((), dtype=torch.float64), 0.0
+    for index, m in enumerate(micro):
+        batch = _to_device(m["batch"], state.ctx.device) if m["batch"] else state.dummy
+        weight = 1.0 if m["batch"] else 0.0  # an empty micro-batch still joins the all-reduce
+        with gradient_sync(state.wrapped, index == accum - 1):
+            with state.autocast():
+                loss_sum, aux = state.wrapped(**batch) if state.core is not None else (
+                    _token_loss_sum(state.wrapped, batch), None)
+            # DDP/FSDP average gradients over processes: scale so the result is the token mean
+            scaled = loss_sum * (weight * world_size / tokens)
+            if aux is not None:  # objectives: a mean per micro-batch, averaged over them (and ranks)
+                scaled = scaled + aux * (weight / accum)
+                step_aux += float(aux.detach()) * weight / accum
+            scaled.backward()
+        step_loss += loss_sum.detach().double().cpu() * weight
+    # the model's parameters only: objective heads are not clipped (the lion-shapes recipe)
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    max_norm = state.cfg.run.max_grad_norm if state.cfg.run.max_grad_norm is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    state.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    state.optimizer.step()
+    return step_loss, step_aux
+
+
+def _log_progress(state: TrainRun) -> None:
+    """The progress line and metrics row of the steps since the last one (loss: token mean over them and
+    every process)."""
+    step, window, ctx = state.step, state.window, state.ctx
+    loss_total, aux_total = ctx.all_reduce_sum([window.loss, window.aux])
+    elapsed = time.time() - window.start
+    run_elapsed = time.time() - state.started
+    eta = run_elapsed / max(step - state.first_step, 1) * (state.total_steps - step)
+    state.last_loss = loss_total / window.tokens if window.tokens else float("nan")
+    lr = state.scheduler.lr_at(state.scheduler.step_count - 1)
+    record = {"step": step, "epoch": step / state.steps_per_epoch, "loss": state.last_loss, "lr": lr,
+              "grad_norm": state.grad_norm, "samples_per_s": window.samples / max(elapsed, 1e-9),
+              "tokens_per_s": window.tokens / max(elapsed, 1e-9),
+              "region_fraction_rank0": window.region / max(1, window.local_samples),
+              "samples_skipped": state.tracker.bad, "samples_drawn": state.tracker.drawn,
+              "elapsed_s": run_elapsed, "eta_s": eta, "time": time.time()}
+    for group in state.optimizer.param_groups:  # the rates this step's update used
+        record[f"lr_{group['group']}"] = lr * group["lr_scale"]
+    if state.objectives:  # the weighted objective loss, mean over steps and processes
+        record["aux_loss"] = aux_total / (window.steps * ctx.world_size)
+    state.metrics.write(record)
+    aux_text = f" aux_loss {record['aux_loss']:.4f}" if state.objectives else ""
+    logger.info("step %d/%d epoch %.2f loss %.4f%s lr %.3g grad_norm %.3g %.1f samples/s elapsed %s eta %s",
+                step, state.total_steps, record["epoch"], state.last_loss, aux_text, lr, state.grad_norm,
+                record["samples_per_s"], _clock(run_elapsed), _clock(eta))
+    state.window = _Window()
+
+
+def _evaluate_and_save(state: TrainRun, stops: float, epoch_end: bool) -> TrainResult | None:
+    """After a step: evaluate and save when due; on a scheduled stop or SIGTERM, save and return where the
+    run stopped."""
+    run, step, total_steps = state.cfg.run, state.step, state.total_steps
+    preempted = stops > 0 and step < total_steps
+    stopping = (state.stop_after is not None and state.steps_this_run >= state.stop_after
+                and step < total_steps) or preempted
+    saving = (run.save_every_steps and step % run.save_every_steps == 0) or epoch_end or stopping
+    if run.eval_every_steps:
+        evaluation_due = step % run.eval_every_steps == 0 or step == total_steps
+    else:  # with every checkpoint, so that each checkpoint knows the best model up to it
+        evaluation_due = saving or step == total_steps
+    if (state.validation is not None or run.eval_tasks) and evaluation_due and not preempted:
+        _evaluate(state)
+    if saving:
+        _save_now(state)
+    if not stopping:
+        return None
+    why = "SIGTERM received" if preempted else f"stopping after {state.steps_this_run} steps of this invocation"
+    logger.info("%s: saved step %d; resume with --resume %s", why, step, state.run_dir)
+    return TrainResult(state.run_dir, step, total_steps, False, state.last_saved, None, state.last_loss,
+                       state.tracker.report())
+
+
+def _evaluate(state: TrainRun) -> None:
+    """Validation loss and task scores now; a new best (by run.best_metric) is exported to <run dir>/best
+    before the checkpoint that records it, so a resumed run knows its best."""
+    run, step, model, best = state.cfg.run, state.step, state.model, state.best
+    result: dict[str, Any] = {}
+    if state.validation is not None:
+        result.update(state.validation.loss(model, state.ctx.device, state.autocast, state.dummy))
+        logger.info("step %d validation loss %.4f on %d samples (%d tokens)", step, result["val_loss"],
+                    result["val_samples"], result["val_tokens"])
+    for task in run.eval_tasks:
+        result.update(_task_score(task, state.lion, model, state.autocast, state.run_dir, step))
+    _train_mode(model)
+    record = {"step": step, "epoch": step / state.steps_per_epoch, **result, "time": time.time()}
+    value = result[run.best_metric]
+    lower_is_better = run.best_metric == "val_loss"
+    improved = math.isfinite(value) and (best is None or (value < best["value"] if lower_is_better
+                                                          else value > best["value"]))
+    if improved:
+        best = state.best = {"step": step, "metric": run.best_metric, "value": value}
+    record["val_best"] = best["value"] if best else None
+    state.metrics.write(record)
+    logger.info("step %d %s %.4f%s", step, run.best_metric, value, " - best so far" if improved else
+                f"; best {best['value']:.4f} at step {best['step']}" if best else "")
+    if improved and run.keep_best:
+        _export(state.run_dir, state.lion, model, state.wrapped, state.ctx, state.fsdp, name="best", info=best)
+        if run.ship_best_to is not None and state.ctx.is_main:
+            _ship(state.run_dir / "best", run.ship_best_to)
+
+
+def _save_now(state: TrainRun) -> None:
+    """A checkpoint of the current step (with the best so far and the training time of every invocation)."""
+    state.last_saved = _save(state.run_dir, state.step, state.model, state.wrapped, state.optimizer,
+                             state.scheduler, state.schedule, state.tracker, state.ctx, state.fsdp, state.cfg,
+                             state.steps_per_epoch, state.cfg.run.keep_checkpoints, state.best, state.objectives,
+                             state.earlier_s + time.time() - state.started)
+    state.saved_step = state.step
+
+
+def _finish(state: TrainRun) -> TrainResult:
+    """The end of the schedule: the last checkpoint, the exported model and summary.json."""
+    ctx, step = state.ctx, state.step
+    if state.saved_step != step:
+        _save_now(state)
+    export_dir = (_export(state.run_dir, state.lion, state.model, state.wrapped, ctx, state.fsdp)
+                  if state.cfg.run.export_final else None)
+    kinds = ctx.gather_objects(dict(state.tracker.kinds))
+    merged: Counter[str] = Counter()
+    for counts in kinds or []:
+        merged.update(counts)
+    result = TrainResult(state.run_dir, step, state.total_steps, True, state.last_saved, export_dir, state.last_loss,
+                         {**state.record_report, **state.tracker.report(merged)})
+    digests = None if state.fsdp else ctx.gather_objects(_digest(state.model))
+    if ctx.is_main:
+        summary = {"step": step, "total_steps": state.total_steps, "final_loss": state.last_loss,
+                   "checkpoint": str(state.last_saved), "export": str(export_dir) if export_dir else None,
+                   "world_size": ctx.world_size, "bad_data": result.bad, "best": state.best,
+                   "replicas_identical": None if digests is None else len(set(digests)) == 1}
+        if digests is not None and len(set(digests)) != 1:
+            logger.error("the processes ended with different weights: %s", digests)
+        (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("finished: %d steps; %d of %d records skipped at load, %d of %d drawn samples skipped; "
+                    "model exported to %s", step, state.record_report["skipped_records"],
+                    state.record_report["records"], state.tracker.bad, state.tracker.drawn, export_dir)
+    return result
 
 
 def _follow_time_budget(scheduler: WarmupCosineSchedule, spent_s: float, max_minutes: float, step: int,

@@ -15,23 +15,16 @@ one image per sample it computes what `LionModel.forward` computes.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import load_named
+
 # name -> "module:Class"; the class takes (model_config, **options)
 OBJECTIVES: dict[str, str] = {"shapes_dense": "lion_mllm.shapes.recipe:DenseObjective"}
-
-
-def load_named(table: dict[str, str], name: str, what: str) -> Any:
-    """The object `table[name]` names ("module:attribute"), imported now."""
-    if name not in table:
-        raise ValueError(f"unknown {what} {name!r}; known: {sorted(table)}")
-    module, attribute = table[name].split(":")
-    return getattr(importlib.import_module(module), attribute)
 
 
 def build_objectives(specs: list[Any], model_config: Any) -> dict[str, nn.Module]:

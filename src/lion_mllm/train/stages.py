@@ -34,6 +34,7 @@ from ..official import OfficialPaths, config_from_official, official_to_ours, ou
 from ..pipeline import Lion, resolve_dtype
 from ..processing import LionProcessor
 from .config import STAGE_VISUAL_INPUT, ModelSpec
+from .registry import load_named
 
 logger = logging.getLogger("lion_mllm.train")
 
@@ -247,6 +248,10 @@ def fresh_lion_state(config: LionConfig, seed: int) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------
 # Building the model of a stage
 
+# `model.preset: NAME` built outside the training package -> "module:function"; the function takes (seed)
+# and returns a `Lion` (model, processor, tagger) initialised from scratch
+MODEL_BUILDERS: dict[str, str] = {"shapes": "lion_mllm.shapes.recipe:build_shapes_lion"}
+
 
 def build_lion(spec: ModelSpec, stage: int, device: torch.device, dtype: torch.dtype | None = None,
                seed: int = 0) -> Lion:
@@ -254,11 +259,9 @@ def build_lion(spec: ModelSpec, stage: int, device: torch.device, dtype: torch.d
     parameters are made float32 by the trainer (they are what the optimizer updates)."""
     visual_input = STAGE_VISUAL_INPUT[stage]
     dtype = resolve_dtype(device, dtype)
-    if spec.preset == "shapes":  # the shapes world's model from scratch: its own tokenizers and init
-        from ..shapes.recipe import build_shapes_lion
-
-        lion = build_shapes_lion(seed)
-        _check_visual_input(lion.config.visual_input, visual_input, "model.preset shapes")
+    if spec.preset in MODEL_BUILDERS:  # a model from scratch with its own tokenizers and init
+        lion = load_named(MODEL_BUILDERS, spec.preset, "model preset")(seed)
+        _check_visual_input(lion.config.visual_input, visual_input, f"model.preset {spec.preset}")
         lion.model.requires_grad_(False).to(device=device, dtype=dtype).eval()
         return lion
     if spec.preset is not None:
