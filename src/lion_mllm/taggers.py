@@ -9,7 +9,6 @@ on the demo world.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import CheckpointError
+from .registry import load_named
 
 __all__ = ["TAGGER_FILE", "Tagger", "bundle_tagger", "write_tagger"]
 
@@ -65,8 +65,7 @@ def bundle_tagger(directory: Path, device: str | torch.device = "cpu") -> Any:
 
         return LazyRamTagger.from_bundle(directory, spec, device=device)
     if kind in _SETTINGS_TAGGERS:
-        module, _, name = _SETTINGS_TAGGERS[kind].partition(":")
-        tagger_class = getattr(importlib.import_module(module), name)
+        tagger_class = load_named(_SETTINGS_TAGGERS, kind, "tagger type")
         try:
             return tagger_class(**spec)
         except TypeError as error:

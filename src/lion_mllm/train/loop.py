@@ -38,6 +38,7 @@ import yaml
 
 from ..errors import CheckpointError
 from ..pipeline import Lion
+from ..registry import load_named
 from ..taggers import write_tagger
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import (
@@ -63,7 +64,6 @@ from .data import (
 )
 from .distributed import DistContext, gradient_sync, init_distributed, wrap_ddp, wrap_fsdp2
 from .objectives import TrainingForward, build_objectives
-from .registry import load_named
 from .rundir import RunDirectoryLocked, RunLock, truncate_metrics
 from .stages import (
     STAGE_DESCRIPTIONS,

@@ -33,8 +33,8 @@ from ..modeling_lion import LionModel
 from ..official import OfficialPaths, config_from_official, official_to_ours, ours_to_official
 from ..pipeline import Lion, resolve_dtype
 from ..processing import LionProcessor
+from ..registry import load_named
 from .config import STAGE_VISUAL_INPUT, ModelSpec
-from .registry import load_named
 
 logger = logging.getLogger("lion_mllm.train")
 

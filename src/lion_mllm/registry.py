@@ -1,6 +1,6 @@
-"""Parts a training config names but another package builds (the demo world's stream, objective, model
-preset and scorer), kept as "module:attribute" strings and imported only when a config names them, so that
-the training package does not import the layers above it."""
+"""Classes and functions a file names but a higher layer defines (a bundle's tagger, a training config's
+stream, objective, model preset or scorer from the demo world): kept in small tables as "module:attribute"
+strings and imported only when a file names them, so that the lower layer does not import the higher."""
 
 from __future__ import annotations
 
