@@ -23,7 +23,6 @@ import io
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 import tempfile
@@ -37,23 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 def make_tasks(directory: Path, scenes: int, small: int) -> tuple[Path, Path]:
     from lion_mllm import shapes
 
-    lines, small_lines = [], 0
-    for seed in range(scenes):
-        if seed == small:
-            small_lines = len(lines)
-        scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + 5000 + seed)
-        path = directory / f"s{seed}.png"
-        shapes.render(scene).save(path)
-        rng = random.Random(seed)
-        lines.append({"id": f"c{seed}", "image": str(path), "task": "caption"})
-        lines.append({"id": f"q{seed}", "image": str(path), "task": "vqa",
-                      "prompt": rng.choice(shapes.vqa_samples(scene, rng))[0]})
-        phrases = shapes.referring_expressions(scene)
-        if phrases:
-            lines.append({"id": f"g{seed}", "image": str(path), "task": "grounding", "phrase": phrases[0][0]})
+    base = shapes.HELD_OUT_SEED_BASE + 5000
+    lines = shapes.write_run_tasks(directory, range(base, base + scenes))
+    small_lines = [line for line in lines if int(str(line["id"])[1:]) < small]  # the first `small` scenes
     tasks, first = directory / "tasks.jsonl", directory / "small.jsonl"
     tasks.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    first.write_text("".join(json.dumps(line) + "\n" for line in lines[:small_lines]))
+    first.write_text("".join(json.dumps(line) + "\n" for line in small_lines))
     return first, tasks
 
 

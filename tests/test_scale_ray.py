@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -103,19 +102,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     bad lines), and `lion run`'s own records for it (the reference)."""
     root = tmp_path_factory.mktemp("scale")
     images = root / "images"
-    images.mkdir()
-    tasks: list[dict[str, Any]] = []
-    for seed in range(SCENES):
-        scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + seed)
-        path = images / f"s{seed}.png"
-        shapes.render(scene).save(path)
-        rng = random.Random(seed)
-        question = rng.choice(shapes.vqa_samples(scene, rng))[0]
-        phrases = shapes.referring_expressions(scene)
-        tasks.append({"id": f"c{seed}", "image": str(path), "task": "caption"})
-        tasks.append({"id": f"q{seed}", "image": str(path), "task": "vqa", "prompt": question})
-        if phrases:
-            tasks.append({"id": f"g{seed}", "image": str(path), "task": "grounding", "phrase": phrases[0][0]})
+    tasks = shapes.write_run_tasks(images, range(shapes.HELD_OUT_SEED_BASE, shapes.HELD_OUT_SEED_BASE + SCENES))
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     task_file = images / "tasks.jsonl"
     task_file.write_text("".join(json.dumps(t) + "\n" for t in tasks) + "\n".join(BAD_LINES) + "\n"
@@ -309,18 +296,8 @@ def test_a_few_hundred_scenes_equal_lion_run(cluster: str, tmp_path: Path) -> No
     """300 scenes x 3 tasks through the JSONL and Parquet layouts against lion run."""
     from lion_mllm import load_model
 
-    tasks = []
-    for seed in range(300):
-        scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + 1000 + seed)
-        path = tmp_path / f"s{seed}.png"
-        shapes.render(scene).save(path)
-        rng = random.Random(seed)
-        tasks.append({"id": f"c{seed}", "image": str(path), "task": "caption"})
-        tasks.append({"id": f"q{seed}", "image": str(path), "task": "vqa",
-                      "prompt": rng.choice(shapes.vqa_samples(scene, rng))[0]})
-        phrases = shapes.referring_expressions(scene)
-        if phrases:
-            tasks.append({"id": f"g{seed}", "image": str(path), "task": "grounding", "phrase": phrases[0][0]})
+    first = shapes.HELD_OUT_SEED_BASE + 1000
+    tasks = shapes.write_run_tasks(tmp_path, range(first, first + 300))
     task_file = tmp_path / "tasks.jsonl"
     task_file.write_text("".join(json.dumps(t) + "\n" for t in tasks))
     reference = tmp_path / "reference.jsonl"

@@ -18,7 +18,7 @@ Modules (every public name is importable from `lion_mllm.shapes` itself):
 from __future__ import annotations
 
 from .cli import main
-from .dataset import write_benchmarks, write_dataset
+from .dataset import write_benchmarks, write_dataset, write_run_tasks
 from .scoring import evaluate_model, held_out_items, score_pipeline
 from .tagger import ShapesTagger
 from .tokenizers import build_tokenizers, coordinate_tokens, world_words
@@ -52,6 +52,6 @@ __all__ = [
     "COLOURS", "SHAPES", "SIZES", "NUMBER_WORDS", "IMAGE_SIZE", "CAPTION_PROMPT", "VQA_PROMPT", "REC_PROMPT",
     "ShapeObject", "Scene", "make_scene", "render", "scene_tags", "caption_of", "caption_objects",
     "caption_object_match", "referring_expressions", "quantise", "box_answer", "vqa_samples", "referring_samples",
-    "scene_samples", "write_dataset", "write_benchmarks", "ShapesTagger", "build_tokenizers", "world_words",
+    "scene_samples", "write_dataset", "write_run_tasks", "write_benchmarks", "ShapesTagger", "build_tokenizers", "world_words",
     "coordinate_tokens", "HELD_OUT_SEED_BASE", "held_out_items", "evaluate_model", "score_pipeline", "main",
 ]

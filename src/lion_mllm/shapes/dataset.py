@@ -59,3 +59,23 @@ def write_benchmarks(directory: str | Path, seeds: Iterable[int], num_objects: S
     paths["captions"].write_text(json.dumps(captions))
     paths["tags"].write_text(json.dumps(tags))
     return paths
+
+
+def write_run_tasks(directory: str | Path, seeds: Iterable[int]) -> list[dict[str, object]]:
+    """`lion run` task lines for scenes rendered to `directory/s<i>.png` (i-th seed): a caption, a question
+    and, where a phrase picks out one shape, a grounding task per scene (ids c<i>, q<i>, g<i>)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tasks: list[dict[str, object]] = []
+    for index, seed in enumerate(seeds):
+        scene = make_scene(seed)
+        path = directory / f"s{index}.png"
+        render(scene).save(path)
+        rng = random.Random(index)
+        tasks.append({"id": f"c{index}", "image": str(path), "task": "caption"})
+        tasks.append({"id": f"q{index}", "image": str(path), "task": "vqa",
+                      "prompt": rng.choice(vqa_samples(scene, rng))[0]})
+        phrases = referring_expressions(scene)
+        if phrases:
+            tasks.append({"id": f"g{index}", "image": str(path), "task": "grounding", "phrase": phrases[0][0]})
+    return tasks
