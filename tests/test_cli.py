@@ -105,6 +105,16 @@ def test_entry_point_caption_and_exit_codes(assets: dict[str, Path], tmp_path: P
     assert lines[0] == "lion: error: model 'lion-flant5xxl' is not downloaded; run `lion download lion-flant5xxl` first"
 
 
+def test_python_m_lion_mllm_is_the_lion_command(assets: dict[str, Path]) -> None:
+    package = subprocess.run([sys.executable, "-m", "lion_mllm", "caption", str(assets["image"]), "--model",
+                              str(assets["bundle"]), *FAST[:-1]], check=False, capture_output=True, text=True,
+                             env=_env(), timeout=120)
+    assert package.returncode == 0 and package.stdout == CAPTION + "\n", package.stderr
+    unknown = subprocess.run([sys.executable, "-m", "lion_mllm", "nonsense"], check=False, capture_output=True,
+                             text=True, env=_env(), timeout=60)
+    assert unknown.returncode == 2 and "lion: error:" in unknown.stderr
+
+
 def test_killed_run_resumes_without_loss_or_duplicates(assets: dict[str, Path], tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     tasks = tmp_path / "tasks.jsonl"
