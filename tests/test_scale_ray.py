@@ -177,11 +177,18 @@ def test_parquet_with_bytes_and_paths_equals_lion_run(cluster: str, world: dict[
         pq.write_table(pa.Table.from_pylist(part), data / f"train-{number:05d}.parquet")
     out = tmp_path / "out"
     run_ray("lion-shapes", data, out, **ONE_REPLICA)
+    _assert_like_lion_run(out, tasks, world, bad_id="corrupt", bad_name="corrupt.gif")
+
+
+def _assert_like_lion_run(out: Path, tasks: list[dict[str, Any]], world: dict[str, Any], *, bad_id: str,
+                          bad_name: str) -> None:
+    """The Ray results hold every task once, each answered as `lion run` answered it, and the bad item's
+    error record names the bad file."""
     records = {r["id"]: r for r in read_results(out)}
-    assert set(records) == {t["id"] for t in tasks} | {"corrupt"}
+    assert set(records) == {t["id"] for t in tasks} | {bad_id}
     for task in tasks:
         assert _answers(records[task["id"]]) == _answers(world["reference"][_key(task)])
-    assert "corrupt.gif" in records["corrupt"]["error"]
+    assert bad_name in records[bad_id]["error"]
 
 
 def test_webdataset_shards_equal_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
@@ -201,11 +208,7 @@ def test_webdataset_shards_equal_lion_run(cluster: str, world: dict[str, Any], t
                     tar.addfile(info, io.BytesIO(payload))
     out = tmp_path / "out"
     run_ray("lion-shapes", shards, out, **ONE_REPLICA)
-    records = {r["id"]: r for r in read_results(out)}
-    assert set(records) == {t["id"] for t in tasks} | {"broken"}
-    for task in tasks:
-        assert _answers(records[task["id"]]) == _answers(world["reference"][_key(task)])
-    assert "broken.png" in records["broken"]["error"]
+    _assert_like_lion_run(out, tasks, world, bad_id="broken", bad_name="broken.png")
 
 
 def _workers(head_address: str, title: str = "ray::MapWorker(MapBatches(LionReplica))") -> list[int]:
