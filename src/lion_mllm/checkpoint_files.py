@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import secrets
+import shutil
 import zipfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,8 +18,8 @@ from safetensors import safe_open
 
 from .errors import CheckpointError
 
-__all__ = ["LazySafetensors", "WEIGHTS_INDEX", "read_hf_weights", "read_safetensors", "read_torch_file",
-           "save_state_sharded", "shareable_file_mode"]
+__all__ = ["LazySafetensors", "WEIGHTS_INDEX", "folder_written_whole", "fsync_folder", "read_hf_weights",
+           "read_safetensors", "read_torch_file", "save_state_sharded", "shareable_file_mode"]
 
 
 def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
@@ -132,3 +136,106 @@ def save_state_sharded(state: dict[str, torch.Tensor], directory: Path, max_shar
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": weight_map}
     (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# Siblings of a folder being written: `.NAME.partial-PID-RANDOM` (the new folder, until it is complete) and
+# `.NAME.replaced-PID-RANDOM` (the folder it replaces, between the two renames).
+_PARTIAL, _REPLACED = ".partial-", ".replaced-"
+
+
+def fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (the names created or renamed in it) to disk, where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_folder(Path(folder))
+
+
+def _writer_pid(sibling: Path, mark: str) -> int | None:
+    try:
+        return int(sibling.name.rsplit(mark, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _is_running(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clean_after_dead_writers(target: Path) -> None:
+    """Leftovers of earlier writers of `target` that died: their unfinished folders are removed, and a
+    folder set aside by a replace that died between its two renames is put back if nothing took its place."""
+    if not target.parent.is_dir():
+        return
+    name = glob.escape(target.name)
+    for sibling in sorted(target.parent.glob(f".{name}{_REPLACED}*")):
+        if _is_running(_writer_pid(sibling, _REPLACED)):
+            continue
+        if target.exists():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            os.rename(sibling, target)  # the previous complete folder, back where it was
+    for sibling in target.parent.glob(f".{name}{_PARTIAL}*"):
+        if not _is_running(_writer_pid(sibling, _PARTIAL)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+@contextmanager
+def folder_written_whole(target: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
+    """A new, empty folder beside `target` to write into; when the block ends without an error it is
+    flushed to disk and renamed to `target`. An error (or a killed process) leaves `target` as it was:
+    the block's folder is removed (or, after a kill, removed by the next writer of `target`).
+
+    `target` may be absent or an empty folder; a non-empty one is replaced whole only with `replace`
+    (it is renamed aside, the new folder renamed into its place, then the old one removed), otherwise it
+    is a FileExistsError. The new folder is a sibling of `target` so that the rename never crosses
+    filesystems."""
+    target = Path(target)
+    _clean_after_dead_writers(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target}: exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not replace:
+        raise FileExistsError(f"{target}: exists and is not empty")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+    partial.mkdir()
+    try:
+        yield partial
+        _fsync_tree(partial)
+        if target.is_dir() and any(target.iterdir()):
+            aside = target.parent / f".{target.name}{_REPLACED}{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(target, aside)
+            try:
+                os.rename(partial, target)
+            except BaseException:
+                os.rename(aside, target)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)  # if it stays, the next writer removes it
+        else:
+            os.rename(partial, target)  # onto an empty folder too: rename(2) replaces it
+        fsync_folder(target.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

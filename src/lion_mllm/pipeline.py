@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from .boxes import Box, parse_box
-from .bundle import bundle_state, load_bundle_model, write_bundle_config
-from .checkpoint_files import save_state_sharded
+from .bundle import T5_TIED_KEYS, bundle_state, load_bundle_model, read_bundle_config, write_bundle_config
+from .checkpoint_files import folder_written_whole, save_state_sharded
 from .config import LionConfig
 from .errors import CheckpointError
 from .generation import GenerationDefaults
@@ -136,11 +136,27 @@ class Lion:
         safetensors shards, tokenizers, the tagger (RAM's weights, config and vocabulary, or a built-in
         tagger's settings: tagger.json) and generation_config.json (decoding defaults, prompt templates).
         `dtype` (e.g. float16, for a smaller file) is the storage dtype of the model's floating-point
-        weights, converted back on loading as usual; RAM is stored in its own dtype."""
+        weights, converted back on loading as usual; RAM is stored in its own dtype.
+
+        The bundle is written into a temporary folder beside `directory` and renamed into place when
+        complete, so a failure leaves nothing at `directory`. An existing bundle there is replaced whole
+        (files added to it are not kept); any other non-empty folder is refused (FileExistsError)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        replace = directory.is_dir() and any(directory.iterdir())
+        if replace and not _holds_a_bundle(directory):
+            raise FileExistsError(f"{directory}: exists and holds something other than a lion-mllm bundle; "
+                                  "save_pretrained replaces only a bundle, so choose a new or empty folder")
+        with folder_written_whole(directory, replace=replace) as partial:
+            self.write_bundle(partial, dtype)
+        return directory
+
+    def write_bundle(self, directory: Path, dtype: torch.dtype | str | None = None,
+                     state: dict[str, torch.Tensor] | None = None) -> None:
+        """The bundle's files, written into the existing folder `directory` (save_pretrained's temporary
+        folder, or a trainer's). `state` replaces the model's own state dict (a trainer's gathered copy)."""
         write_bundle_config(self.config, directory)
-        state = bundle_state(self.model)
+        state = bundle_state(self.model) if state is None else {k: v for k, v in state.items()
+                                                                 if k not in T5_TIED_KEYS}
         if dtype is not None:
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -148,7 +164,6 @@ class Lion:
         self.processor.save_pretrained(directory)
         write_tagger(self.tagger, directory)
         self.generation_config.save(directory)
-        return directory
 
     # -- inference ----------------------------------------------------------------------------------
 
@@ -230,6 +245,14 @@ class Lion:
         text = self.generate([pil], [question], "grounding", [tags], **kwargs)[0]
         box = parse_box(text)
         return Grounding(text, box, box.to_pixels(*pil.size) if box else None)
+
+
+def _holds_a_bundle(directory: Path) -> bool:
+    try:
+        read_bundle_config(directory)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _available_device(device: str | torch.device) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint_files import read_safetensors
+from ..checkpoint_files import fsync_folder, read_safetensors
 from ..errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -55,19 +55,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write(path: Path, write: Any) -> None:
     write(path)
     with open(path, "rb") as handle:
@@ -93,7 +80,7 @@ def save_checkpoint(directory: Path, step: int, lion_params: dict[str, torch.Ten
         time.sleep(float(hook.split(":")[1]))
     _write(tmp / "training_state.pt", lambda p: torch.save(training_state, p))
     _write(tmp / "meta.json", lambda p: p.write_text(json.dumps({**meta, "step": step}, indent=2) + "\n"))
-    _fsync_dir(tmp)
+    fsync_folder(tmp)
     if final.exists():  # the same step saved again (e.g. a stop request on a save step): replace it
         old = directory / f".old-{name}"
         if old.exists():
@@ -103,7 +90,7 @@ def save_checkpoint(directory: Path, step: int, lion_params: dict[str, torch.Ten
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync_dir(directory)
+    fsync_folder(directory)
     latest_tmp = directory / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
     latest_tmp.replace(directory / "latest")

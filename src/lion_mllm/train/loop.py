@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ..checkpoint_files import folder_written_whole
 from ..errors import CheckpointError
 from ..pipeline import Lion
 from ..registry import load_named
-from ..taggers import write_tagger
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import (
     STAGE_VISUAL_INPUT,
@@ -1044,16 +1044,13 @@ def _stream(cfg: TrainConfig, processor: Any, ctx: DistContext, state: dict[str,
 def _ship(bundle: Path, target: Path) -> None:
     """Copy an exported bundle to `target` in float16 (package data: small, readable by everyone), keeping
     the MODEL_CARD.md already there; written beside it, then swapped in."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    Lion.from_pretrained(bundle).save_pretrained(tmp, dtype=torch.float16)
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            file.chmod(0o644)  # safetensors writes 0600
-    if (target / "MODEL_CARD.md").is_file():
-        shutil.copy(target / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with folder_written_whole(target, replace=True) as partial:
+        Lion.from_pretrained(bundle).write_bundle(partial, dtype=torch.float16)
+        for file in partial.rglob("*"):
+            if file.is_file():
+                file.chmod(0o644)  # safetensors writes 0600
+        if (target / "MODEL_CARD.md").is_file():
+            shutil.copy(target / "MODEL_CARD.md", partial / "MODEL_CARD.md")
     logger.info("shipped the best model to %s", target)
 
 
@@ -1168,36 +1165,19 @@ def _export(run_dir: Path, lion: Lion, model: torch.nn.Module, wrapped: torch.nn
     """The model as a `save_pretrained` bundle in <run dir>/<name> (written atomically): the finished
     model (`final`) or the best by validation loss (`best`, with `info` in its best.json)."""
     final = run_dir / name
-    tmp = run_dir / f".tmp-{name}"
     state = None
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ctx.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
         was_training = model.training
-        if state is None:
-            Lion(model, lion.processor, lion.tagger, lion.generation_config).save_pretrained(tmp)
-        else:
-            from ..bundle import write_bundle_config
-            from ..checkpoint_files import save_state_sharded
-
-            tmp.mkdir(parents=True)
-            write_bundle_config(model.config, tmp)  # as save_pretrained writes it
-            aliases = ("language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight")
-            save_state_sharded({k: v for k, v in state.items() if k not in aliases}, tmp)
-            lion.processor.save_pretrained(tmp)
-            write_tagger(lion.tagger, tmp)
-            lion.generation_config.save(tmp)  # decoding defaults and templates travel with the model
+        with folder_written_whole(final, replace=True) as partial:
+            Lion(model, lion.processor, lion.tagger, lion.generation_config).write_bundle(partial, state=state)
+            if info is not None:
+                (partial / "best.json").write_text(json.dumps(info, indent=2) + "\n")
         if was_training:
             _train_mode(model)  # the frozen ViT back in eval mode too
-        if info is not None:
-            (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
         logger.info("exported the %s model to %s (load with Lion.from_pretrained)",
                     "trained" if name == "final" else name, final)
     ctx.barrier()
