@@ -1,36 +1,20 @@
-"""Shared test fixtures: where `shared/` lies, the golden set, and a tiny random LION."""
+"""Shared test fixtures: the golden set (in the repository, tests/golden), a tiny random LION, and the CI
+rule that a test may skip only for an allowed reason (tests/skip_policy.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+pytest_plugins = ["pytester", "skip_policy"]
+
 REPO = Path(__file__).resolve().parents[1]
-# CI puts shared/ beside the clone, as on a developer's machine; LION_MLLM_SHARED points elsewhere.
-SHARED = Path(os.environ.get("LION_MLLM_SHARED") or REPO.parent / "shared")
-GOLDEN = SHARED / "golden" / "lion-a"
+GOLDEN = REPO / "tests" / "golden" / "lion-a"  # the authors' outputs and stand-in files (tests/golden/README.md)
 ASSETS = GOLDEN / "assets"
-
-# A test module that uses any of these names (or a golden fixture) needs the shared goldens.
-_SHARED_NAMES = frozenset({"SHARED", "GOLDEN", "ASSETS", "golden_paths", "make_tiny_lion"})
-_SHARED_FIXTURES = frozenset({"golden_results", "golden_spec", "tiny_lion"})
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without `shared/` (a clone on its own), the tests that need its goldens are skipped with the reason,
-    and the rest of the suite still runs."""
-    if GOLDEN.is_dir():
-        return
-    skip = pytest.mark.skip(reason=f"needs the shared golden set at {GOLDEN}, which is absent "
-                                   "(clone beside shared/ or set LION_MLLM_SHARED)")
-    for item in items:
-        module = getattr(item, "module", None)
-        if _SHARED_NAMES & set(vars(module) if module else ()) or _SHARED_FIXTURES & set(item.fixturenames):
-            item.add_marker(skip)
+RAM_VOCABULARY = REPO / "tests" / "golden" / "ram"  # RAM's real tag list and thresholds
 
 
 def golden_paths(visual_input: str = "all", tags: bool = True):

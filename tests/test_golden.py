@@ -1,4 +1,4 @@
-"""The authors' own outputs (shared/golden/lion-a) reproduced through the user-facing loader."""
+"""The authors' own outputs (tests/golden/lion-a) reproduced through the user-facing loader."""
 
 from __future__ import annotations
 

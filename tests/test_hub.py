@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ASSETS, GOLDEN, SHARED
+from conftest import ASSETS, GOLDEN, RAM_VOCABULARY
 
 from lion_mllm import hub
 from lion_mllm.cli import main
@@ -56,8 +56,8 @@ class FakeHub:
         self.plain: dict[str, bytes] = {EVA_PATH: (ASSETS / "eva_vit_g_tiny.pth").read_bytes()}
         from lion_mllm.ram import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
 
-        for remote, local in ((RAM_TAG_LIST_FILE, SHARED / "ram" / "ram_tag_list.txt"),
-                              (RAM_THRESHOLDS_FILE, SHARED / "ram" / "ram_tag_list_threshold.txt")):
+        for remote, local in ((RAM_TAG_LIST_FILE, RAM_VOCABULARY / "ram_tag_list.txt"),
+                              (RAM_THRESHOLDS_FILE, RAM_VOCABULARY / "ram_tag_list_threshold.txt")):
             self.plain["/" + remote.url.split("://", 1)[1]] = local.read_bytes()
         self.requests: list[tuple[str, str, str | None]] = []
         self.cut_once: dict[str, int] = {}  # path -> bytes sent before the connection drops (once)
@@ -208,7 +208,7 @@ def test_download_fetches_everything_and_writes_the_authors_yaml(fake_hub: FakeH
         assert asked and all(f"/resolve/{pinned.revision}/" in p for p in asked), asked
     # RAM's vocabulary went where the tagger looks for it (md5-verified by download_file).
     assert (tmp_path / "lion-cache" / "ram" / "ram_tag_list.txt").read_bytes() == \
-        (SHARED / "ram" / "ram_tag_list.txt").read_bytes()
+        (RAM_VOCABULARY / "ram_tag_list.txt").read_bytes()
     # The name now resolves to that YAML, and the YAML loads as the authors' model.
     assert hub.resolve_model("lion-flant5xl") == str(config)
     from lion_mllm import Lion

@@ -1,4 +1,4 @@
-"""Tests for lion_mllm.ram (RAM tags) against the official-code goldens in shared/golden/lion-a."""
+"""Tests for lion_mllm.ram (RAM tags) against the official-code goldens in tests/golden/lion-a."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN, SHARED
+from conftest import GOLDEN, RAM_VOCABULARY
 from PIL import Image
 from safetensors.torch import load_file
+from skip_policy import needs_cuda
 
 from lion_mllm.checkpoint_files import read_torch_file
 from lion_mllm.downloads import DownloadError, file_digest
@@ -36,8 +37,8 @@ RAM_CKPT = GOLDEN / "assets" / "ram_swin_tiny_14m.pth"
 RAM_DIR = GOLDEN / "assets" / "ram"
 TINY_TAGS = RAM_DIR / "data" / "ram_tag_list.txt"
 TINY_THRESHOLDS = RAM_DIR / "data" / "ram_tag_list_threshold.txt"
-REAL_TAGS = SHARED / "ram" / "ram_tag_list.txt"
-REAL_THRESHOLDS = SHARED / "ram" / "ram_tag_list_threshold.txt"
+REAL_TAGS = RAM_VOCABULARY / "ram_tag_list.txt"
+REAL_THRESHOLDS = RAM_VOCABULARY / "ram_tag_list_threshold.txt"
 IMAGE_NAMES = ("a0", "a1", "a2")  # the goldens' batch order (results.json -> ram.batch_generate_tags.images)
 
 
@@ -115,7 +116,7 @@ def test_bfloat16_runs_and_returns_float32_logits() -> None:
     assert (logits - ref).abs().max() < 0.5  # bf16 rounding, but the same function
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_golden_on_cuda(ram_results: dict) -> None:
     tagger = RamTagger.from_official(RAM_CKPT, TINY_TAGS, TINY_THRESHOLDS, device="cuda")
     images = [golden_images()[n] for n in IMAGE_NAMES]
