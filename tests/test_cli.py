@@ -336,7 +336,6 @@ def test_convert_official_yaml_to_a_bundle(tmp_path: Path, assets: dict[str, Pat
 
 
 def test_eval_subcommand_is_mounted(capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("lion_mllm.evaluation.cli")
     code, _, err = _run_main(capsys, "eval")
     assert code == 2 and "--task and --ann are required" in err
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
+from skip_policy import needs_java
 
 from lion_mllm.evaluation import metrics_caption
 from lion_mllm.evaluation.metrics_caption import JavaNotFoundError, score_captions
-
-pytest.importorskip("pycocoevalcap")
 
 GTS = {
     "1": ["A man riding a horse on a beach.", "A person rides a brown horse near the sea.", "Man on horseback."],
@@ -17,8 +14,6 @@ GTS = {
     "3": ["A red bus parked on the street.", "A double-decker bus, parked.", "The bus is red."],
 }
 RES = {"1": "A man rides a horse on the beach.", "2": "two dogs playing on grass", "3": "a red bus on a street"}
-
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java is not installed")
 
 
 @needs_java
@@ -78,9 +73,8 @@ def test_inputs_are_validated():
         score_captions({}, {}, spice=False)
 
 
+@needs_java
 def test_spice_demanded_but_missing(monkeypatch):
-    if shutil.which("java") is None:
-        pytest.skip("Java is not installed")
     monkeypatch.setattr(metrics_caption, "spice_available", lambda: False)
     monkeypatch.setattr(metrics_caption, "_tokenize", lambda g, r: ({k: ["a b"] for k in g}, {k: ["a b"] for k in g}))
 

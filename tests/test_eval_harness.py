@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,13 +20,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from skip_policy import needs_java
 
 from lion_mllm.evaluation import AnnotationError, evaluate, read_predictions
 from lion_mllm.evaluation.report import summarize_reports
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RED, GREEN, BLUE = (220, 20, 20), (20, 220, 20), (20, 20, 220)
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java is not installed")
 
 
 def colour(im: Image.Image) -> str:
@@ -486,7 +485,6 @@ def test_cli_mounts_and_runs(tmp_path, monkeypatch):
 
 
 def test_sharded_over_two_ranks(tmp_path):
-    pytest.importorskip("torch.distributed")
     ann, root = _pope_files(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from lion_mllm import (
-    load_model,  # noqa: E402
-    shapes,  # noqa: E402
-)
+from lion_mllm import load_model, shapes
 
 
 def test_score_pipeline_is_what_users_get():

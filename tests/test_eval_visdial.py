@@ -155,7 +155,8 @@ def test_visdial_end_to_end_through_the_harness(tmp_path):
 
 def test_generative_ranking_with_lion_shapes(tmp_path):
     """Real model, real likelihoods: the shapes model ranks the true answer of two held-out scenes first."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from lion_mllm import load_model, shapes
     from lion_mllm.evaluation.likelihood import candidate_log_likelihoods
 

@@ -19,15 +19,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
+import httpx
+import openai
 import pytest
-from PIL import Image
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
 import uvicorn
 from conftest import make_tiny_lion
+from PIL import Image
 
 from lion_mllm.drawing import draw_boxes
 from lion_mllm.generation import GenerationDefaults

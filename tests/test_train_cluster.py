@@ -191,7 +191,6 @@ def test_a_broken_annotation_file_is_one_line_from_every_entry_point(data, tmp_p
 def test_resuming_an_earlier_checkpoint_logs_each_step_once_in_metrics_and_tensorboard(data, tmp_path):
     """A run that went on past its last checkpoint (killed, or resumed from an older one) logged steps
     the resumed run logs again: metrics.jsonl drops them and TensorBoard purges them."""
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = raw_config(data, tmp_path, max_steps=4, save_every_steps=2, keep_checkpoints=5, tensorboard=True)

@@ -1,8 +1,8 @@
 """The web page at /ui, driven by a real headless Chromium (Playwright) against a live server.
 
-Needs the `playwright` Python package and a Chromium binary (CI: `apt-get install chromium`); the test is
-skipped with the reason when either is missing. The browser may only talk to 127.0.0.1: any other request
-is blocked and fails the test.
+Needs a Chromium binary (`chromium` on PATH or LION_TEST_CHROMIUM; `.ci/run` installs Debian's); without
+one the test is skipped with that reason (a failure in CI, tests/skip_policy.py). The browser may only
+talk to 127.0.0.1: any other request is blocked and fails the test.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
-from PIL import Image
-
-pytest.importorskip("gradio")
-httpx = pytest.importorskip("httpx")
-
 from conftest import REPO, make_tiny_lion
+from PIL import Image
 from test_server import BOX_TEXT, Double, LiveServer
 
 from lion_mllm.server import ServerSettings, create_app
@@ -40,8 +37,8 @@ def scene() -> Image.Image:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (apt-get install chromium)")
 def test_page_captions_and_draws_a_grounding_box(tmp_path: Path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    expect = sync_api.expect
+    from playwright.sync_api import expect, sync_playwright
+
     lion = make_tiny_lion(seed=9)
     double = Double(lion)  # real tiny model for the caption; a fixed box answer for grounding
     settings = ServerSettings(num_beams=2, default_max_tokens=8, max_tokens_limit=64)
@@ -51,7 +48,7 @@ def test_page_captions_and_draws_a_grounding_box(tmp_path: Path):
                                      max_new_tokens=8)[0]
     assert expected_caption
 
-    with LiveServer(create_app(double, settings)) as server, sync_api.sync_playwright() as playwright:
+    with LiveServer(create_app(double, settings)) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
