@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,7 +31,8 @@ import ray
 
 from lion_mllm import shapes
 from lion_mllm.batch import run_batch
-from lion_mllm.scale import read_results, run_ray
+from lion_mllm.scale import ClusterTooSmallError, read_results, run_ray
+from lion_mllm.scale.resources import plan_replicas, replicas_that_fit, stage_needs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
@@ -157,11 +159,10 @@ def test_task_file_equals_lion_run_item_for_item(cluster: str, world: dict[str, 
     assert len(read_results(out)) == len(records)
 
 
-def test_parquet_with_bytes_and_paths_equals_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
+def _parquet_input(folder: Path, tasks: list[dict[str, Any]]) -> Path:
     """The hub's layout: an `image` column of {bytes, path} (datasets' Image feature); here half the
-    rows carry the bytes, the other half only the path, over two files."""
+    rows carry the bytes, the other half only the path, over two files; plus a corrupt image."""
     rows = []
-    tasks = world["tasks"][:LAYOUT_TASKS]
     for index, task in enumerate(tasks):
         path = Path(task["image"])
         image = {"bytes": path.read_bytes(), "path": path.name} if index % 2 else {"bytes": None, "path": str(path)}
@@ -169,13 +170,17 @@ def test_parquet_with_bytes_and_paths_equals_lion_run(cluster: str, world: dict[
                      "phrase": task.get("phrase"), "image": image})
     rows.append({"id": "corrupt", "task": "caption", "prompt": None, "phrase": None,
                  "image": {"bytes": b"GIF89a truncated", "path": "corrupt.gif"}})
-    data = tmp_path / "data"
-    data.mkdir()
+    folder.mkdir()
     half = len(rows) // 2
     for number, part in enumerate((rows[:half], rows[half:])):
-        pq.write_table(pa.Table.from_pylist(part), data / f"train-{number:05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(part), folder / f"train-{number:05d}.parquet")
+    return folder
+
+
+def test_parquet_with_bytes_and_paths_equals_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
+    tasks = world["tasks"][:LAYOUT_TASKS]
     out = tmp_path / "out"
-    run_ray("lion-shapes", data, out, **ONE_REPLICA)
+    run_ray("lion-shapes", _parquet_input(tmp_path / "data", tasks), out, **ONE_REPLICA)
     _assert_like_lion_run(out, tasks, world, bad_id="corrupt", bad_name="corrupt.gif")
 
 
@@ -190,23 +195,27 @@ def _assert_like_lion_run(out: Path, tasks: list[dict[str, Any]], world: dict[st
     assert bad_name in records[bad_id]["error"]
 
 
-def test_webdataset_shards_equal_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
-    """Tar shards of `<key>.png` + `<key>.json` (the task's fields), as the authors' training data."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    tasks = world["tasks"][:LAYOUT_TASKS]
+def _webdataset_input(folder: Path, tasks: list[dict[str, Any]]) -> Path:
+    """Tar shards of `<key>.png` + `<key>.json` (the task's fields), as the authors' training data; plus
+    a torn image."""
+    folder.mkdir()
     samples = [(t["id"], Path(t["image"]).read_bytes(), {k: v for k, v in t.items() if k not in ("id", "image")})
                for t in tasks]
     samples.append(("broken", b"\x89PNG\r\n\x1a\n torn", {"task": "caption"}))
     for number in range(2):
-        with tarfile.open(shards / f"shard-{number:06d}.tar", "w") as tar:
+        with tarfile.open(folder / f"shard-{number:06d}.tar", "w") as tar:
             for key, image, meta in samples[number::2]:
                 for name, payload in ((f"{key}.png", image), (f"{key}.json", json.dumps(meta).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
+    return folder
+
+
+def test_webdataset_shards_equal_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
+    tasks = world["tasks"][:LAYOUT_TASKS]
     out = tmp_path / "out"
-    run_ray("lion-shapes", shards, out, **ONE_REPLICA)
+    run_ray("lion-shapes", _webdataset_input(tmp_path / "shards", tasks), out, **ONE_REPLICA)
     _assert_like_lion_run(out, tasks, world, bad_id="broken", bad_name="broken.png")
 
 
@@ -336,6 +345,93 @@ def test_cli_engine_ray_on_a_folder_equals_lion_run(cluster: str, world: dict[st
     for seed in range(SCENES):
         assert _answers(records[f"s{seed}.png"]) == _answers(world["reference"][_key({"id": f"c{seed}"})])
     assert "broken.png" in records["broken.png"]["error"]
+
+
+# -- A cluster that cannot hold the job's stages: fitted, or refused at once, never a silent wait (#24) -----
+
+
+def test_replicas_that_fit_keep_a_cpu_free_for_the_other_stages() -> None:
+    parquet = stage_needs("parquet", 1.0, False, 1.0)
+    assert replicas_that_fit([{"CPU": 2.0}], parquet) == 1  # the file listing's CPU beside one replica
+    assert replicas_that_fit([{"CPU": 2.0}], stage_needs("jsonl", 1.0, False, 1.0)) == 1  # a write task's
+    assert replicas_that_fit([{"CPU": 2.0}], stage_needs("parquet", 0.5, False, 0.25)) == 2  # RAY_OPTIONS
+    assert replicas_that_fit([{"CPU": 2.0}], stage_needs("jsonl", 0.5, False, 0.25)) == 3
+    assert replicas_that_fit([{"CPU": 1.0}], parquet) == 0
+    gpu_nodes = [{"CPU": 8.0, "GPU": 8.0}] * 2
+    on_gpus = stage_needs("webdataset", 1.0, True, 1.0)
+    assert replicas_that_fit(gpu_nodes, on_gpus) == 15  # one GPU left idle, so that its node can list
+    assert replicas_that_fit([*gpu_nodes, {"CPU": 4.0}], on_gpus) == 16  # or a CPU node lists
+
+
+def test_a_fixed_cluster_is_fitted_or_refused_and_an_autoscaling_one_awaited(caplog: pytest.LogCaptureFixture) -> None:
+    parquet = stage_needs("parquet", 1.0, False, 1.0)
+    with caplog.at_level(logging.WARNING, logger="lion_mllm.scale.resources"):
+        assert plan_replicas(2, [{"CPU": 2.0}], parquet, autoscales=False) == 1
+        assert "running 1 replica(s) instead" in caplog.text and "file listing (1 CPU)" in caplog.text
+        caplog.clear()
+        assert plan_replicas(2, [{"CPU": 2.0}], parquet, autoscales=True) == 2
+        assert "waits for the autoscaler to add nodes" in caplog.text
+    with pytest.raises(ClusterTooSmallError, match=r"1 node\(s\) with 1 CPUs .* missing: 1 CPU\."):
+        plan_replicas(1, [{"CPU": 1.0}], parquet, autoscales=False)
+    with pytest.raises(ClusterTooSmallError, match=r"missing: 1 GPU\."):
+        plan_replicas(1, [{"CPU": 4.0}], stage_needs("parquet", 1.0, True, 1.0), autoscales=False)
+
+
+def _within(seconds: float, job: Any) -> Any:
+    """`job()`'s result, or a failure if it has not ended after `seconds` (a wait that never ends)."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = job()
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_parquet_with_as_many_replicas_as_cpus_is_fitted_and_finishes(cluster: str, world: dict[str, Any],
+                                                                      tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Two one-CPU replicas on the 2-CPU cluster left no CPU for Ray Data's file listing: the job waited
+    forever. It now runs one replica, says so, and answers as lion run does."""
+    tasks = world["tasks"][:LAYOUT_TASKS]
+    data, out = _parquet_input(tmp_path / "data", tasks), tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="lion_mllm.scale.resources"):
+        _within(240, lambda: run_ray("lion-shapes", data, out, replicas=2, threads=1, batch_size=4, progress=False))
+    assert "2 replica(s) of 1 CPU each do not fit" in caplog.text and "running 1 replica(s) instead" in caplog.text
+    _assert_like_lion_run(out, tasks, world, bad_id="corrupt", bad_name="corrupt.gif")
+
+
+def test_cli_webdataset_with_as_many_replicas_as_cpus_is_fitted_and_finishes(cluster: str, world: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    """The issue's command: `lion run --engine ray --replicas 2` on the 2-CPU cluster with WebDataset shards."""
+    tasks = world["tasks"][:LAYOUT_TASKS]
+    shards, out = _webdataset_input(tmp_path / "shards", tasks), tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "lion_mllm.cli", "run", "--engine", "ray", "--input", str(shards),
+                           "--output", str(out), "--replicas", "2", "--batch-size", "4", "--json", "-q"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": cluster}, capture_output=True,
+                          text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "running 1 replica(s) instead" in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["answered"] == len(tasks)
+    _assert_like_lion_run(out, tasks, world, bad_id="broken", bad_name="broken.png")
+
+
+def test_a_job_that_cannot_fit_a_fixed_cluster_fails_at_once_naming_what_is_missing(cluster: str,
+                                                                                     world: dict[str, Any],
+                                                                                     tmp_path: Path) -> None:
+    shards, out = _webdataset_input(tmp_path / "shards", world["tasks"][:4]), tmp_path / "out"
+    started = time.monotonic()
+    with pytest.raises(ClusterTooSmallError, match=r"2 CPUs and 0 GPUs, fixed.*missing: 1 CPU\."):
+        _within(60, lambda: run_ray("lion-shapes", shards, out, replicas=1, decode_cpus=2.0, progress=False))
+    assert time.monotonic() - started < 60 and not out.exists()
 
 
 def test_the_local_engine_never_imports_ray(world: dict[str, Any], tmp_path: Path) -> None:

@@ -184,6 +184,11 @@ def _add_run(sub: Any, base: Parents, model: Parents, output: Parents) -> None:
     ray_options.add_argument("--replicas", type=_positive_int, default=None,
                              help="model replicas (default: one per GPU of the cluster, else 1)")
     ray_options.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads of each replica")
+    ray_options.add_argument("--replica-cpus", type=float, default=None,
+                             help="CPUs Ray reserves for each replica (default: --threads); a fixed cluster "
+                                  "runs as many replicas as fit beside the other stages")
+    ray_options.add_argument("--decode-cpus", type=float, default=1.0,
+                             help="CPUs Ray reserves for each read/decode/write task (default 1)")
     ray_options.add_argument("--output-format", choices=("parquet", "jsonl"), default="parquet")
     ray_options.add_argument("--shard-rows", type=_positive_int, default=1000,
                              help="results per output shard (a restart redoes at most the unwritten shards)")
@@ -387,7 +392,8 @@ def _cmd_run_ray(args: argparse.Namespace) -> int:
     summary = run_ray(functools.partial(model_from_args, args), args.input, args.output, layout=args.layout,
                       task=args.task, prompt=args.prompt, phrase=args.phrase, tags=args.tags,
                       batch_size=args.batch_size, replicas=args.replicas, device=args.device,
-                      threads=args.threads, output_format=args.output_format, rows_per_shard=args.shard_rows,
+                      threads=args.threads, replica_cpus=args.replica_cpus, decode_cpus=args.decode_cpus,
+                      output_format=args.output_format, rows_per_shard=args.shard_rows,
                       image_root=args.image_root, generate_kwargs=_decoding(args), address=args.ray_address,
                       progress=not (args.no_progress or getattr(args, "quiet", False)),
                       **({"max_pixels": args.max_pixels} if args.max_pixels is not None else {}))

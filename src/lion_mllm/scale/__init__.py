@@ -17,7 +17,8 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
 
 from .inputs import LAYOUTS, TaskDefaults, detect_layout
 from .job import LionReplica, run_ray
+from .resources import ClusterTooSmallError
 from .shards import RESULT_SCHEMA, finished_keys, read_results
 
-__all__ = ["LAYOUTS", "RESULT_SCHEMA", "LionReplica", "TaskDefaults", "detect_layout", "finished_keys",
+__all__ = ["LAYOUTS", "RESULT_SCHEMA", "ClusterTooSmallError", "LionReplica", "TaskDefaults", "detect_layout", "finished_keys",
            "read_results", "run_ray"]

@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,14 @@ from PIL import Image
 from ..batch import BatchItem, RunSummary, answer_items
 from ..images import DEFAULT_MAX_PIXELS
 from .inputs import LAYOUTS, Layout, TaskDefaults, detect_layout, read_input
+from .resources import (
+    WaitReporter,
+    cluster_autoscales,
+    cluster_nodes,
+    plan_replicas,
+    replicas_that_fit,
+    stage_needs,
+)
 from .shards import OutputFormat, ShardSink, finished_keys
 
 __all__ = ["LionReplica", "run_ray"]
@@ -76,7 +83,10 @@ def run_ray(model: str | Callable[[], Any], input_path: str | os.PathLike[str], 
     ``.json`` member with the task's fields); None: from the path. ``tags``: default tags, as in
     `lion run`. ``replicas``: model actors (default: one per GPU of the cluster when ``device`` is
     not "cpu", else 1), each with ``threads`` intra-op threads and ``replica_cpus`` CPUs (default
-    ``threads``); read, decode and write tasks take ``decode_cpus`` each. Results go to ``output_dir``
+    ``threads``); read, decode and write tasks take ``decode_cpus`` each. A fixed cluster that cannot hold
+    that many replicas beside the other stages runs as many as fit (logging what it changed), or raises
+    `ClusterTooSmallError` at once when not one fits; an autoscaling one waits, logging what for
+    (:mod:`lion_mllm.scale.resources`). Results go to ``output_dir``
     as shards of about ``rows_per_shard`` records ("parquet" or "jsonl"). ``address``: the Ray cluster
     (default: the one ``ray.init()`` finds, else a new local one, shut down again at the end).
     """
@@ -84,6 +94,8 @@ def run_ray(model: str | Callable[[], Any], input_path: str | os.PathLike[str], 
     input_path, output = Path(input_path), Path(output_dir)
     if batch_size < 1 or threads < 1 or rows_per_shard < 1:
         raise ValueError("batch size, threads and rows per shard must be at least 1")
+    if decode_cpus < 0 or (replica_cpus is not None and replica_cpus < 0):
+        raise ValueError(f"replica_cpus ({replica_cpus}) and decode_cpus ({decode_cpus}) must be 0 or more")
     layout = layout or detect_layout(input_path)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown input layout {layout!r} (known: {', '.join(LAYOUTS)})")
@@ -93,6 +105,7 @@ def run_ray(model: str | Callable[[], Any], input_path: str | os.PathLike[str], 
     if layout == "folder" and task is None:
         raise ValueError("a folder of images needs the task for all of them (task=..., and prompt or phrase)")
 
+    waiting: WaitReporter | None = None
     own_cluster = not ray.is_initialized()
     if own_cluster:
         ray.init(address=address, log_to_driver=progress)
@@ -103,14 +116,12 @@ def run_ray(model: str | Callable[[], Any], input_path: str | os.PathLike[str], 
         on_gpu = device != "cpu" and (gpus > 0 or (device or "").startswith("cuda"))
         if replicas is None:
             replicas = max(gpus, 1) if on_gpu else 1
-        cpus = ray.cluster_resources().get("CPU", 0)
-        held = replicas * (threads if replica_cpus is None else replica_cpus)
-        # Besides the replicas, decode tasks need their share and Ray Data's file listing a whole CPU of its own.
-        needed = held + max(decode_cpus, 0.0 if layout == "jsonl" else 1.0)
-        if not on_gpu and needed > cpus:
-            warnings.warn(f"{replicas} replica(s) hold {held:g} of the cluster's {cpus:g} CPUs and the other stages "
-                          f"need {needed - held:g}: the job waits until the cluster grows (fewer replicas, or "
-                          f"less replica_cpus/decode_cpus, fit it now)", RuntimeWarning, stacklevel=2)
+        # A job whose stages the cluster cannot hold would wait forever: fit it first (scale/resources.py).
+        needs = stage_needs(layout, threads if replica_cpus is None else replica_cpus, on_gpu, decode_cpus)
+        nodes = cluster_nodes()
+        replicas = plan_replicas(replicas, nodes, needs, cluster_autoscales())
+        if replicas > replicas_that_fit(nodes, needs):  # an autoscaling cluster, which must grow first
+            waiting = WaitReporter(replicas, needs).start()
         loader = (functools.partial(_load_named, model, device or ("cuda" if on_gpu else "cpu"), dtype)
                   if isinstance(model, str) else model)
 
@@ -125,7 +136,7 @@ def run_ray(model: str | Callable[[], Any], input_path: str | os.PathLike[str], 
                 compute=ray.data.ActorPoolStrategy(size=replicas),
                 fn_constructor_kwargs={"load": loader, "threads": threads, "default_tags": tags,
                                        "decode": dict(generate_kwargs or {})},
-                num_cpus=threads if replica_cpus is None else replica_cpus, num_gpus=1 if on_gpu else 0)
+                num_cpus=needs.replica_cpus, num_gpus=needs.replica_gpus)
             sink = ShardSink(output, output_format, rows_per_shard)
             # Write tasks take a CPU share too: at Ray's default of one CPU they could wait behind the replicas,
             # and results would pile up in the object store instead of streaming to disk.
@@ -135,6 +146,8 @@ def run_ray(model: str | Callable[[], Any], input_path: str | os.PathLike[str], 
             summary.skipped = len(done)
             summary.total = summary.skipped + summary.done + summary.errors
     finally:
+        if waiting is not None:
+            waiting.stop()
         if own_cluster:
             ray.shutdown()
     summary.seconds = time.monotonic() - started
