@@ -1,32 +1,37 @@
 """Loading LION-FlanT5-XL from the authors' five-file layout: wall time, peak memory, and one caption.
 
     python benchmarks/load_xl.py prepare DIR          # random full-size files in the authors' formats
-    python benchmarks/load_xl.py measure DIR [--dtype float32|bfloat16]
+    python benchmarks/load_xl.py measure DIR [--dtype float32|bfloat16] [--output results/load_xl_X.json]
 
 `prepare` writes an eva_vit_g.pth (float16, 39 blocks), a flan-t5-xl shaped directory (float32
 safetensors in 3 shards, the golden set's tokenizer), a bert-base config with a 30522-entry vocab, and a
 LION .pth holding the trainable tensors, as a LAVIS trainer saves them. `measure` (run it in a fresh
 process) loads them with `Lion.from_official` and reports the wall time, the peak resident memory (all
 of it, and the anonymous part: file pages of the memory-mapped checkpoints are counted in the first),
-the final model's bytes and their ratio, then times one greedy 10-token caption.
+the final model's bytes and their ratio, then times one greedy 10-token caption. With `--output` the
+result is also written there, with the command, the machine (CPU model, logical CPUs, the CPU's bf16
+and AVX-512 flags), the versions and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from lion_mllm import Lion, LionModel, OfficialPaths
 from lion_mllm.config import flant5xl
 from lion_mllm.official import ours_to_official
 
-GOLDEN_T5 = Path(__file__).resolve().parents[2] / "shared" / "golden" / "lion-a" / "assets" / "flan-t5-tiny"
+GOLDEN_T5 = Path(__file__).resolve().parents[1] / "tests" / "golden" / "lion-a" / "assets" / "flan-t5-tiny"
 
 
 def random_like(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -154,11 +159,25 @@ def main() -> None:
     parser.add_argument("step", choices=("prepare", "measure"))
     parser.add_argument("directory", type=Path)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--output", type=Path, default=None, help="measure: also write the result here")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.directory)
-    else:
-        print(json.dumps(measure(args.directory, args.dtype), indent=1))
+        return
+    load_before = os.getloadavg()
+    result = measure(args.directory, args.dtype)
+    print(json.dumps(result, indent=1))
+    if args.output is not None:
+        from cpu_vs_reference import machine
+
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+        report = {"command": "python " + " ".join(sys.argv),
+                  "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "machine": {**machine(), "cpu_flags": sorted(f for f in flags if "bf16" in f or "avx512f" in f
+                                                               or f in ("avx2", "amx_tile"))},
+                  "torch": torch.__version__, "transformers": transformers.__version__,
+                  "loadavg_before": load_before, "loadavg_after": os.getloadavg(), **result}
+        args.output.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
