@@ -47,6 +47,11 @@ def test_a_failed_write_leaves_nothing_and_a_complete_one_lands_whole(tmp_path: 
         assert partial.parent == target.parent and not target.exists()  # nothing at the target until done
         (partial / "a.txt").write_text("a")
     assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and _siblings(target) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with folder_written_whole(empty) as partial:  # an empty folder is taken as absent
+        (partial / "b.txt").write_text("b")
+    assert sorted(p.name for p in empty.iterdir()) == ["b.txt"] and _siblings(empty) == []
 
 
 def test_a_replace_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path: Path) -> None:

@@ -377,6 +377,23 @@ def test_a_fixed_cluster_is_fitted_or_refused_and_an_autoscaling_one_awaited(cap
         plan_replicas(1, [{"CPU": 4.0}], stage_needs("parquet", 1.0, True, 1.0), autoscales=False)
 
 
+def test_a_job_waiting_for_an_autoscaling_cluster_says_what_for_until_it_has_grown(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from lion_mllm.scale import resources
+
+    sizes = iter([[{"CPU": 2.0}], [{"CPU": 2.0}, {"CPU": 2.0}]])
+    monkeypatch.setattr(resources, "cluster_nodes", lambda: next(sizes))
+    with caplog.at_level(logging.WARNING, logger="lion_mllm.scale.resources"):
+        reporter = resources.WaitReporter(2, stage_needs("parquet", 1.0, False, 1.0), every_s=0.05).start()
+        deadline = time.monotonic() + 10
+        while "has grown" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reporter.stop()
+    assert "still waiting for the cluster to grow: 2 replica(s) need room beside 1 free CPU; it has 1 node(s) " \
+           "with 2 CPUs" in caplog.text
+    assert "the cluster has grown to 2 node(s) with 2+2 CPUs" in caplog.text
+
+
 def _within(seconds: float, job: Any) -> Any:
     """`job()`'s result, or a failure if it has not ended after `seconds` (a wait that never ends)."""
     result: dict[str, Any] = {}
