@@ -51,7 +51,7 @@ def test_bundle_is_shipped_small_and_found_by_name():
 def test_held_out_metrics(lion):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     assert lion.model.dtype == torch.float32  # from_pretrained converts the float16 file on CPU
-    metrics = shapes.evaluate_model(lion.model, lion.processor, count=100, start=shapes.HELD_OUT_SEED_BASE)
+    metrics = shapes.score_pipeline(lion, count=100, start=shapes.HELD_OUT_SEED_BASE)
     for key, bar in BARS.items():
         assert metrics[key] >= bar, (key, metrics)
 

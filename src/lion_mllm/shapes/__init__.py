@@ -9,7 +9,7 @@ Modules (every public name is importable from `lion_mllm.shapes` itself):
   :func:`write_benchmarks` (tiny REC / VQA / caption files for `lion eval`);
 * :mod:`.tagger`     -- :class:`ShapesTagger`, colour and shape tags read off the pixels (RAM's stand-in);
 * :mod:`.tokenizers` -- the world's T5-style and Q-Former tokenizers;
-* :mod:`.scoring`    -- held-out REC / VQA / caption scores (:func:`evaluate_model`, :func:`score_pipeline`);
+* :mod:`.scoring`    -- held-out REC / VQA / caption scores (:func:`score_pipeline`, also the training loop's);
 * :mod:`.recipe`     -- how `lion-shapes` is trained from scratch by `lion train`: the model preset and its
   initialisation, the streamed data source, the auxiliary dense objective (configs/shapes_from_scratch.yaml);
 * :mod:`.cli`        -- `python -m lion_mllm.shapes train-data | benchmarks | score`.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .cli import main
 from .dataset import write_benchmarks, write_dataset, write_run_tasks
-from .scoring import evaluate_model, held_out_items, score_pipeline
+from .scoring import held_out_items, score_pipeline
 from .tagger import ShapesTagger
 from .tokenizers import build_tokenizers, coordinate_tokens, world_words
 from .world import (
@@ -53,5 +53,5 @@ __all__ = [
     "ShapeObject", "Scene", "make_scene", "render", "scene_tags", "caption_of", "caption_objects",
     "caption_object_match", "referring_expressions", "quantise", "box_answer", "vqa_samples", "referring_samples",
     "scene_samples", "write_dataset", "write_run_tasks", "write_benchmarks", "ShapesTagger", "build_tokenizers", "world_words",
-    "coordinate_tokens", "HELD_OUT_SEED_BASE", "held_out_items", "evaluate_model", "score_pipeline", "main",
+    "coordinate_tokens", "HELD_OUT_SEED_BASE", "held_out_items", "score_pipeline", "main",
 ]

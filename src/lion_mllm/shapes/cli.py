@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     score.add_argument("model", help="a bundle directory or an installed name (lion-shapes)")
     score.add_argument("--count", type=int, default=500)
     score.add_argument("--first-seed", type=int, default=HELD_OUT_SEED_BASE + 10_000)
+    score.add_argument("--record", action="store_true",
+                       help="write the scores into the bundle's training.json (`held_out`: what its card states)")
     args = parser.parse_args(argv)
     if args.command == "train-data":
         if args.first_seed + args.scenes > HELD_OUT_SEED_BASE:
@@ -53,11 +55,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from .. import load_model
+        from ..hub import resolve_model
 
+        record = Path(resolve_model(args.model)) / "training.json" if args.record else None
+        if record is not None and not record.is_file():
+            parser.error(f"--record: {record} does not exist (a bundle shipped by lion train has it)")
         torch.set_flush_denormal(True)  # a small model trained on CPU: denormals would slow it ~2x
         lion = load_model(args.model)
         # Through Lion.generate in the dtype load_model gives (float32 on CPU): what users run.
         metrics = score_pipeline(lion, count=args.count, start=args.first_seed)
         print(json.dumps(metrics))
+        if record is not None:
+            write_held_out(record, metrics, torch.get_num_threads())
     return 0
+
+
+def write_held_out(record: Path, metrics: dict, threads: int) -> None:
+    """`held_out` of a training.json: the scores of `score_pipeline` rounded to 4 places, the scenes they
+    came from, which scenes each task got right, and the thread count they were computed with."""
+    data = json.loads(record.read_text())
+    data["held_out"] = {"count": metrics["count"], "first_seed": metrics["first_seed"],
+                        "rec": round(metrics["rec_acc50"], 4), "vqa": round(metrics["vqa_exact"], 4),
+                        "caption": round(metrics["caption_objects"], 4), "dtype": metrics["dtype"],
+                        "path": metrics["path"], "threads": threads, "correct": metrics["correct"]}
+    record.write_text(json.dumps(data, indent=2) + "\n")
 

@@ -26,7 +26,18 @@ from torch import nn
 
 from .tagger import ShapesTagger
 from .tokenizers import build_tokenizers, coordinate_tokens
-from .world import COLOURS, HELD_OUT_SEED_BASE, SHAPES, SIZES, Scene, make_scene, render, scene_samples, scene_tags
+from .world import (
+    COLOURS,
+    HELD_OUT_SEED_BASE,
+    SHAPES,
+    SIZES,
+    TAG_PROMPT,
+    Scene,
+    make_scene,
+    render,
+    scene_samples,
+    scene_tags,
+)
 
 # The decoding the model was evaluated with: greedy, no repetition penalty (captions and boxes repeat words
 # and digits), answers of at most 40 tokens.
@@ -50,11 +61,11 @@ def shapes_config(t5_vocab: int, qformer_vocab: int, soft_prompt_id: int) -> Any
                                     projection_size=512, dropout=0.0),
         qformer=QFormerConfig(vocab_size=qformer_vocab, hidden_size=192, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=384, max_position_embeddings=128, cross_attention_frequency=1,
-                              num_query_tokens=16, max_text_length=64, dropout=0.0),
+                              num_query_tokens=8, max_text_length=64, dropout=0.0),
         language=LanguageConfig(vocab_size=t5_vocab, d_model=256, d_ff=512, d_kv=32, num_layers=3,
                                 num_decoder_layers=3, num_heads=8, dropout_rate=0.0, adapter_bottleneck=32,
                                 soft_prompt_token_id=soft_prompt_id, max_text_length=128, max_output_text_length=48),
-        visual_input="all", enable_semantic_tags=True,
+        visual_input="all", enable_semantic_tags=True, tag_prompt=TAG_PROMPT,
     )
 
 

@@ -8,12 +8,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from .tagger import ShapesTagger
 from .world import (
-    CAPTION_PROMPT,
     HELD_OUT_SEED_BASE,
-    REC_PROMPT,
-    VQA_PROMPT,
     caption_object_match,
     caption_of,
     make_scene,
@@ -24,20 +20,6 @@ from .world import (
 
 # a child of the trainer's logger: `training_scores` runs inside `lion train`, whose train.log it writes to
 train_logger = logging.getLogger("lion_mllm.train.shapes")
-
-
-def torch_no_grad():
-    """`torch.no_grad()` as a decorator, importing torch only when the function runs."""
-    def wrap(function):
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            import torch
-
-            with torch.no_grad():
-                return function(*args, **kwargs)
-        inner.__doc__, inner.__name__ = function.__doc__, function.__name__
-        return inner
-    return wrap
-
 
 
 def held_out_items(count: int, start: int = HELD_OUT_SEED_BASE, num_objects: Sequence[int] = (2, 3, 4)
@@ -60,54 +42,24 @@ def held_out_items(count: int, start: int = HELD_OUT_SEED_BASE, num_objects: Seq
     return items
 
 
-@torch_no_grad()
-def evaluate_model(model: Any, processor: Any, count: int = 100, start: int = HELD_OUT_SEED_BASE,
-                   batch_size: int = 25, return_outputs: bool = False) -> dict[str, Any]:
-    """Greedy held-out scores of a shapes LION (`LionModel` + `LionProcessor`), tags from
-    :class:`ShapesTagger`: REC Acc@0.5 (:func:`lion_mllm.evaluation.metrics_rec.score_rec`), VQA exact
-    match (:func:`lion_mllm.evaluation.metrics_vqa.exact_match`), caption object-set match; fractions.
-
-    A float32 model runs under bf16 autocast here (the training loop's arithmetic, about twice as fast on
-    CPU); published scores come from :func:`score_pipeline`, the float32 path users run."""
-    import torch
-
-    items = held_out_items(count, start)
-    tagger = ShapesTagger()
-    outputs: dict[str, list[str]] = {"rec": [], "vqa": [], "caption": []}
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        images = [it["image"] for it in chunk]
-        tags = tagger.tag(images)
-        pixels = processor.image_processor(images)
-        for task, route, questions in (
-                ("rec", "grounding", [REC_PROMPT.format(expr=it["phrase"]) for it in chunk]),
-                ("vqa", "vqa", [VQA_PROMPT.format(question=it["question"]) for it in chunk]),
-                ("caption", "caption", [CAPTION_PROMPT] * len(chunk))):
-            batch = processor(pixels, questions, [route] * len(chunk), tags)
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.dtype == torch.float32):
-                ids = model.generate(**batch, num_beams=1, do_sample=False, max_new_tokens=40,
-                                     repetition_penalty=1.0)
-            outputs[task].extend(processor.decode(ids))
-    model.train(was_training)
-    return _held_out_scores(items, outputs, return_outputs)
-
-
 def _held_out_scores(items: list[dict[str, Any]], outputs: dict[str, list[str]], return_outputs: bool
                      ) -> dict[str, Any]:
-    """REC Acc@0.5, VQA exact match and caption object-set match (fractions) of `outputs` on `items`."""
+    """REC Acc@0.5, VQA exact match and caption object-set match (fractions) of `outputs` on `items`, and
+    which scenes each task got right (`correct`: one "1"/"0" character per scene, in scene order)."""
     from ..evaluation.metrics_rec import score_rec
     from ..evaluation.metrics_vqa import exact_match
 
     rec = score_rec((text, it["box"], it["scene"].size, it["scene"].size) for text, it in zip(outputs["rec"], items))
+    correct = {"rec": [iou >= 0.5 for iou in rec["ious"]],
+               "vqa": [exact_match(p, it["answer"]) for p, it in zip(outputs["vqa"], items)],
+               "caption": [caption_object_match(p, it["caption"]) for p, it in zip(outputs["caption"], items)]}
     result: dict[str, Any] = {
         "rec_acc50": rec["Acc@0.5"] / 100.0,
-        "vqa_exact": sum(exact_match(p, it["answer"]) for p, it in zip(outputs["vqa"], items)) / len(items),
-        "caption_objects": sum(caption_object_match(p, it["caption"]) for p, it in zip(outputs["caption"], items))
-        / len(items),
+        "vqa_exact": sum(correct["vqa"]) / len(items),
+        "caption_objects": sum(correct["caption"]) / len(items),
         "count": len(items),
+        "first_seed": items[0]["seed"],
+        "correct": {task: "".join("1" if ok else "0" for ok in flags) for task, flags in correct.items()},
     }
     if return_outputs:
         result["outputs"] = outputs
@@ -117,21 +69,21 @@ def _held_out_scores(items: list[dict[str, Any]], outputs: dict[str, list[str]],
 
 def score_pipeline(lion: Any, count: int = 100, start: int = HELD_OUT_SEED_BASE, batch_size: int = 25,
                    return_outputs: bool = False) -> dict[str, Any]:
-    """Held-out scores of a loaded `Lion` through `Lion.generate`, the path users run (model dtype as
-    loaded: float32 on CPU, no autocast; tags from the bundle's tagger), greedy with the model card's
-    decoding. Same scenes and metrics as :func:`evaluate_model`, which is the training loop's faster
-    bf16-autocast selection score and can differ from this by a few scenes in a hundred."""
+    """Held-out scores of a `Lion` through `Lion.generate`, the path users run: the model's dtype as loaded
+    (float32 on CPU, no autocast), its own prompt templates and decoding defaults, tags from its tagger.
+    The same function scores the model in the training loop (`training_scores`), so a run's selection
+    scores and its bundle's published scores come from one arithmetic."""
     items = held_out_items(count, start)
     outputs: dict[str, list[str]] = {"rec": [], "vqa": [], "caption": []}
-    decoding = {"num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 40}
+    templates = lion.generation_config
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         images = [it["image"] for it in chunk]
         for task, route, questions in (
-                ("rec", "grounding", [REC_PROMPT.format(expr=it["phrase"]) for it in chunk]),
-                ("vqa", "vqa", [VQA_PROMPT.format(question=it["question"]) for it in chunk]),
-                ("caption", "caption", [CAPTION_PROMPT] * len(chunk))):
-            outputs[task].extend(lion.generate(images, questions, route, **decoding))
+                ("rec", "grounding", [templates.prompt("grounding", it["phrase"]) for it in chunk]),
+                ("vqa", "vqa", [templates.prompt("vqa", it["question"]) for it in chunk]),
+                ("caption", "caption", [templates.prompt("caption")] * len(chunk))):
+            outputs[task].extend(lion.generate(images, questions, route))
     result = _held_out_scores(items, outputs, return_outputs)
     result["dtype"] = str(lion.model.dtype).removeprefix("torch.")
     result["autocast"] = None
@@ -141,11 +93,15 @@ def score_pipeline(lion: Any, count: int = 100, start: int = HELD_OUT_SEED_BASE,
 
 def training_scores(task: Any, lion: Any, model: Any, step: int) -> dict[str, Any]:
     """`run.eval_tasks: [{task: shapes}]` of `lion train` (`lion_mllm.train.config.VALIDATORS`): the held-out
-    scores of the model being trained (:func:`evaluate_model`, bf16 autocast on CPU) on generated scenes;
-    `val_shapes` is their sum, what lion-shapes' best model is chosen by. Every process scores the same
-    scenes (small: no sharding)."""
+    scores of the model being trained, through :func:`score_pipeline` (eval mode, no gradients, float32 on
+    CPU: the user path) on generated scenes; `val_shapes` is their sum, what lion-shapes' best model is
+    chosen by. Every process scores the same scenes (small: no sharding)."""
+    import torch
+
     start = task.first_seed if task.first_seed is not None else HELD_OUT_SEED_BASE + 500
-    scores = evaluate_model(model, lion.processor, task.limit or 100, start=start, batch_size=task.batch_size)
+    model.eval()
+    with torch.no_grad():
+        scores = score_pipeline(lion, task.limit or 100, start=start, batch_size=task.batch_size)
     result = {"val_shapes": scores["rec_acc50"] + scores["vqa_exact"] + scores["caption_objects"],
               "val_shapes_rec": scores["rec_acc50"], "val_shapes_vqa": scores["vqa_exact"],
               "val_shapes_caption": scores["caption_objects"], "val_shapes_samples": scores["count"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .world import CAPTION_PROMPT, COLOURS, NUMBER_WORDS, REC_PROMPT, SHAPES, SIZES, VQA_PROMPT
+from .world import CAPTION_PROMPT, COLOURS, NUMBER_WORDS, REC_PROMPT, SHAPES, SIZES, TAG_PROMPT, VQA_PROMPT
 
 
 def coordinate_tokens(step: float = 0.01) -> list[str]:
@@ -16,9 +16,7 @@ def coordinate_tokens(step: float = 0.01) -> list[str]:
 
 def world_words() -> list[str]:
     """Every word and punctuation piece the world's prompts, tags and answers use."""
-    from ..config import TAG_PROMPT
-
-    texts = [TAG_PROMPT.replace("<extra_id_0>", " "), CAPTION_PROMPT, VQA_PROMPT, REC_PROMPT, "Answer: [,]",
+    texts = [TAG_PROMPT.replace("<extra_id_0>", " ").replace("{}", " "), CAPTION_PROMPT, VQA_PROMPT, REC_PROMPT, "Answer: [,]",
              "what colour is the shape ? how many shapes are there is there a yes no and left of right of above below "
              "leftmost rightmost what shape", " ".join(COLOURS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES),
              " ".join(SIZES), " ".join(NUMBER_WORDS), "0 1 2 3 4 5 6 7 8 9"]

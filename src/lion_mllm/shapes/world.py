@@ -42,6 +42,9 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
 # The prompts the package's pipeline and evaluation use (kept literally equal to theirs).
 CAPTION_PROMPT = "Please describe the image using a single short sentence."
+# lion-shapes' tag prompt (its config's `tag_prompt`): the soft-prompt token and the tags, 4 tokens before
+# the tags where the authors' sentence takes 18 -- the T5 encoder reads every token of it for every sample.
+TAG_PROMPT = "Tags <extra_id_0>: {}. "
 VQA_PROMPT = "Question: {question} Short answer:"
 REC_PROMPT = "In the image <image>, can you locate {expr} and let me know its coordinates?"
 

@@ -176,9 +176,9 @@ class RunConfig:
     max_epoch: int | None = None
     iters_per_epoch: int | None = None  # optimizer steps per epoch; default: one pass over the data
     max_steps: int | None = None  # total optimizer steps; overrides max_epoch * iters_per_epoch
-    # time budget: the cosine follows whichever of steps or wall time (training, all invocations) is further
-    # along, and the run finishes (evaluated, saved, exported) when it is spent. The schedule then depends on
-    # the machine's speed: such a run is not bit-reproducible elsewhere (the lion-shapes recipe on a shared CPU)
+    # time budget (training wall time of all invocations): when it is spent the run saves and stops,
+    # marked incomplete (summary.json, last log line) and never shipped; `--resume` continues it. The
+    # schedule is a function of the step alone, so a budget never changes what a completed run computes
     max_minutes: float | None = None
     warmup_steps: int = 0
     batch_size_train: int = 1  # per process and micro-batch
@@ -192,6 +192,7 @@ class RunConfig:
     seed: int = 42
     num_workers: int = 4
     num_threads: int | None = None  # torch intra-op threads (None: torch's default)
+    stream_prefetch: int = 2  # a stream's micro-batches made ahead by a background thread (0: in the step)
     output_dir: str = "outputs/lion"
     run_name: str | None = None  # default: the last part of output_dir
     print_freq: int = 50
@@ -228,7 +229,9 @@ class RunConfig:
     # for small models on CPUs with bf16 instructions, and what lion-shapes was trained with
     cpu_autocast: bool = False
     flush_denormal: bool = False  # flush denormal floats to zero (CPU): small models trained long slow ~2x
-    ship_best_to: Path | None = None  # also write each new best model here (float16, its MODEL_CARD.md kept)
+    # at the end of a complete run, copy its best model here (float16, with training.json and metrics.jsonl,
+    # the MODEL_CARD.md there kept); an incomplete run is refused
+    ship_best_to: Path | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_VISUAL_INPUT:
@@ -251,6 +254,8 @@ class RunConfig:
         unknown_loggers = sorted(set(self.loggers) - {"tensorboard", "mlflow"})
         if unknown_loggers:
             raise ConfigError(f"run.loggers: unknown {unknown_loggers}; known: tensorboard, mlflow")
+        if self.stream_prefetch < 0:
+            raise ConfigError(f"run.stream_prefetch must be 0 or more, got {self.stream_prefetch}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"run.max_minutes must be positive, got {self.max_minutes}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

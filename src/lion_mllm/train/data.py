@@ -21,8 +21,10 @@ import bisect
 import json
 import logging
 import math
+import queue
 import random
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -580,20 +582,33 @@ class StreamedBatches:
 
     Rank r of n draws groups r, r + n, r + 2n, ... (disjoint scenes). Its random generator (tag noise, which
     questions) is seeded once and saved with the position in checkpoints: a resumed run draws exactly the
-    batches the uninterrupted one would have."""
+    batches the uninterrupted one would have.
+
+    With `prefetch` > 0 a background thread makes the next `prefetch` micro-batches (scenes, pixels,
+    tokens) while the model trains on the current one, in the same order with the same generator, so the
+    batches are the ones made without it; `state_dict` is the state after the last micro-batch handed
+    out, not after the ones made ahead. Call `close` when done."""
 
     def __init__(self, source: Any, processor: LionProcessor, seed: int, rank: int, world_size: int,
-                 accum_grad_iters: int, state: dict[str, Any] | None = None):
+                 accum_grad_iters: int, state: dict[str, Any] | None = None, prefetch: int = 0):
         self.source, self.processor = source, processor
         self.rank, self.world_size, self.accum = rank, world_size, accum_grad_iters
-        self.position = 0  # micro-batches this rank has drawn
+        self.position = 0  # micro-batches made on this rank (ahead of those handed out when prefetching)
         self.rng = random.Random(seed + rank * 1_000_003)  # rank 0: random.Random(seed), the original recipe's
         if state is not None:
             self.load_state_dict(state)
+        self.handed_out = self._snapshot()
+        self.prefetch = prefetch
+        self.threads = torch.get_num_threads()  # the trainer's: the worker's torch ops use as many
+        self.queue: queue.Queue | None = None
+        self.closing = threading.Event()
 
-    def state_dict(self) -> dict[str, Any]:
+    def _snapshot(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
         return {"position": self.position, "rng": [version, list(internal), gauss], "world_size": self.world_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.handed_out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["world_size"]) != self.world_size:
@@ -610,6 +625,44 @@ class StreamedBatches:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if self.prefetch <= 0:
+            item, self.handed_out = self._make()
+            return item
+        if self.queue is None:
+            self.queue = queue.Queue(maxsize=self.prefetch)
+            threading.Thread(target=self._work, name="stream-prefetch", daemon=True).start()
+        made = self.queue.get()
+        if isinstance(made, BaseException):  # the worker stopped there; so does the stream
+            self.queue.put(made)
+            raise made
+        item, self.handed_out = made
+        return item
+
+    def close(self) -> None:
+        """Stop the prefetching worker (it finishes the micro-batch it is making)."""
+        self.closing.set()
+        if self.queue is not None:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+
+    def _work(self) -> None:
+        torch.set_num_threads(self.threads)
+        while not self.closing.is_set():
+            try:
+                made: Any = self._make()
+            except Exception as error:  # handed to the trainer's thread, which raises it
+                made = error
+            while not self.closing.is_set():
+                try:
+                    self.queue.put(made, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(made, BaseException):
+                return
+
+    def _make(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The next micro-batch of this rank and the stream's state after it."""
         step = self.position // self.accum + 1  # the optimizer step this micro-batch belongs to (1-based)
         index = self.position * self.world_size + self.rank
         images, records, extras = self.source.group(index, step, self.rng)
@@ -620,5 +673,5 @@ class StreamedBatches:
         batch = self.processor(pixels[image_index], [r["question"] for r in records],
                                [r["category"] for r in records], tags, answers=[r["answer"] for r in records])
         batch.update(pixel_values=pixels, image_index=image_index, **extras)
-        return {"batch": batch, "bad": [], "size": len(records),
-                "region": sum(r["category"] == "region_level" for r in records)}
+        return ({"batch": batch, "bad": [], "size": len(records),
+                 "region": sum(r["category"] == "region_level" for r in records)}, self._snapshot())

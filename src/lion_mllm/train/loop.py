@@ -19,8 +19,11 @@ import hashlib
 import json
 import logging
 import math
+import platform
+import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -566,6 +569,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, resume_point: Path
         finished = True
         return result
     finally:
+        if isinstance(state.schedule, StreamedBatches):
+            state.schedule.close()  # its prefetching worker
         if state.progress is not None:
             state.progress.close()
         state.metrics.close(finished)
@@ -840,9 +845,6 @@ def _train_step(state: TrainRun) -> float:
         logger.warning("step %d: no usable sample on any process; no update", state.step + 1)
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
-    if run.max_minutes is not None:
-        state.total_steps = _follow_time_budget(state.scheduler, state.earlier_s + time.time() - state.started,
-                                                run.max_minutes, state.step + 1, state.total_steps)
     state.schedule.advance(run.accum_grad_iters * run.batch_size_train)
     state.step += 1
     state.steps_this_run += 1
@@ -922,8 +924,9 @@ def _evaluate_and_save(state: TrainRun, stops: float, epoch_end: bool) -> TrainR
     run stopped."""
     run, step, total_steps = state.cfg.run, state.step, state.total_steps
     preempted = stops > 0 and step < total_steps
+    out_of_time = _budget_spent(state) and step < total_steps
     stopping = (state.stop_after is not None and state.steps_this_run >= state.stop_after
-                and step < total_steps) or preempted
+                and step < total_steps) or preempted or out_of_time
     saving = (run.save_every_steps and step % run.save_every_steps == 0) or epoch_end or stopping
     if run.eval_every_steps:
         evaluation_due = step % run.eval_every_steps == 0 or step == total_steps
@@ -935,8 +938,14 @@ def _evaluate_and_save(state: TrainRun, stops: float, epoch_end: bool) -> TrainR
         _save_now(state)
     if not stopping:
         return None
-    why = "SIGTERM received" if preempted else f"stopping after {state.steps_this_run} steps of this invocation"
-    logger.info("%s: saved step %d; resume with --resume %s", why, step, state.run_dir)
+    if out_of_time:
+        _write_summary(state, complete=False)
+        logger.info("incomplete: run.max_minutes=%g spent at step %d of %d; saved, not shipped; resume with "
+                    "--resume %s (and a larger run.max_minutes) to finish the same schedule", run.max_minutes,
+                    step, total_steps, state.run_dir)
+    else:
+        why = "SIGTERM received" if preempted else f"stopping after {state.steps_this_run} steps of this invocation"
+        logger.info("%s: saved step %d; resume with --resume %s", why, step, state.run_dir)
     return TrainResult(state.run_dir, step, total_steps, False, state.last_saved, None, state.last_loss,
                        state.tracker.report())
 
@@ -966,8 +975,6 @@ def _evaluate(state: TrainRun) -> None:
                 f"; best {best['value']:.4f} at step {best['step']}" if best else "")
     if improved and run.keep_best:
         _export(state.run_dir, state.lion, model, state.wrapped, state.ctx, state.fsdp, name="best", info=best)
-        if run.ship_best_to is not None and state.ctx.is_main:
-            _ship(state.run_dir / "best", run.ship_best_to)
 
 
 def _save_now(state: TrainRun) -> None:
@@ -980,7 +987,8 @@ def _save_now(state: TrainRun) -> None:
 
 
 def _finish(state: TrainRun) -> TrainResult:
-    """The end of the schedule: the last checkpoint, the exported model and summary.json."""
+    """The end of the schedule: the last checkpoint, the exported model, summary.json and training.json, and
+    with `run.ship_best_to` the best model shipped (a complete run only)."""
     ctx, step = state.ctx, state.step
     if state.saved_step != step:
         _save_now(state)
@@ -994,33 +1002,89 @@ def _finish(state: TrainRun) -> TrainResult:
                          {**state.record_report, **state.tracker.report(merged)})
     digests = None if state.fsdp else ctx.gather_objects(_digest(state.model))
     if ctx.is_main:
-        summary = {"step": step, "total_steps": state.total_steps, "final_loss": state.last_loss,
-                   "checkpoint": str(state.last_saved), "export": str(export_dir) if export_dir else None,
-                   "world_size": ctx.world_size, "bad_data": result.bad, "best": state.best,
-                   "replicas_identical": None if digests is None else len(set(digests)) == 1}
         if digests is not None and len(set(digests)) != 1:
             logger.error("the processes ended with different weights: %s", digests)
-        (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_summary(state, complete=True, export=str(export_dir) if export_dir else None, bad_data=result.bad,
+                       replicas_identical=None if digests is None else len(set(digests)) == 1)
+        _write_training_record(state)
         logger.info("finished: %d steps; %d of %d records skipped at load, %d of %d drawn samples skipped; "
                     "model exported to %s", step, state.record_report["skipped_records"],
                     state.record_report["records"], state.tracker.bad, state.tracker.drawn, export_dir)
+        if state.cfg.run.ship_best_to is not None:
+            ship_run(state.run_dir, state.cfg.run.ship_best_to)
     return result
 
 
-def _follow_time_budget(scheduler: WarmupCosineSchedule, spent_s: float, max_minutes: float, step: int,
-                        total_steps: int) -> int:
-    """`run.max_minutes`: move the schedule to the fraction of the budget spent when that is further along
-    than the step count (a slow or shared machine still anneals in time); returns the run's total steps,
-    cut to `step` once the budget is spent."""
-    fraction = spent_s / (max_minutes * 60.0)
-    by_time = min(scheduler.total_steps, int(fraction * scheduler.total_steps))
-    if by_time > scheduler.step_count:
-        scheduler.step_count = by_time
-        scheduler.apply()
-    if fraction >= 1.0 and step < total_steps:
-        logger.info("run.max_minutes=%g spent at step %d of %d: finishing here", max_minutes, step, total_steps)
-        return step
-    return total_steps
+def _budget_spent(state: TrainRun) -> bool:
+    """`run.max_minutes`: whether the training wall time of all invocations has reached the budget. The
+    budget never changes the schedule (a function of the step alone); it stops the run, incomplete."""
+    budget = state.cfg.run.max_minutes
+    return budget is not None and _wall_seconds(state) >= budget * 60.0
+
+
+def _wall_seconds(state: TrainRun) -> float:
+    """Training wall time so far, over every invocation of the run (earlier ones from the checkpoint)."""
+    return state.earlier_s + time.time() - state.started
+
+
+def _write_summary(state: TrainRun, complete: bool, **extra: Any) -> None:
+    """<run dir>/summary.json: where the run is and whether it is complete (ran its whole schedule). A run
+    stopped by its time budget is marked `"complete": false` and is never shipped."""
+    if not state.ctx.is_main:
+        return
+    summary = {"complete": complete, "step": state.step, "total_steps": state.total_steps,
+               "stopped_by": None if complete else "run.max_minutes", "final_loss": state.last_loss,
+               "checkpoint": str(state.last_saved), "wall_seconds": round(_wall_seconds(state), 1),
+               "world_size": state.ctx.world_size, "best": state.best, **extra}
+    (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _write_training_record(state: TrainRun) -> None:
+    """<run dir>/training.json: what made this model -- the command as typed, the resolved config, the
+    source commit, steps, wall time, device, threads and CPU model. Shipped with the model;
+    `python -m lion_mllm.shapes score --record` adds its held-out scores."""
+    record = {"command": _command_line(), "config": state.cfg.to_dict(), **_source_commit(),
+              "steps": state.step, "max_steps": state.total_steps, "wall_seconds": round(_wall_seconds(state), 1),
+              "device": str(state.ctx.device), "threads": torch.get_num_threads(), "machine": _machine(),
+              "world_size": state.ctx.world_size, "torch": str(torch.__version__),
+              "resumed": state.earlier_s > 0, "best": state.best, "held_out": None}
+    (state.run_dir / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _command_line() -> str:
+    """This process's command line as typed (`lion train ...` or `python -m lion_mllm.train ...`)."""
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":  # python -m lion_mllm.train
+        program = "python -m lion_mllm." + Path(sys.argv[0]).parent.name
+    return shlex.join([program, *sys.argv[1:]])
+
+
+def _source_commit() -> dict[str, Any]:
+    """The git commit of the source tree this trainer was imported from, and whether its `src/` or
+    `configs/` differ from it (`commit` None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--", "src", "configs") if commit else None
+    return {"commit": commit, "commit_dirty": bool(changes) if commit else None}
+
+
+def _machine() -> str:
+    """The CPU model (`model name` of /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _objective_parameters(objectives: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
@@ -1038,20 +1102,40 @@ def _stream(cfg: TrainConfig, processor: Any, ctx: DistContext, state: dict[str,
     except (TypeError, ValueError) as error:
         raise ConfigError(f"train_datasets[0] (stream {spec.stream}): {error}") from None
     return StreamedBatches(source, processor, cfg.run.seed, ctx.rank, ctx.world_size, cfg.run.accum_grad_iters,
-                           state)
+                           state, prefetch=cfg.run.stream_prefetch)
 
 
-def _ship(bundle: Path, target: Path) -> None:
-    """Copy an exported bundle to `target` in float16 (package data: small, readable by everyone), keeping
-    the MODEL_CARD.md already there; written beside it, then swapped in."""
-    with folder_written_whole(target, replace=True) as partial:
-        Lion.from_pretrained(bundle).write_bundle(partial, dtype=torch.float16)
-        for file in partial.rglob("*"):
-            if file.is_file():
-                file.chmod(0o644)  # safetensors writes 0600
-        if (target / "MODEL_CARD.md").is_file():
-            shutil.copy(target / "MODEL_CARD.md", partial / "MODEL_CARD.md")
-    logger.info("shipped the best model to %s", target)
+def ship_run(run_dir: Path, target: Path) -> Path:
+    """`run.ship_best_to`: copy a complete run's model to `target` as package data -- its `best/` (else
+    `final/`) in float16, with the run's `training.json` and `metrics.jsonl`, keeping the MODEL_CARD.md
+    already there; written beside `target`, then swapped in. A run whose summary.json does not say it
+    is complete (stopped by its time budget, or still running) is refused: ValueError naming it."""
+    run_dir, target = Path(run_dir), Path(target)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if summary.get("complete") is not True:
+        where = (f"stopped at step {summary.get('step')} of {summary.get('total_steps')} by "
+                 f"{summary.get('stopped_by')}" if summary else "no summary.json: not finished")
+        raise ValueError(f"run.ship_best_to: refusing to ship {run_dir}: the run is incomplete ({where}); "
+                         "resume it to its last step first")
+    bundle = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
+    if not bundle.is_dir():
+        raise ValueError(f"run.ship_best_to: {run_dir} has no model to ship (no best/ and no final/: set "
+                         "run.keep_best with evaluations, or run.export_final)")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Lion.from_pretrained(bundle).save_pretrained(tmp, dtype=torch.float16)
+    for name in ("training.json", "metrics.jsonl"):
+        shutil.copy(run_dir / name, tmp / name)
+    if (target / "MODEL_CARD.md").is_file():
+        shutil.copy(target / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            file.chmod(0o644)  # safetensors writes 0600
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    logger.info("shipped %s (%s) to %s", bundle, "complete run", target)
+    return target
 
 
 def _digest(model: torch.nn.Module) -> str:
