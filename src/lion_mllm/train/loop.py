@@ -1122,18 +1122,15 @@ def ship_run(run_dir: Path, target: Path) -> Path:
     if not bundle.is_dir():
         raise ValueError(f"run.ship_best_to: {run_dir} has no model to ship (no best/ and no final/: set "
                          "run.keep_best with evaluations, or run.export_final)")
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    Lion.from_pretrained(bundle).save_pretrained(tmp, dtype=torch.float16)
-    for name in ("training.json", "metrics.jsonl"):
-        shutil.copy(run_dir / name, tmp / name)
-    if (target / "MODEL_CARD.md").is_file():
-        shutil.copy(target / "MODEL_CARD.md", tmp / "MODEL_CARD.md")
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            file.chmod(0o644)  # safetensors writes 0600
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with folder_written_whole(target, replace=True) as partial:  # the shipped model stays whole until then
+        Lion.from_pretrained(bundle).write_bundle(partial, dtype=torch.float16)
+        for name in ("training.json", "metrics.jsonl"):
+            shutil.copy(run_dir / name, partial / name)
+        if (target / "MODEL_CARD.md").is_file():
+            shutil.copy(target / "MODEL_CARD.md", partial / "MODEL_CARD.md")
+        for file in partial.rglob("*"):
+            if file.is_file():
+                file.chmod(0o644)  # safetensors writes 0600
     logger.info("shipped %s (%s) to %s", bundle, "complete run", target)
     return target
 
