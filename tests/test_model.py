@@ -61,13 +61,6 @@ def test_cached_and_uncached_generation_give_identical_tokens(tiny_lion, beams):
     assert torch.equal(cached, uncached)
 
 
-def test_static_cache_gives_the_same_tokens(tiny_lion):
-    args = (images(), QUESTIONS, ["vqa", "grounding", "caption"], TAGS)
-    for beams in (1, 3):
-        assert tiny_lion.generate(*args, num_beams=beams, max_new_tokens=10, static_cache=True) == \
-            tiny_lion.generate(*args, num_beams=beams, max_new_tokens=10)
-
-
 def test_sdpa_and_eager_attention_agree():
     sdpa, eager = make_tiny_lion(seed=3), make_tiny_lion(seed=3, attn_implementation="eager")
     assert eager.model.aggregator.blocks[0].attention.self.eager

@@ -25,7 +25,7 @@ from typing import Any
 from .errors import CheckpointError
 from .tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, TASKS, VQA_TEMPLATE, canonical_task
 
-__all__ = ["DECODING_FIELDS", "GENERATION_CONFIG_FILE", "GenerationDefaults"]
+__all__ = ["DECODING_FIELDS", "GENERATION_CONFIG_FILE", "DecodingSettings", "GenerationDefaults"]
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
@@ -34,6 +34,44 @@ _PLACEHOLDERS = {"caption": None, "vqa": "question", "grounding": "phrase"}
 # The `Lion.generate` keyword arguments a generation config sets.
 DECODING_FIELDS = ("num_beams", "max_new_tokens", "min_length", "repetition_penalty", "length_penalty",
                    "do_sample", "temperature", "top_p")
+
+
+TRANSFORMERS_TOP_K = 50  # transformers' sampling default, which `Lion.generate` has always sampled with
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How one request is decoded, as `LionModel.generate`'s (transformers') arguments of the same names
+    mean it. Checked once, here; the decode engine, the API and the server all take this type."""
+
+    max_new_tokens: int
+    num_beams: int = 1
+    min_length: int = 1  # of the decoder sequence, start token included (transformers' `min_length`)
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0  # beam search only
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = TRANSFORMERS_TOP_K
+    num_return_sequences: int = 1
+    seed: int | None = None  # sampling: the request's own generator starts from it
+
+    def __post_init__(self) -> None:
+        _check_decoding(dataclasses.asdict(self), "decoding settings")
+        if self.num_beams > 1 and not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"decoding settings: num_return_sequences ({self.num_return_sequences}) cannot "
+                             f"exceed num_beams ({self.num_beams})")
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences != 1:
+            raise ValueError("decoding settings: greedy decoding returns one sequence; sample (do_sample) or "
+                             "use beams for several")
+
+    @property
+    def slots(self) -> int:
+        """Decoder sequences this request keeps in the engine's cache at once."""
+        return self.num_beams if self.num_beams > 1 else self.num_return_sequences
+
+    def replace(self, **changes: Any) -> DecodingSettings:
+        return dataclasses.replace(self, **changes)
 
 
 def _default_prompts() -> dict[str, str]:
@@ -99,6 +137,12 @@ class GenerationDefaults:
         """`Lion.generate` keyword arguments for one task (its overrides applied)."""
         return {**self.decoding_fields(), **self.task_decoding.get(canonical_task(task), {})}
 
+    def settings(self, task: str, **overrides: Any) -> DecodingSettings:
+        """The decoding settings of one `task` sample: the model's defaults (with the task's overrides),
+        then `overrides` where not None."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return DecodingSettings(**{**self.for_task(task), **given})
+
     def for_tasks(self, tasks: Sequence[str]) -> dict[str, Any]:
         """Keyword arguments for one batch: the tasks' common settings. A batch decodes with one set, so
         tasks whose overrides disagree fall back to the model-wide defaults."""
@@ -163,7 +207,7 @@ def _check_decoding(values: Mapping[str, Any], where: str) -> None:
     def bad(name: str, wanted: str) -> ValueError:
         return ValueError(f"{where}: {name} must be {wanted}, got {values[name]!r}")
 
-    for name in ("num_beams", "max_new_tokens"):
+    for name in ("num_beams", "max_new_tokens", "num_return_sequences"):
         if name in values and (not isinstance(values[name], int) or isinstance(values[name], bool)
                                or values[name] < 1):
             raise bad(name, "an integer of at least 1")
@@ -180,3 +224,8 @@ def _check_decoding(values: Mapping[str, Any], where: str) -> None:
         raise bad("top_p", "a number in (0, 1]")
     if "do_sample" in values and not isinstance(values["do_sample"], bool):
         raise bad("do_sample", "true or false")
+    if "top_k" in values and (not isinstance(values["top_k"], int) or isinstance(values["top_k"], bool)
+                              or values["top_k"] < 0):
+        raise bad("top_k", "an integer of at least 0")
+    if values.get("seed") is not None and (not isinstance(values["seed"], int) or isinstance(values["seed"], bool)):
+        raise bad("seed", "an integer")

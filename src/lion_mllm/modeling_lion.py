@@ -257,9 +257,13 @@ class MixtureOfAdapters(nn.Module):
         self.route_state = route_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routes = None if len(self.adapters) == 1 else self.route_state.for_batch(x.shape[0]).to(x.device)
+        return self.mix(x, routes)
+
+    def mix(self, x: torch.Tensor, routes: torch.Tensor | None) -> torch.Tensor:
+        """x (B, L, d_model), routes (B,) (None with one adapter) -> the routed sum of the adapters."""
         if len(self.adapters) == 1:
             return self.adapters[0](x)
-        routes = self.route_state.for_batch(x.shape[0]).to(x.device)
         ratio1 = self.router_ratio1[routes].unsqueeze(1)  # (B, 1, d_model)
         ratio2 = self.router_ratio2[routes].unsqueeze(1)
         return self.adapters[0](x) * ratio1 + self.adapters[1](x) * ratio2
@@ -278,6 +282,12 @@ class T5LayerFFWithAdapters(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         forwarded = self.dropout(self.DenseReluDense(self.layer_norm(hidden_states)))
         return hidden_states + forwarded + self.adapter(hidden_states)
+
+    def routed(self, hidden_states: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+        """`forward` with the routes given (B,) instead of read from the model's routing context (the
+        decode engine passes each slot's route)."""
+        forwarded = self.dropout(self.DenseReluDense(self.layer_norm(hidden_states)))
+        return hidden_states + forwarded + self.adapter.mix(hidden_states, routes)
 
 
 def build_language_model(config: LanguageConfig, num_adapters: int, route_state: RouteState,

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ from .boxes import Box, parse_box
 from .bundle import T5_TIED_KEYS, bundle_state, load_bundle_model, read_bundle_config, write_bundle_config
 from .checkpoint_files import folder_written_whole, save_state_sharded
 from .config import LionConfig
+from .engine import DecodeEngine, EngineOptions
 from .errors import CheckpointError
-from .generation import GenerationDefaults
+from .generation import DecodingSettings, GenerationDefaults
 from .modeling_lion import LionModel
 from .official import OfficialPaths, load_official_model, soft_prompt_token_id
 from .processing import ImageInput, LionProcessor, load_image
@@ -51,6 +53,14 @@ def resolve_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torc
     return dtype
 
 
+def _power_of_two(value: int, minimum: int = 1) -> int:
+    """The smallest power of two >= value and >= minimum (engine sizes: few distinct shapes to compile)."""
+    size = minimum
+    while size < value:
+        size *= 2
+    return size
+
+
 class Lion:
     """A LION model ready for text in, text out.
 
@@ -58,7 +68,9 @@ class Lion:
     of the model) and the processor never reconfigures its tokenizers, so concurrent calls with mixed
     tasks give the answers lone calls give (tests/test_thread_safety.py). Concurrent calls share the
     device and do not finish sooner together; to serve many requests, batch them (`lion serve` does,
-    continuously). `static_cache=True` keeps its cache on the model: not for concurrent calls."""
+    continuously)."""
+
+    MAX_SLOTS = 64  # decoder sequences `generate` runs at once; a larger batch is admitted as slots free up
 
     def __init__(self, model: LionModel, processor: LionProcessor, tagger: Tagger | None = None,
                  generation_config: GenerationDefaults | None = None):
@@ -67,6 +79,10 @@ class Lion:
         self.tagger = tagger
         # decoding defaults and prompt templates: the model's own (generation_config.json), else the authors'
         self.generation_config = generation_config or GenerationDefaults()
+        # compile the decoder step: None compiles on CUDA only (a CPU compile pays off for long jobs only)
+        self.compile_decoder: bool | None = None
+        self._engine: DecodeEngine | None = None
+        self._engine_lock = threading.Lock()
 
     @property
     def config(self) -> LionConfig:
@@ -182,35 +198,55 @@ class Lion:
                  max_new_tokens: int | None = None, min_length: int | None = None,
                  repetition_penalty: float | None = None, length_penalty: float | None = None,
                  do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
-                 num_return_sequences: int = 1, use_cache: bool = True, static_cache: bool = False,
+                 top_k: int | None = None, seed: int | None = None, num_return_sequences: int = 1,
                  notebook_format: bool = False) -> list[str]:
-        """One answer per (image, question, task); `questions` are the model's prompts as they are (see
-        `caption`/`ask`/`ground` for the model's templates). Decoding settings left at None come from
+        """One answer per (image, question, task) (`num_return_sequences` per sample, in order);
+        `questions` are the model's prompts as they are (see `caption`/`ask`/`ground` for the model's
+        templates). Each sample has its own task (image-level "caption", "vqa" and region-level
+        "grounding" mix in one batch) and is decoded with its task's settings from
         `self.generation_config` (the model's own; the authors' are 5 beams, up to 256 new tokens,
-        repetition penalty 1.5). Each sample has its own task: image-level ("caption", "vqa") and
-        region-level ("grounding") samples mix in one batch.
+        repetition penalty 1.5), overridden by the arguments given. Sampling (`do_sample`) draws from
+        a generator seeded with `seed` (else from torch's global generator, so `torch.manual_seed`
+        makes it repeatable).
 
-        `static_cache=True` preallocates the KV cache, which lets transformers compile the decoder step
-        on a GPU (CUDA graphs): about 4x faster greedy decoding at small batches on an H200, after a
-        first call that compiles for 30-50 s per batch shape. Same tokens as the dynamic cache."""
+        Decoding runs on the decode engine (`lion_mllm.engine`): the token ids of transformers' `generate`
+        (`LionModel.generate`, kept as the reference) from a preallocated cache and one decoder step
+        for the whole batch; `compile_decoder` compiles that step."""
         if isinstance(tasks, str):
             tasks = [tasks] * len(questions)
-        given = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_length": min_length,
-                 "repetition_penalty": repetition_penalty, "length_penalty": length_penalty,
-                 "do_sample": do_sample, "temperature": temperature, "top_p": top_p}
-        decoding = {**self.generation_config.for_tasks(tasks), **{k: v for k, v in given.items() if v is not None}}
+        settings = [self.generation_config.settings(
+            task, num_beams=num_beams, max_new_tokens=max_new_tokens, min_length=min_length,
+            repetition_penalty=repetition_penalty, length_penalty=length_penalty, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            num_return_sequences=num_return_sequences) for task in tasks]
         pil_images = [load_image(i) for i in images]
         tags = self.fill_tags(pil_images, tags)
         batch = self.processor(pil_images, questions, tasks, tags, notebook_format=notebook_format)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        temperature, top_p = decoding.pop("temperature"), decoding.pop("top_p")
-        sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if decoding["do_sample"] else {}
-        if static_cache:
-            sampling["cache_implementation"] = "static"
-        output = self.model.generate(**batch, **decoding, num_return_sequences=num_return_sequences,
-                                     use_cache=use_cache, **sampling)
-        return self.processor.decode(output)
+        sequences = self.decode_engine(settings, batch).generate(batch, settings)
+        return self.processor.decode([seq for sample in sequences for seq in sample])
+
+    def decode_engine(self, settings: Sequence[DecodingSettings], batch: dict[str, torch.Tensor]) -> DecodeEngine:
+        """The engine `generate` decodes on: this Lion's own, made (again) larger when a call needs more
+        slots, answer length or encoder positions than it has. Calls from several threads share it, one
+        at a time (its lock)."""
+        slots = max(s.slots for s in settings)
+        wanted = EngineOptions(
+            slots=max(slots, min(_power_of_two(sum(s.slots for s in settings)), self.MAX_SLOTS)),
+            max_length=_power_of_two(max(s.max_new_tokens for s in settings), minimum=32),
+            max_source_length=self.config.num_visual_tokens + _power_of_two(batch["input_ids"].shape[1], minimum=128),
+            compile=self.compile_decoder)
+        with self._engine_lock:
+            engine = self._engine
+            if engine is not None and engine.options.compile == wanted.compile and all(
+                    getattr(engine.options, name) >= getattr(wanted, name)
+                    for name in ("slots", "max_length", "max_source_length")):
+                return engine
+            if engine is not None:  # grow: never smaller than what earlier calls needed
+                wanted = EngineOptions(**{name: max(getattr(engine.options, name), getattr(wanted, name))
+                                          for name in ("slots", "max_length", "max_source_length")},
+                                       compile=wanted.compile)
+            self._engine = DecodeEngine(self.model, wanted)
+            return self._engine
 
     def fill_tags(self, images: Sequence[Image.Image], tags: Sequence[Any] | None) -> list[Any] | None:
         """`tags` (one entry per image, None where absent; or None for all) with the absent ones made by the

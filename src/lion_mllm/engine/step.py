@@ -1,0 +1,155 @@
+"""One T5 decoder step over a preallocated slot cache: the arithmetic of the decode engine.
+
+A slot holds one decoder sequence (a request, or one beam of one): its self-attention keys/values for
+positions 0..T-1 and the cross-attention keys/values of its encoder output (S positions, computed once
+when the sequence is admitted). A step feeds every slot of [0, n) one token at its own position:
+
+    x = embed(token)                                                     (n, d)
+    per layer:  x = x + SelfAttn(RMS(x))   keys 0..pos of the slot, T5's relative position bias
+                x = x + CrossAttn(RMS(x))  the slot's encoder keys (padding masked)
+                x = x + FFN(RMS(x)) + sum_k router_k[route] * adapter_k(x)
+    logits = lm_head(RMS(x))                                             (n, V) float32
+
+The T5 modules themselves (norms, projections, feed-forward, adapters) compute every part but the
+attention, so the arithmetic and dtypes are transformers' own; only the cache handling is ours: keys
+and values are written in place at (slot, position), so admitting or retiring a sequence never copies
+the others, and the step has one shape per slot count n, which `torch.compile` turns into one kernel
+sequence (a C++ wrapper on CPU, a CUDA graph on a GPU).
+
+Cost per step, N_dec = decoder linear parameters without the cross-attention keys/values:
+    FLOPs  ~ n x (2 N_dec + 2 d V + 4 inner (T + S) layers)
+    bytes  ~ weights (N_dec + d V) x dtype  +  n x layers x 2 inner (T + S) x dtype (the slots' K/V)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import T5ForConditionalGeneration
+
+__all__ = ["SlotCache", "DecoderStep"]
+
+
+class SlotCache:
+    """The decoder's keys and values for `slots` sequences, preallocated.
+
+    self_keys/self_values  (layers, slots, heads, T, d_kv): self-attention, written one position a step
+    cross_keys/cross_values (layers, slots, heads, S, d_kv): encoder keys/values, written at admission
+    source_bias (slots, S): 0 over a slot's encoder positions, the dtype's minimum over its padding
+    Memory: layers x slots x heads x d_kv x 2 (T + S) x dtype bytes (`nbytes`).
+    """
+
+    def __init__(self, layers: int, slots: int, heads: int, d_kv: int, max_length: int, max_source_length: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.slots, self.max_length, self.max_source_length = slots, max_length, max_source_length
+        self_shape = (layers, slots, heads, max_length, d_kv)
+        cross_shape = (layers, slots, heads, max_source_length, d_kv)
+        # zeros, not empty: a masked position must hold a finite number (0 x NaN would poison a row)
+        self.self_keys = torch.zeros(self_shape, dtype=dtype, device=device)
+        self.self_values = torch.zeros(self_shape, dtype=dtype, device=device)
+        self.cross_keys = torch.zeros(cross_shape, dtype=dtype, device=device)
+        self.cross_values = torch.zeros(cross_shape, dtype=dtype, device=device)
+        self.source_bias = torch.zeros((slots, max_source_length), dtype=dtype, device=device)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.self_keys, self.self_values, self.cross_keys, self.cross_values, self.source_bias
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def write_source(self, slot: int, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Encoder keys/values (layers, heads, length, d_kv) of one sequence into `slot`."""
+        self.cross_keys[:, slot, :, :length] = keys
+        self.cross_values[:, slot, :, :length] = values
+        self.source_bias[slot, :length] = 0
+        self.source_bias[slot, length:] = torch.finfo(self.source_bias.dtype).min
+
+    def copy_slots(self, targets: torch.Tensor, sources: torch.Tensor) -> None:
+        """Beam search: slot targets[i] continues the sequence of slot sources[i] (self-attention only;
+        a beam group shares one encoder output, so its cross-attention rows are already equal)."""
+        self.self_keys[:, targets] = self.self_keys[:, sources]
+        self.self_values[:, targets] = self.self_values[:, sources]
+
+
+def relative_position_buckets(model: T5ForConditionalGeneration, max_length: int) -> torch.Tensor:
+    """(T, T) long: the bucket of T5's decoder self-attention bias for query position q and key position
+    k (`relative_attention_bias` maps it to one bias per head), -1 where k > q (the causal mask)."""
+    attention = model.decoder.block[0].layer[0].SelfAttention
+    query = torch.arange(max_length)[:, None]
+    key = torch.arange(max_length)[None, :]
+    buckets = attention._relative_position_bucket(key - query, bidirectional=False,
+                                                  num_buckets=attention.relative_attention_num_buckets,
+                                                  max_distance=attention.relative_attention_max_distance)
+    return buckets.masked_fill(key > query, -1)
+
+
+class DecoderStep(nn.Module):
+    """`forward(tokens, positions, routes, *cache tensors) -> logits`: one step of T5's decoder for slots
+    [0, n) with n = len(tokens). Holds the model's own decoder modules (no copies of weights)."""
+
+    def __init__(self, model: T5ForConditionalGeneration, max_length: int):
+        super().__init__()
+        self.embed = model.decoder.embed_tokens
+        self.blocks = model.decoder.block
+        self.final_norm = model.decoder.final_layer_norm
+        self.lm_head = model.lm_head
+        config = model.config
+        self.heads, self.d_kv = config.num_heads, config.d_kv
+        self.relative_bias = model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        # bucket indices only: the bias values are read from the (possibly training) weights at every step
+        self.register_buffer("buckets", relative_position_buckets(model, max_length).to(self.relative_bias.weight.device),
+                             persistent=False)
+        self.scale_logits = bool(config.scale_decoder_outputs)  # T5 v1.0 rescales; FlanT5 (LION's) does not
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, routes: torch.Tensor,
+                self_keys: torch.Tensor, self_values: torch.Tensor, cross_keys: torch.Tensor,
+                cross_values: torch.Tensor, source_bias: torch.Tensor) -> torch.Tensor:
+        """tokens, positions, routes (n,) long -> logits (n, V) float32; writes K/V at (slot, position)."""
+        n = tokens.shape[0]
+        slots = torch.arange(n, device=tokens.device)
+        hidden = self.embed(tokens).unsqueeze(1)  # (n, 1, d)
+        self_bias = self._self_attention_bias(positions)  # (n, heads, 1, T)
+        cross_bias = source_bias[:n, None, None, :]  # (n, 1, 1, S)
+        for index, block in enumerate(self.blocks):
+            # self-attention over the slot's own history, this position written first
+            layer = block.layer[0]
+            attention = layer.SelfAttention
+            normed = layer.layer_norm(hidden)
+            query = self._heads(attention.q(normed))  # (n, heads, 1, d_kv)
+            self_keys[index, slots, :, positions] = self._heads(attention.k(normed))[:, :, 0]
+            self_values[index, slots, :, positions] = self._heads(attention.v(normed))[:, :, 0]
+            out = self._attend(attention, query, self_keys[index, :n], self_values[index, :n], self_bias)
+            hidden = hidden + layer.dropout(out)
+            # cross-attention over the slot's encoder output
+            layer = block.layer[1]
+            attention = layer.EncDecAttention
+            query = self._heads(attention.q(layer.layer_norm(hidden)))
+            out = self._attend(attention, query, cross_keys[index, :n], cross_values[index, :n], cross_bias)
+            hidden = hidden + layer.dropout(out)
+            hidden = block.layer[-1].routed(hidden, routes)
+        hidden = self.final_norm(hidden)
+        if self.scale_logits:
+            hidden = hidden * hidden.shape[-1] ** -0.5
+        return self.lm_head(hidden)[:, 0].float()
+
+    def _self_attention_bias(self, positions: torch.Tensor) -> torch.Tensor:
+        """T5's relative position bias of each slot's query position over keys 0..T-1, with the dtype's
+        minimum at the keys after it (as T5 adds its causal mask)."""
+        buckets = self.buckets[positions]  # (n, T)
+        bias = self.relative_bias(buckets.clamp(min=0)).permute(0, 2, 1)  # (n, heads, T)
+        bias = bias.masked_fill((buckets < 0).unsqueeze(1), torch.finfo(bias.dtype).min)
+        return bias.unsqueeze(2)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (n, 1, heads x d_kv) -> (n, heads, 1, d_kv)
+        return x.view(x.shape[0], 1, self.heads, self.d_kv).transpose(1, 2)
+
+    @staticmethod
+    def _attend(attention: nn.Module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        """T5 attention: no 1/sqrt(d) scaling, the bias (positions and mask) added to the scores."""
+        scores = torch.matmul(query, keys.transpose(2, 3)) + bias
+        weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        out = torch.matmul(weights, values)  # (n, heads, 1, d_kv)
+        return attention.o(out.transpose(1, 2).reshape(out.shape[0], 1, -1))
