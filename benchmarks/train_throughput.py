@@ -56,11 +56,25 @@ vision + Q-Former + aggregator + T5 encoder + answer tokens x decoder-per-token)
 FLOPs as forward + 2 x forward of the trained modules (Q-Former, aggregator: input and weight
 gradients) + 1 x forward of the frozen T5 (input gradients only; the adapters are a small part) and no
 backward through the frozen ViT (nothing before it needs a gradient).
+
+`--recipe shapes` measures instead the step of `configs/shapes_from_scratch.yaml` (the lion-shapes model
+trained from scratch, everything trainable) where its time goes, in one process:
+
+    python benchmarks/train_throughput.py --recipe shapes --images 4 12 --precisions fp32 bf16 \
+        --output benchmarks/results/train_throughput_shapes.json
+
+Per step: `data` (the stream's micro-batch: scenes drawn and rendered, pixels, tokens -- what the
+prefetching worker takes off the step), `forward` (the grouped pass with the dense objective), `backward`,
+`optimizer` (clipping, AdamW, zero_grad), each in CPU seconds of this process (`time.process_time`: what
+the step costs, whatever else the machine runs) and wall seconds; FLOPs per sample (FlopCounterMode) and
+the CPU-time FLOP rate; the ten costliest operators (torch.profiler, fp32); whether torch has oneDNN bf16
+kernels on this CPU. `bf16` is the recipe under `torch.autocast("cpu", bfloat16)` (`run.cpu_autocast`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -455,6 +469,100 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def shapes_breakdown(args: argparse.Namespace) -> dict:
+    """Where a step of the lion-shapes recipe goes (see the module docstring, `--recipe shapes`)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as run.flush_denormal
+    result: dict = {"command": " ".join([Path(sys.executable).name] + sys.argv), "recipe": args.recipe,
+                    "machine": machine(), "threads": args.threads, "reps": args.reps,
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "onednn_bf16_kernels": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "loadavg_start": os.getloadavg(), "cases": {}}
+    for precision in args.precisions:
+        for images in args.images:
+            case = _shapes_case(precision, images, args.reps, profile_step=precision == "fp32"
+                                and images == args.images[0])
+            result["cases"][f"{precision}-{images}"] = case
+            part = {name: case["median"][name]["cpu_s"] for name in case["median"]}
+            print(f"{precision:5s} {images:3d} images ({case['samples_per_step']} samples): CPU "
+                  f"{case['cpu_s_per_step']:6.2f} s/step ({case['cpu_ms_per_sample']:5.1f} ms/sample; data "
+                  f"{part['data']:.3f}, forward {part['forward']:.2f}, backward {part['backward']:.2f}, optimizer "
+                  f"{part['optimizer']:.3f}), {case['flops_per_sample'] / 1e9:.2f} GFLOP/sample, "
+                  f"{case['gflop_per_cpu_s']:.1f} GFLOP per CPU second, load {case['loadavg_1min']:.1f}", flush=True)
+    result["loadavg_end"] = os.getloadavg()
+    return result
+
+
+def _shapes_case(precision: str, images: int, reps: int, profile_step: bool) -> dict:
+    """One case of `--recipe shapes`: a fresh `shapes` preset model trained as the recipe trains it (the
+    grouped pass with the dense objective, everything trainable, AdamW), a warm-up step counting FLOPs,
+    then `reps` timed steps (and one profiled step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lion_mllm.shapes.recipe import DenseObjective, ShapesStream, build_shapes_lion
+    from lion_mllm.train.data import StreamedBatches
+    from lion_mllm.train.objectives import grouped_losses
+    from lion_mllm.train.stages import configure_trainable, optimizer_param_groups
+
+    lion = build_shapes_lion(0)  # the `shapes` preset, as `model.preset: shapes` builds it
+    model = lion.model
+    configure_trainable(model, [], unfreeze=["vision_model.", "language_model."])
+    model.train()
+    objectives = {"shapes_dense": DenseObjective(model.config)}
+    head = list(objectives["shapes_dense"].parameters())
+    optimizer = torch.optim.AdamW([*optimizer_param_groups(model, 0.01, 1.0, 1.0),
+                                   {"params": head, "weight_decay": 0.01}], lr=6e-4, betas=(0.9, 0.98))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    stream = StreamedBatches(ShapesStream(seed=0, images_per_batch=images, vqa_per_image=3, rec_per_image=2),
+                             lion.processor, 0, 0, 1, 1)
+    parts = ("data", "forward", "backward", "optimizer")
+
+    def step(timed: list | None = None, count_flops: bool = False) -> float:
+        marks = [(time.process_time(), time.perf_counter())]
+        batch = next(stream)["batch"]
+        marks.append((time.process_time(), time.perf_counter()))
+        counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            text, aux = grouped_losses(model, batch, objectives, {"shapes_dense": 1.0})
+            marks.append((time.process_time(), time.perf_counter()))
+            (text / (batch["labels"] != -100).sum() + aux).backward()
+        marks.append((time.process_time(), time.perf_counter()))
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append((time.process_time(), time.perf_counter()))
+        if timed is not None:
+            timed.append({part: {"cpu_s": b[0] - a[0], "wall_s": b[1] - a[1]} for part, a, b in
+                          zip(parts, marks, marks[1:])}
+                         | {"samples": int(batch["labels"].shape[0]), "loadavg_1min": os.getloadavg()[0]})
+        return counter.get_total_flops() / batch["labels"].shape[0] if count_flops else 0.0
+
+    flops_per_sample = step(count_flops=True)  # also the warm-up step
+    timed: list[dict] = []
+    for _ in range(reps):
+        step(timed)
+    per_step = {part: {kind: median([t[part][kind] for t in timed]) for kind in ("cpu_s", "wall_s")}
+                for part in parts}
+    cpu_step = sum(per_step[part]["cpu_s"] for part in parts)
+    samples = timed[0]["samples"]
+    case = {"precision": precision, "images_per_step": images, "samples_per_step": samples, "median": per_step,
+            "cpu_s_per_step": cpu_step, "cpu_ms_per_sample": 1e3 * cpu_step / samples,
+            "flops_per_sample": flops_per_sample, "gflop_per_cpu_s": flops_per_sample * samples / cpu_step / 1e9,
+            "loadavg_1min": median([t["loadavg_1min"] for t in timed]), "steps": timed}
+    if profile_step:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+        case["top_operators"] = [{"name": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+                                 for e in top]
+    return case
+
+
 def print_table(result: dict) -> None:
     sides = list(result["sides"])
     print(f"\nsize {result['size']}, {result['threads']} thread(s) per side, median of {result['reps']}; machine "
@@ -493,6 +601,11 @@ def main() -> None:
                     help="warm-up steps without FlopCounterMode")
     ap.add_argument("--output", help="results JSON (default benchmarks/results/train_throughput.json for base, "
                                      "train_throughput_SIZE.json otherwise)")
+    ap.add_argument("--recipe", choices=["shapes"], help="where a step of configs/shapes_from_scratch.yaml goes "
+                    "(see above) instead of the three sides")
+    ap.add_argument("--images", type=int, nargs="+", default=[4], help="--recipe: images per step (6 samples each)")
+    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="--recipe: float32, or bf16 autocast on CPU")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -501,6 +614,12 @@ def main() -> None:
     args.bert_dir = str(args.bert_dir or default_bert)
     if args.worker:
         worker(args)
+        return
+    if args.recipe:
+        output = Path(args.output or HERE / "results" / f"train_throughput_{args.recipe}.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(shapes_breakdown(args), indent=1) + "\n")
+        print(f"written {output}")
         return
     for path in (args.t5_dir, args.bert_dir):
         if not Path(path).is_dir():

@@ -1,5 +1,5 @@
-"""`python -m lion_mllm.shapes train-data DIR` / `benchmarks DIR` / `score MODEL`: the worked example of
-the training and evaluation docs."""
+"""`python -m lion_mllm.shapes train-data DIR` / `benchmarks DIR` / `score MODEL` / `examples DIR`: the worked
+example of the training and evaluation docs, the model card's scores and the demo's examples."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .dataset import write_benchmarks, write_dataset
+from .dataset import write_benchmarks, write_dataset, write_examples
 from .scoring import score_pipeline
 from .world import HELD_OUT_SEED_BASE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m lion_mllm.shapes train-data DIR --scenes N` / `benchmarks DIR --count N` / `score MODEL`."""
+    """`python -m lion_mllm.shapes train-data DIR --scenes N` / `benchmarks DIR --count N` / `score MODEL` /
+    `examples DIR`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m lion_mllm.shapes",
@@ -29,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("directory", type=Path)
     bench.add_argument("--count", type=int, default=200)
     bench.add_argument("--first-seed", type=int, default=HELD_OUT_SEED_BASE + 10_000)
+    examples = commands.add_parser("examples", help="choose the demo's example scenes for a model (lion demo)")
+    examples.add_argument("directory", type=Path, help="e.g. src/lion_mllm/assets/examples")
+    examples.add_argument("--model", default="lion-shapes")
+    examples.add_argument("--first-seed", type=int, default=HELD_OUT_SEED_BASE + 20_000)
     score = commands.add_parser("score", help="held-out REC Acc@0.5, VQA exact match, caption object-set match "
                                 "(through Lion.generate, float32 on CPU)")
     score.add_argument("model", help="a bundle directory or an installed name (lion-shapes)")
@@ -45,6 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              rec_per_image=args.rec_per_image)
         print(f"{sum(1 for _ in path.open())} records of {args.scenes} scenes: ann_path {path}, "
               f"vis_root {args.directory}")
+    elif args.command == "examples":
+        if args.first_seed < HELD_OUT_SEED_BASE:
+            parser.error(f"example seeds must be held out (>= {HELD_OUT_SEED_BASE})")
+        from .. import load_model
+
+        for entry in write_examples(args.directory, load_model(args.model), args.first_seed):
+            print(json.dumps(entry))
     elif args.command == "benchmarks":
         if args.first_seed < HELD_OUT_SEED_BASE:
             parser.error(f"benchmark seeds must be held out (>= {HELD_OUT_SEED_BASE})")

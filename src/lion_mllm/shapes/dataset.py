@@ -1,5 +1,5 @@
-"""The world written to disk: training records + images for `lion train`, and tiny REC / VQA / caption
-benchmark files that :mod:`lion_mllm.evaluation.datasets` reads."""
+"""The world written to disk: training records + images for `lion train`, tiny REC / VQA / caption
+benchmark files that :mod:`lion_mllm.evaluation.datasets` reads, and the demo's example scenes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,21 @@ import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-from .world import caption_of, make_scene, referring_expressions, render, scene_samples, scene_tags, vqa_samples
+from .world import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    caption_object_match,
+    caption_of,
+    make_scene,
+    referring_expressions,
+    render,
+    scene_samples,
+    scene_tags,
+    vqa_samples,
+)
 
 
 def write_dataset(directory: str | Path, seeds: Iterable[int], num_objects: int | Sequence[int] | None = None,
@@ -79,3 +92,60 @@ def write_run_tasks(directory: str | Path, seeds: Iterable[int]) -> list[dict[st
         if phrases:
             tasks.append({"id": f"g{index}", "image": str(path), "task": "grounding", "phrase": phrases[0][0]})
     return tasks
+
+
+# The demo shows one phrase of each kind: a colour, a size and shape, a relation to another shape.
+PHRASE_KINDS = ("colour", "size and shape", "relation")
+
+
+def phrase_kind(phrase: str) -> str | None:
+    """Which of `PHRASE_KINDS` a referring phrase is ("the red shape", "the small square", "the shape above
+    the square"); None for the other kinds ("the circle", "the large red square")."""
+    words = phrase.split()[1:]
+    if words[0] in ("shape", "leftmost", "rightmost"):
+        return "relation"
+    if len(words) == 2 and words[0] in COLOURS and words[1] == "shape":
+        return "colour"
+    if len(words) == 2 and words[0] in SIZES and words[1] in SHAPES:
+        return "size and shape"
+    return None
+
+
+def write_examples(directory: str | Path, lion: Any, start: int, num_objects: Sequence[int] = (2, 3, 4)
+                   ) -> list[dict[str, Any]]:
+    """The demo's examples (`lion demo`, `lion_mllm/assets/examples`): for each of `PHRASE_KINDS`, the first
+    held-out scene from seed `start` on (each scene used once) on which `lion` grounds a phrase of that kind
+    (IoU >= 0.5), answers the scene's question and names its objects in the caption. Writes
+    `shapes-<n>.png` and `examples.json` into `directory`; returns the entries. What the model gets right
+    in general is its card's held-out table; these show what that looks like."""
+    from ..evaluation.metrics_rec import box_iou, parse_box
+    from ..evaluation.metrics_vqa import exact_match
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    seed = start
+    for kind in PHRASE_KINDS:
+        while True:
+            scene = make_scene(seed, num_objects)
+            seed += 1
+            phrases = [(p, o) for p, o in referring_expressions(scene) if phrase_kind(p) == kind]
+            if not phrases:
+                continue
+            rng = random.Random(scene.seed + 11)
+            phrase, obj = phrases[0]
+            question, answer, _ = rng.choice(vqa_samples(scene, rng))
+            image = render(scene)
+            box = parse_box(lion.ground(image, phrase).text)
+            if (box is None or box_iou([v * scene.size for v in box], obj.box) < 0.5
+                    or not exact_match(lion.ask(image, question), answer)
+                    or not caption_object_match(lion.caption(image), scene)):
+                continue
+            name = f"shapes-{len(entries) + 1}.png"
+            image.save(directory / name)
+            entries.append({"image": name, "seed": scene.seed, "question": question, "answer": answer,
+                            "phrase": phrase, "box": list(obj.box), "caption": caption_of(scene),
+                            "tags": scene_tags(scene)})
+            break
+    (directory / "examples.json").write_text(json.dumps(entries, indent=1) + "\n")
+    return entries
