@@ -31,10 +31,11 @@ __all__ = ["SlotCache", "DecoderStep"]
 
 
 class SlotCache:
-    """The decoder's keys and values for `slots` sequences, preallocated.
+    """The decoder's keys and values for `slots` sequences, preallocated, one tensor per layer (so that a
+    compiled step writes each in place: a write into a stacked tensor would be copied back whole).
 
-    self_keys/self_values  (layers, slots, heads, T, d_kv): self-attention, written one position a step
-    cross_keys/cross_values (layers, slots, heads, S, d_kv): encoder keys/values, written at admission
+    self_keys/self_values[layer]  (slots, heads, T, d_kv): self-attention, written one position a step
+    cross_keys/cross_values[layer] (slots, heads, S, d_kv): encoder keys/values, written at admission
     source_bias (slots, S): 0 over a slot's encoder positions, the dtype's minimum over its padding
     Memory: layers x slots x heads x d_kv x 2 (T + S) x dtype bytes (`nbytes`).
     """
@@ -42,18 +43,18 @@ class SlotCache:
     def __init__(self, layers: int, slots: int, heads: int, d_kv: int, max_length: int, max_source_length: int,
                  dtype: torch.dtype, device: torch.device):
         self.slots, self.max_length, self.max_source_length = slots, max_length, max_source_length
-        self_shape = (layers, slots, heads, max_length, d_kv)
-        cross_shape = (layers, slots, heads, max_source_length, d_kv)
-        # zeros, not empty: a masked position must hold a finite number (0 x NaN would poison a row)
-        self.self_keys = torch.zeros(self_shape, dtype=dtype, device=device)
-        self.self_values = torch.zeros(self_shape, dtype=dtype, device=device)
-        self.cross_keys = torch.zeros(cross_shape, dtype=dtype, device=device)
-        self.cross_values = torch.zeros(cross_shape, dtype=dtype, device=device)
+
+        def zeros(length: int) -> list[torch.Tensor]:
+            # zeros, not empty: a masked position must hold a finite number (0 x NaN would poison a row)
+            return [torch.zeros((slots, heads, length, d_kv), dtype=dtype, device=device) for _ in range(layers)]
+
+        self.self_keys, self.self_values = zeros(max_length), zeros(max_length)
+        self.cross_keys, self.cross_values = zeros(max_source_length), zeros(max_source_length)
         self.source_bias = torch.zeros((slots, max_source_length), dtype=dtype, device=device)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.self_keys, self.self_values, self.cross_keys, self.cross_values, self.source_bias
+        return (*self.self_keys, *self.self_values, *self.cross_keys, *self.cross_values, self.source_bias)
 
     @property
     def nbytes(self) -> int:
@@ -61,16 +62,17 @@ class SlotCache:
 
     def write_source(self, slot: int, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         """Encoder keys/values (layers, heads, length, d_kv) of one sequence into `slot`."""
-        self.cross_keys[:, slot, :, :length] = keys
-        self.cross_values[:, slot, :, :length] = values
+        for layer, (cache_keys, cache_values) in enumerate(zip(self.cross_keys, self.cross_values)):
+            cache_keys[slot, :, :length] = keys[layer]
+            cache_values[slot, :, :length] = values[layer]
         self.source_bias[slot, :length] = 0
         self.source_bias[slot, length:] = torch.finfo(self.source_bias.dtype).min
 
     def copy_slots(self, targets: torch.Tensor, sources: torch.Tensor) -> None:
         """Beam search: slot targets[i] continues the sequence of slot sources[i] (self-attention only;
         a beam group shares one encoder output, so its cross-attention rows are already equal)."""
-        self.self_keys[:, targets] = self.self_keys[:, sources]
-        self.self_values[:, targets] = self.self_values[:, sources]
+        for cache in (*self.self_keys, *self.self_values):
+            cache[targets] = cache[sources]
 
 
 def relative_position_buckets(model: T5ForConditionalGeneration, max_length: int) -> torch.Tensor:
@@ -104,9 +106,12 @@ class DecoderStep(nn.Module):
         self.scale_logits = bool(config.scale_decoder_outputs)  # T5 v1.0 rescales; FlanT5 (LION's) does not
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, routes: torch.Tensor,
-                self_keys: torch.Tensor, self_values: torch.Tensor, cross_keys: torch.Tensor,
-                cross_values: torch.Tensor, source_bias: torch.Tensor) -> torch.Tensor:
-        """tokens, positions, routes (n,) long -> logits (n, V) float32; writes K/V at (slot, position)."""
+                *cache: torch.Tensor) -> torch.Tensor:
+        """tokens, positions, routes (n,) long and the `SlotCache.tensors` -> logits (n, V) float32;
+        writes each slot's keys/values at (slot, position)."""
+        layers = len(self.blocks)
+        self_keys, self_values = cache[:layers], cache[layers:2 * layers]
+        cross_keys, cross_values, source_bias = cache[2 * layers:3 * layers], cache[3 * layers:4 * layers], cache[-1]
         n = tokens.shape[0]
         slots = torch.arange(n, device=tokens.device)
         hidden = self.embed(tokens).unsqueeze(1)  # (n, 1, d)
@@ -118,15 +123,15 @@ class DecoderStep(nn.Module):
             attention = layer.SelfAttention
             normed = layer.layer_norm(hidden)
             query = self._heads(attention.q(normed))  # (n, heads, 1, d_kv)
-            self_keys[index, slots, :, positions] = self._heads(attention.k(normed))[:, :, 0]
-            self_values[index, slots, :, positions] = self._heads(attention.v(normed))[:, :, 0]
-            out = self._attend(attention, query, self_keys[index, :n], self_values[index, :n], self_bias)
+            self_keys[index][slots, :, positions] = self._heads(attention.k(normed))[:, :, 0]  # (n, heads, d_kv)
+            self_values[index][slots, :, positions] = self._heads(attention.v(normed))[:, :, 0]
+            out = self._attend(attention, query, self_keys[index][:n], self_values[index][:n], self_bias)
             hidden = hidden + layer.dropout(out)
             # cross-attention over the slot's encoder output
             layer = block.layer[1]
             attention = layer.EncDecAttention
             query = self._heads(attention.q(layer.layer_norm(hidden)))
-            out = self._attend(attention, query, cross_keys[index, :n], cross_values[index, :n], cross_bias)
+            out = self._attend(attention, query, cross_keys[index][:n], cross_values[index][:n], cross_bias)
             hidden = hidden + layer.dropout(out)
             hidden = block.layer[-1].routed(hidden, routes)
         hidden = self.final_norm(hidden)
