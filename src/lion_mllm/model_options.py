@@ -72,6 +72,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, decoding: bool = True,
     group.add_argument("--ram-config", metavar="DIR_OR_JSON", default=None,
                        help="the --ram checkpoint's config: RAM's config folder (configs/ + data/) or a JSON file "
                             "of RamConfig fields (default: inferred from the weights)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compile the decoder step (default: on a GPU only; on a CPU the first steps take tens "
+                            "of seconds to compile, which pays off over a long job: run, eval, serve)")
     if tags:
         group.add_argument("--tags", type=_tags, default=None, metavar='"a, b"',
                            help="image tags for the prompt, for every image (default: the model's tagger)")
@@ -178,6 +181,8 @@ def model_from_args(args: argparse.Namespace, say: Callable[[str], None] | None 
     from . import load_model
 
     lion = load_model(resolved, device=device, dtype=getattr(args, "dtype", None))
+    lion.compile_decoder = getattr(args, "compile", None)
+    lion.compile_decoder = getattr(args, "compile", None)
     if getattr(args, "ram", None):
         from .ram import LazyRamTagger
 

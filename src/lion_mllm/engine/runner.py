@@ -54,8 +54,8 @@ class EngineOptions:
     max_length: self-attention positions per slot = the longest answer in tokens (`max_new_tokens`).
     max_source_length: encoder positions per slot (visual tokens + prompt); None: visual tokens + 128.
     compile: `torch.compile` the decoder step (CUDA graphs on a GPU, C++ kernels on a CPU); None
-      compiles on CUDA only (a CPU compile costs tens of seconds per bucket: worth it for a server,
-      a `lion run` job or an evaluation, not for one question).
+      compiles on CUDA only (a CPU compile costs tens of seconds: worth it for a server, a `lion run`
+      job or an evaluation, not for one question).
     """
 
     slots: int = 8
@@ -85,13 +85,27 @@ class Encoded:
         return int(self.mask[row].sum())
 
 
+def _bucket(value: int, smallest: int, largest: int) -> int:
+    """The smallest power of two >= value (and >= smallest), capped at largest."""
+    size = smallest
+    while size < value:
+        size *= 2
+    return min(size, largest)
+
+
 class DecodeEngine:
     """Owns a slot cache and runs requests' decoder sequences in it (see the module docstring).
 
-    Not thread-safe by itself: one thread drives `admit`/`step`/`release` (the server's scheduler, or
-    `generate` under the engine's lock)."""
+    One thread drives `admit`/`step`/`release` at a time: the server's scheduler, or `generate`
+    (which holds `lock`)."""
 
     def __init__(self, model: LionModel, options: EngineOptions | None = None):
+        # the cache is written in place by every later call: made as normal tensors even when the engine
+        # is built inside `torch.inference_mode()` (which would make them read-only outside it)
+        with torch.inference_mode(False):
+            self._build(model, options)
+
+    def _build(self, model: LionModel, options: EngineOptions | None) -> None:
         self.model = model
         self.options = options = options or EngineOptions()
         language = model.language_model
@@ -107,16 +121,19 @@ class DecodeEngine:
         self.step_module = DecoderStep(language, options.max_length)
         self.compile = options.compile if options.compile is not None else self.device.type == "cuda"
         self._compiled = None
-        self._compiled_buckets: set[int] = set()
-        self.compile_seconds: dict[int, float] = {}  # bucket -> seconds its first (compiling) step took
+        self._compiled_shapes: set[tuple[int, int, int]] = set()
+        self.compile_seconds: dict[tuple[int, int, int], float] = {}  # (slots, length, source) -> first step's s
         # per-slot inputs of the step, preallocated so a compiled step always reads the same buffers
-        self.tokens = torch.zeros(options.slots, dtype=torch.long, device=self.device)
+        self.tokens = torch.full((options.slots,), self.start_token, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(options.slots, dtype=torch.long, device=self.device)
         self.routes = torch.zeros(options.slots, dtype=torch.long, device=self.device)
-        self.rows = TokenRows(options.slots, self.vocab, self.device)
+        self.rows = TokenRows(options.slots, self.vocab, self.eos_token, self.device)
+        # the same per-slot facts on the host, where the loop reads them without waiting on the device
         self._owner: list[tuple[Group, int] | None] = [None] * options.slots  # slot -> (group, row)
+        self._position = [0] * options.slots
+        self._source_length = [0] * options.slots
         self.groups: list[Group] = []
-        self.lock = threading.Lock()  # held by `generate`; a scheduler that drives the engine holds it too
+        self.lock = threading.Lock()  # held by `generate`; a scheduler that drives the engine holds none
         self.steps = 0
 
     # -- sizes -------------------------------------------------------------------------------------
@@ -134,7 +151,7 @@ class DecodeEngine:
         return bool(self.groups)
 
     def buckets(self) -> list[int]:
-        """The slot counts a step runs at: powers of two up to `slots` (and `slots` itself)."""
+        """The slot counts a step runs at: powers of two below `slots`, and `slots`."""
         sizes, size = [], 1
         while size < self.options.slots:
             sizes.append(size)
@@ -158,15 +175,6 @@ class DecodeEngine:
 
     # -- admission ---------------------------------------------------------------------------------
 
-    def group_for(self, settings: DecodingSettings, sources: int = 1) -> Group:
-        """A new (not yet admitted) group decoding `sources` samples with these settings."""
-        common = dict(settings=settings, start_token=self.start_token, eos_token=self.eos_token)
-        if settings.num_beams > 1:
-            return BeamGroup(**common, sources=sources, early_stopping=self.early_stopping)
-        if sources != 1:
-            raise ValueError("a greedy or sampling group decodes one sample")
-        return TokenGroup(**common)
-
     def check(self, settings: DecodingSettings, source_length: int) -> None:
         """ValueError if a request with these settings can never run here (before it takes a slot)."""
         if settings.max_new_tokens > self.options.max_length:
@@ -187,11 +195,17 @@ class DecodeEngine:
         rows = [rows] if isinstance(rows, int) else list(rows)
         lengths = [encoded.source_length(r) for r in rows]
         self.check(settings, max(lengths))
-        group = self.group_for(settings, len(rows))
+        common = dict(settings=settings, start_token=self.start_token, eos_token=self.eos_token)
+        if settings.num_beams > 1:
+            group: Group = BeamGroup(**common, sources=len(rows), early_stopping=self.early_stopping)
+        elif len(rows) == 1:
+            group = TokenGroup(**common)
+        else:
+            raise ValueError("a greedy or sampling request decodes one sample")
         free = [slot for slot, owner in enumerate(self._owner) if owner is None]
         if group.slots_needed > len(free):
             raise EngineFull(f"{group.slots_needed} slots needed, {len(free)} free")
-        group.slots = free[: group.slots_needed]
+        group.slots = free[: group.slots_needed]  # the lowest free slots: steps stay in small buckets
         copies = group.slots_needed // len(rows)  # beams (or return sequences) per sample
         keys, values = self._cross_attention(encoded.hidden[rows])  # (layers, rows, heads, S_b, d_kv)
         for index, (row, length) in enumerate(zip(rows, lengths)):
@@ -201,13 +215,16 @@ class DecodeEngine:
                 slot = group.slots[index * copies + copy]
                 self.cache.write_source(slot, row_keys, row_values, length)
                 self.routes[slot] = encoded.routes[row]
+                self._source_length[slot] = length
         for row_index, slot in enumerate(group.slots):
             self._owner[slot] = (group, row_index)
-            self.tokens[slot] = self.start_token
-            self.positions[slot] = 0
-            if isinstance(group, TokenGroup):
-                self.rows.admit(slot, settings, self.start_token)
+            self._position[slot] = 0
+        slots = torch.tensor(group.slots, device=self.device)
+        self.tokens[slots] = self.start_token
+        self.positions[slots] = 0
         if isinstance(group, TokenGroup):
+            for slot in group.slots:
+                self.rows.admit(slot, settings, self.start_token)
             group.start_generator(self.device)
         else:
             group.start(self.device)
@@ -218,27 +235,22 @@ class DecodeEngine:
         """Encoder output (B, S, d) -> every decoder layer's cross-attention keys and values, stacked
         (layers, B, heads, S, d_kv): computed once per sample, read at every step."""
         config = self.model.language_model.config
+        shape = (*hidden.shape[:2], config.num_heads, config.d_kv)
         keys, values = [], []
         for block in self.model.language_model.decoder.block:
             attention = block.layer[1].EncDecAttention
-            shape = (*hidden.shape[:2], config.num_heads, config.d_kv)
             keys.append(attention.k(hidden).view(shape).transpose(1, 2))
             values.append(attention.v(hidden).view(shape).transpose(1, 2))
         return torch.stack(keys), torch.stack(values)
 
     def release(self, group: Group) -> None:
-        """Stop decoding `group` now (finished or cancelled) and free its slots."""
+        """Stop decoding `group` now (finished or cancelled) and free its slots; the others go on."""
         for slot in group.slots:
             if slot >= 0 and self._owner[slot] is not None and self._owner[slot][0] is group:
-                self._free(slot)
-        group.slots = []
+                self._owner[slot] = None
+        group.slots = [-1] * len(group.slots)
         if group in self.groups:
             self.groups.remove(group)
-
-    def _free(self, slot: int) -> None:
-        self._owner[slot] = None
-        self.positions[slot] = 0
-        self.tokens[slot] = self.start_token
 
     # -- decoding ----------------------------------------------------------------------------------
 
@@ -248,9 +260,11 @@ class DecodeEngine:
         in `tokens`/`results`). Finished groups are released (their slots free) before it returns."""
         if not self.groups:
             return []
-        used = max(slot for slot, owner in enumerate(self._owner) if owner is not None) + 1
-        size = next(b for b in self.buckets() if b >= used)
-        logits = self._run_step(size)
+        used = [slot for slot, owner in enumerate(self._owner) if owner is not None]
+        size = next(b for b in self.buckets() if b > used[-1])
+        length = _bucket(max(self._position[s] for s in used) + 1, 16, self.options.max_length)
+        source_length = _bucket(max(self._source_length[s] for s in used), 16, self.max_source_length)
+        logits = self._run_step(size, length, source_length)
         self.steps += 1
         moved = list(self.groups)
         token_groups = [g for g in moved if isinstance(g, TokenGroup)]
@@ -264,45 +278,46 @@ class DecodeEngine:
                 self.release(group)
         return moved
 
-    def _run_step(self, size: int) -> torch.Tensor:
-        args = (self.tokens[:size], self.positions[:size], self.routes[:size], *self.cache.tensors)
+    def _run_step(self, size: int, length: int, source_length: int) -> torch.Tensor:
+        """Logits (size, V) of slots [0, size), attending over `length` positions and `source_length`
+        encoder positions."""
+        args = (self.tokens[:size], self.positions[:size], self.routes[:size], length, source_length,
+                *self.cache.tensors)
         if not self.compile:
             return self.step_module(*args)
         if self._compiled is None:
             self._compiled = self._compile()
-        if size in self._compiled_buckets:
+        shape = (size, length, source_length)
+        if shape in self._compiled_shapes:
             return self._compiled(*args)
         started = time.perf_counter()
-        # one compiled graph per bucket and cache size: more than dynamo's default of 8 per function
+        # a few graphs per bucket and length: more than dynamo's default of 8 per function
         with torch._dynamo.config.patch(recompile_limit=64):
             logits = self._compiled(*args)
-        self.compile_seconds[size] = time.perf_counter() - started
-        self._compiled_buckets.add(size)
+        self.compile_seconds[shape] = time.perf_counter() - started
+        self._compiled_shapes.add(shape)
         return logits
 
     def _compile(self):
         if self.device.type == "cuda":
             for tensor in (*self.cache.tensors, self.tokens, self.positions, self.routes):
                 torch._dynamo.mark_static_address(tensor)
-            return torch.compile(self.step_module, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            return torch.compile(self.step_module, mode="reduce-overhead", fullgraph=True)
         # on CPU the C++ wrapper calls the kernels without Python in between (per-step overhead is the cost)
-        return torch.compile(self.step_module, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        return torch.compile(self.step_module, fullgraph=True, options={"cpp_wrapper": True})
 
     def _advance_token_groups(self, groups: list[TokenGroup], logits: torch.Tensor) -> None:
         """Greedy and sampled rows of all token groups: processors for all at once, then each row's token."""
         slots = [slot for g in groups for slot in g.slots if slot >= 0]
         index = torch.tensor(slots, device=self.device)
-        scores = self.rows.process(index, logits[index], self.eos_token)
+        scores = self.rows.process(index, logits[index])
         chosen = scores.argmax(dim=-1)
         at = {slot: i for i, slot in enumerate(slots)}
         for group in groups:
-            if group.generator is None:
-                continue
-            live = [at[s] for s in group.slots if s >= 0]
-            rows = torch.tensor(live, device=self.device)
-            warped = group.warpers()(None, scores[rows])
-            drawn = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=group.generator).squeeze(1)
-            chosen[rows] = drawn
+            if group.generator is not None:
+                rows = torch.tensor([at[s] for s in group.slots if s >= 0], device=self.device)
+                warped = group.warpers()(None, scores[rows])
+                chosen[rows] = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=group.generator)[:, 0]
         self.rows.record(index, chosen)
         self.tokens[index] = chosen
         self.positions[index] += 1
@@ -314,12 +329,13 @@ class DecodeEngine:
                 token = picked[at[slot]]
                 sequence = group.tokens[row]
                 sequence.append(token)
+                self._position[slot] += 1
                 ended, full = token == self.eos_token, len(sequence) - 1 >= group.settings.max_new_tokens
                 if ended or full:
                     group.results[row] = sequence
                     group.finish_reasons[row] = "stop" if ended else "length"
                     group.finished[row] = True
-                    self._free(slot)
+                    self._owner[slot] = None
                     group.slots[row] = -1
             group.done = all(group.finished)
 
@@ -331,6 +347,8 @@ class DecodeEngine:
         self.cache.copy_slots(slots, slots[parents])
         self.tokens[slots] = tokens
         self.positions[slots] = group.length - 1
+        for slot in group.slots:
+            self._position[slot] = group.length - 1
 
     # -- whole batches -----------------------------------------------------------------------------
 

@@ -101,8 +101,9 @@ class TokenRows:
     """The per-slot state of token groups for the vectorised processors: the tokens each slot has seen
     (for the repetition penalty), its penalty and its minimum length."""
 
-    def __init__(self, slots: int, vocab: int, device: torch.device):
+    def __init__(self, slots: int, vocab: int, eos_token: int, device: torch.device):
         self.seen = torch.zeros((slots, vocab), dtype=torch.bool, device=device)
+        self.is_eos = torch.arange(vocab, device=device) == eos_token  # (V,)
         self.penalty = torch.ones(slots, device=device)
         self.min_length = torch.zeros(slots, dtype=torch.long, device=device)
         self.length = torch.zeros(slots, dtype=torch.long, device=device)
@@ -115,15 +116,14 @@ class TokenRows:
         self.min_length[slot] = settings.min_length
         self.length[slot] = 1
 
-    def process(self, slots: torch.Tensor, logits: torch.Tensor, eos_token: int) -> torch.Tensor:
+    def process(self, slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """logits (m, V) of these slots, with the repetition penalty and the minimum length applied
         (transformers' RepetitionPenalty and MinLength processors, row by row)."""
         penalty = self.penalty[slots].unsqueeze(1)
         penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
         logits = torch.where(self.seen[slots], penalised, logits)
         too_short = (self.length[slots] < self.min_length[slots]).unsqueeze(1)
-        eos = torch.zeros_like(self.seen[0]).index_fill_(0, torch.tensor(eos_token, device=logits.device), True)
-        return torch.where(too_short & eos, -math.inf, logits)
+        return torch.where(too_short & self.is_eos, -math.inf, logits)
 
     def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         self.seen[slots, tokens.clamp(max=self.seen.shape[1] - 1)] = True

@@ -105,18 +105,20 @@ class DecoderStep(nn.Module):
                              persistent=False)
         self.scale_logits = bool(config.scale_decoder_outputs)  # T5 v1.0 rescales; FlanT5 (LION's) does not
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, routes: torch.Tensor,
-                *cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, routes: torch.Tensor, length: int,
+                source_length: int, *cache: torch.Tensor) -> torch.Tensor:
         """tokens, positions, routes (n,) long and the `SlotCache.tensors` -> logits (n, V) float32;
-        writes each slot's keys/values at (slot, position)."""
+        writes each slot's keys/values at (slot, position). Attention reads the first `length` positions
+        (> every slot's position) and `source_length` encoder positions (>= every slot's encoder length)
+        only: the rest of the cache is masked anyway, and reading it would cost memory bandwidth."""
         layers = len(self.blocks)
         self_keys, self_values = cache[:layers], cache[layers:2 * layers]
         cross_keys, cross_values, source_bias = cache[2 * layers:3 * layers], cache[3 * layers:4 * layers], cache[-1]
         n = tokens.shape[0]
         slots = torch.arange(n, device=tokens.device)
         hidden = self.embed(tokens).unsqueeze(1)  # (n, 1, d)
-        self_bias = self._self_attention_bias(positions)  # (n, heads, 1, T)
-        cross_bias = source_bias[:n, None, None, :]  # (n, 1, 1, S)
+        self_bias = self._self_attention_bias(positions, length)  # (n, heads, 1, length)
+        cross_bias = source_bias[:n, None, None, :source_length]  # (n, 1, 1, source_length)
         for index, block in enumerate(self.blocks):
             # self-attention over the slot's own history, this position written first
             layer = block.layer[0]
@@ -125,13 +127,15 @@ class DecoderStep(nn.Module):
             query = self._heads(attention.q(normed))  # (n, heads, 1, d_kv)
             self_keys[index][slots, :, positions] = self._heads(attention.k(normed))[:, :, 0]  # (n, heads, d_kv)
             self_values[index][slots, :, positions] = self._heads(attention.v(normed))[:, :, 0]
-            out = self._attend(attention, query, self_keys[index][:n], self_values[index][:n], self_bias)
+            out = self._attend(attention, query, self_keys[index][:n, :, :length], self_values[index][:n, :, :length],
+                               self_bias)
             hidden = hidden + layer.dropout(out)
             # cross-attention over the slot's encoder output
             layer = block.layer[1]
             attention = layer.EncDecAttention
             query = self._heads(attention.q(layer.layer_norm(hidden)))
-            out = self._attend(attention, query, cross_keys[index][:n], cross_values[index][:n], cross_bias)
+            out = self._attend(attention, query, cross_keys[index][:n, :, :source_length],
+                               cross_values[index][:n, :, :source_length], cross_bias)
             hidden = hidden + layer.dropout(out)
             hidden = block.layer[-1].routed(hidden, routes)
         hidden = self.final_norm(hidden)
@@ -139,10 +143,10 @@ class DecoderStep(nn.Module):
             hidden = hidden * hidden.shape[-1] ** -0.5
         return self.lm_head(hidden)[:, 0].float()
 
-    def _self_attention_bias(self, positions: torch.Tensor) -> torch.Tensor:
-        """T5's relative position bias of each slot's query position over keys 0..T-1, with the dtype's
-        minimum at the keys after it (as T5 adds its causal mask)."""
-        buckets = self.buckets[positions]  # (n, T)
+    def _self_attention_bias(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """T5's relative position bias of each slot's query position over keys 0..length-1, with the
+        dtype's minimum at the keys after it (as T5 adds its causal mask)."""
+        buckets = self.buckets[positions, :length]  # (n, length)
         bias = self.relative_bias(buckets.clamp(min=0)).permute(0, 2, 1)  # (n, heads, T)
         bias = bias.masked_fill((buckets < 0).unsqueeze(1), torch.finfo(bias.dtype).min)
         return bias.unsqueeze(2)

@@ -114,7 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           api_key=args.api_key or None, max_image_pixels=args.max_image_pixels,
                           max_body_bytes=args.max_body_bytes, allow_remote_images=args.allow_remote_images,
                           max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                          num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, ui=not args.no_ui)
+                          num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, ui=not args.no_ui,
+                          compile=getattr(args, "compile", None))
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ one request, `Lion.generate` samples from the process-wide generator).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -201,7 +202,7 @@ class Batcher:
             tags = self.lion.fill_tags(images, [j.tags for j in jobs])
             questions = [j.question for j in jobs]
             settings: DecodingSettings = jobs[0].settings
-            texts = self.lion.generate(images, questions, [j.task for j in jobs], tags, **settings.generate_kwargs())
+            texts = self.lion.generate(images, questions, [j.task for j in jobs], tags, **dataclasses.asdict(settings))
         prompt_counts, completion_counts = self._count_tokens(questions, tags, texts)
         if self.on_batch is not None:
             self.on_batch(n, sum(completion_counts))

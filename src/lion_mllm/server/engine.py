@@ -1,31 +1,26 @@
-"""Continuous batching: one decoding loop that admits requests between decoder steps and retires them.
+"""Continuous batching: the server's scheduler, which admits requests into the decode engine between
+decoder steps and retires them.
 
-    engine = DecodingEngine(lion, max_batch_size=8)
-    request = engine.submit(GenerationRequest(image, "What is it?", "vqa", "red", DecodingSettings(16)))
+    scheduler = DecodingEngine(lion, max_batch_size=8)
+    request = scheduler.submit(GenerationRequest(image, "What is it?", "vqa", "red", DecodingSettings(16)))
     request.future.result().text      # equal to lion.generate([image], ["What is it?"], "vqa", ["red"],
                                       #                        num_beams=1, max_new_tokens=16, ...)[0]
 
-Every loop turn: (1) requests waiting in the queue are admitted into free slots; their images, Q-Former,
-aggregator and T5 encoder run as one batch, and one decoder step on the newcomers alone (the "prefill")
-fills their KV caches and gives their first token; (2) one decoder step runs for every active request at
-once; (3) a request that produced its end token, reached its length, hit a stop string or was cancelled
-leaves, and its slot is free for the next turn. So a short request arriving behind a long one starts at the
-next step instead of after it, and its first token is streamed after one encoder pass and one step.
-
-How rows of different ages share a step: T5's decoder uses relative position biases, so a request that
-has made k tokens while the batch's cache is L long is left-padded to L (masked), which keeps its
-query-key distances; encoder outputs of different lengths are right-padded and masked. Each request has
-its own decoding settings (greedy or sampling with temperature/top-k/top-p and its own seeded generator,
-repetition penalty, minimum and maximum length), applied with transformers' own logits processors, so
-the tokens equal `Lion.generate`'s for the same settings. Beam search keeps whole-request batching: beam
-requests run as their own `Lion.generate` batch between steps (grouped by settings). Requests without
-tags (for a model that reads them) are tagged first on a second thread, several images per tagger call,
-so a slow tagger delays only the requests that need it, not the steps of those already decoding.
+The arithmetic is the model's decode engine (`lion_mllm.engine.DecodeEngine`, the one `Lion.generate`
+runs on): its slot cache, its decoder step and its greedy, sampling and beam-search choices, so answers
+equal `Lion.generate`'s token for token. This module schedules: every loop turn (1) requests waiting in
+the queue are admitted while the engine has free slots (at most `max_batch_size` requests at once); their
+images, Q-Former, aggregator and T5 encoder run as one batch; (2) one engine step advances every admitted
+request by a token; (3) a request that produced its end token, reached its length, hit a stop string or
+was cancelled leaves and its slots are free for the next turn, without copying anyone else's. A short
+request arriving behind a long one starts at the next step, and its first token streams after one encoder
+pass and one step. Beam-search requests take one slot per beam and stream their answer when done.
+Requests without tags (for a model that reads them) are tagged first on a second thread, several images per
+tagger call, so a slow tagger delays only the requests that need it, not the steps of those decoding.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -37,69 +32,17 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import T5ForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinLengthLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
-from transformers.modeling_outputs import BaseModelOutput
 
+from ..engine import BeamGroup, DecodeEngine, EngineOptions, Group
+from ..generation import TRANSFORMERS_TOP_K, DecodingSettings
 from ..retry import batch_then_singly
 from .errors import APIError, QueueFullError, ServerStoppingError
 
 log = logging.getLogger("lion_mllm.server")
 
-# transformers renamed the decoder cache argument (`past_key_values` -> `cache`) within 5.x
-_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(T5ForConditionalGeneration.forward).parameters \
-    else "past_key_values"
-TRANSFORMERS_TOP_K = 50  # transformers' generation default, which `Lion.generate` samples with
-
 
 class RequestCancelled(Exception):
     """The request was cancelled (client gone, timeout, stopped stream) before it finished."""
-
-
-@dataclass(frozen=True)
-class DecodingSettings:
-    """How one request is decoded; the names and meanings of `Lion.generate`'s arguments."""
-
-    max_new_tokens: int
-    num_beams: int = 1
-    min_length: int = 1  # of the decoder sequence, start token included (transformers' `min_length`)
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0  # beam search only
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = TRANSFORMERS_TOP_K
-    seed: int | None = None  # sampling only: the request's own generator starts from it
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.min_length < 0:
-            raise ValueError(f"invalid decoding settings {self}")
-        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0):
-            raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0, got {self}")
-        if self.do_sample and self.num_beams > 1:
-            raise ValueError("sampling with several beams is not supported")
-
-    @property
-    def steps_per_token(self) -> bool:
-        """Whether the request decodes in the continuous loop (greedy or sampling, one beam)."""
-        return self.num_beams == 1
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `Lion.generate` for these settings."""
-        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens,
-                                  "min_length": self.min_length, "repetition_penalty": self.repetition_penalty,
-                                  "length_penalty": self.length_penalty, "do_sample": self.do_sample}
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
 
 
 @dataclass(frozen=True)
@@ -157,147 +100,45 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-class _Row:
-    """A request decoding in the batch: its tokens, logits processors, generator and streamed text."""
+@dataclass(eq=False)
+class _Decoding:
+    """A request decoding in the engine: its group (slots and tokens), what its result reports, and the
+    part of its answer already streamed."""
 
-    def __init__(self, request: GenerationRequest, tags: Any, route: int, prompt_tokens: int, batch_size: int,
-                 start_token: int, eos_token: int, device: torch.device):
-        self.request, self.tags, self.route = request, tags, route
-        self.prompt_tokens, self.batch_size = prompt_tokens, batch_size
-        self.eos_token = eos_token
-        self.tokens: list[int] = [start_token]  # the decoder sequence, as transformers' input_ids
-        self.sent = ""  # text already streamed
-        s = request.settings
-        self.processors = LogitsProcessorList()
-        if s.repetition_penalty != 1.0:
-            self.processors.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
-        if s.min_length > 0:
-            self.processors.append(MinLengthLogitsProcessor(s.min_length, torch.tensor([eos_token]), device=device))
-        self.generator: torch.Generator | None = None
-        if s.do_sample:
-            if s.temperature != 1.0:
-                self.processors.append(TemperatureLogitsWarper(s.temperature))
-            if s.top_k:
-                self.processors.append(TopKLogitsWarper(top_k=s.top_k))
-            if s.top_p < 1.0:
-                self.processors.append(TopPLogitsWarper(top_p=s.top_p))
-            self.generator = torch.Generator(device=device)
-            if s.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(s.seed)
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[1:]
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this row's float32 logits (V,), as transformers' greedy/sample loop does."""
-        ids = torch.tensor([self.tokens], device=logits.device)
-        scores = self.processors(ids, logits.unsqueeze(0)) if self.processors else logits.unsqueeze(0)
-        if self.generator is None:
-            return int(scores.argmax(dim=-1))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
-
-
-class _Batch:
-    """The running batch: per-layer KV caches (self-attention left-padded to one length, cross-attention
-    right-padded), encoder outputs and masks, one row per active request."""
-
-    def __init__(self) -> None:
-        self.rows: list[_Row] = []
-        self.layers: list[list[torch.Tensor]] = []  # per decoder layer: [self k, self v, cross k, cross v]
-        self.self_mask: torch.Tensor | None = None  # (B, L) 1 where the decoder cache holds a real token
-        self.encoded: torch.Tensor | None = None  # (B, S, d)
-        self.encoded_mask: torch.Tensor | None = None  # (B, S)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def cache(self) -> EncoderDecoderCache:
-        return EncoderDecoderCache([tuple(layer) for layer in self.layers])
-
-    def take_cache(self, cache: EncoderDecoderCache) -> None:
-        """Read back the tensors of a cache a decoder step has grown."""
-        self.layers = [[s.keys, s.values, c.keys, c.values]
-                       for s, c in zip(cache.self_attention_cache.layers, cache.cross_attention_cache.layers)]
-
-    def keep(self, indices: list[int]) -> None:
-        index = torch.tensor(indices, dtype=torch.long, device=self.self_mask.device)
-        self.rows = [self.rows[i] for i in indices]
-        self.layers = [[t.index_select(0, index) for t in layer] for layer in self.layers]
-        self.self_mask = self.self_mask.index_select(0, index)
-        self.encoded = self.encoded.index_select(0, index)
-        self.encoded_mask = self.encoded_mask.index_select(0, index)
-        # positions no remaining row uses (the retired rows' longer histories) are dropped from the left
-        used = self.self_mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else self.self_mask.shape[1]
-        if first:
-            self.self_mask = self.self_mask[:, first:]
-            self.layers = [[layer[0][:, :, first:], layer[1][:, :, first:], layer[2], layer[3]]
-                           for layer in self.layers]
-        # and trailing encoder positions that are padding for every row
-        filled = self.encoded_mask.any(dim=0).nonzero()
-        length = int(filled[-1]) + 1 if len(filled) else 0
-        if length < self.encoded_mask.shape[1]:
-            self.encoded, self.encoded_mask = self.encoded[:, :length], self.encoded_mask[:, :length]
-            self.layers = [[layer[0], layer[1], layer[2][:, :, :length], layer[3][:, :, :length]]
-                           for layer in self.layers]
-
-    def extend(self, other: _Batch) -> None:
-        """Append `other`'s rows (newly prefilled) below these."""
-        if not self.rows:
-            self.rows, self.layers, self.self_mask = other.rows, other.layers, other.self_mask
-            self.encoded, self.encoded_mask = other.encoded, other.encoded_mask
-            return
-        self_len = max(self.self_mask.shape[1], other.self_mask.shape[1])
-        enc_len = max(self.encoded.shape[1], other.encoded.shape[1])
-
-        def padded(t: torch.Tensor, length: int, dim: int, before: bool) -> torch.Tensor:
-            pad = length - t.shape[dim]
-            if not pad:
-                return t
-            shape = list(t.shape)
-            shape[dim] = pad
-            zeros = t.new_zeros(shape)
-            return torch.cat([zeros, t] if before else [t, zeros], dim=dim)
-
-        def left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:  # self-attention: left-padded
-            return padded(t, length, dim, before=True)
-
-        def right(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:  # encoder side: right-padded
-            return padded(t, length, dim, before=False)
-
-        self.layers = [[torch.cat([left(a, self_len, 2), left(b, self_len, 2)]) if i < 2 else
-                        torch.cat([right(a, enc_len, 2), right(b, enc_len, 2)])
-                        for i, (a, b) in enumerate(zip(mine, theirs))]
-                       for mine, theirs in zip(self.layers, other.layers)]
-        self.self_mask = torch.cat([left(self.self_mask, self_len, 1), left(other.self_mask, self_len, 1)])
-        self.encoded = torch.cat([right(self.encoded, enc_len, 1), right(other.encoded, enc_len, 1)])
-        self.encoded_mask = torch.cat([right(self.encoded_mask, enc_len, 1), right(other.encoded_mask, enc_len, 1)])
-        self.rows = self.rows + other.rows
+    request: GenerationRequest
+    group: Group
+    tags: Any
+    prompt_tokens: int
+    batch_size: int  # requests decoding together when it was admitted
+    sent: str = ""
 
 
 StepObserver = Callable[[int, int], None]  # (rows in the decoder step, tokens produced)
 
 
 class DecodingEngine:
-    """Owns a `Lion` for serving: one worker thread runs the decoding loop; `submit` is thread-safe.
+    """Owns a `Lion` for serving: one worker thread runs the decoding loop over a decode engine of its
+    own; `submit` is thread-safe.
 
     `max_batch_size` bounds the requests decoding at once, `queue_size` those waiting for a slot (more
-    are refused with 429). `stop()` finishes (drain=True) or cancels (503) what is in flight, and an
-    engine never starts again after it.
+    are refused with 429); `engine_options` sizes the decode engine (default: a slot per beam of
+    `max_batch_size` requests, answers up to 512 tokens, prompts up to 512 tokens, compiled on CUDA).
+    `stop()` finishes (drain=True) or cancels (503) what is in flight; an engine never starts again.
     """
 
     def __init__(self, lion: Any, max_batch_size: int = 8, queue_size: int = 64,
-                 on_step: StepObserver | None = None):
+                 on_step: StepObserver | None = None, engine_options: EngineOptions | None = None):
         if not hasattr(lion, "model") or not hasattr(lion, "processor"):
             raise TypeError("continuous batching needs a Lion (with .model and .processor)")
         self.lion = lion
         self.max_batch_size = max_batch_size
         self.capacity = queue_size
         self.on_step = on_step
+        if engine_options is None:
+            beams = max(lion.generation_config.num_beams, 1)
+            engine_options = EngineOptions(slots=max_batch_size * beams, max_length=512,
+                                           max_source_length=lion.config.num_visual_tokens + 512)
+        self.engine = DecodeEngine(lion.model, engine_options)
         self._waiting: deque[GenerationRequest] = deque()
         # requests whose image needs the tagger first: tagged on a thread of their own, so a slow tagger
         # (RAM on a large batch) never stalls the decoder steps of requests already decoding
@@ -308,12 +149,11 @@ class DecodingEngine:
         self._in_tagger = 0  # requests taken from `_tagging` and not yet handed on
         self._stopped = False  # set once by stop(): never cleared, so a stopped engine cannot be revived
         self._drain = True
-        self._batch = _Batch()
+        self._decoding: list[_Decoding] = []
         self._stats_lock = threading.Lock()
         self._stats = {"steps": 0, "tokens": 0, "admitted": 0, "finished": 0, "cancelled": 0, "failed": 0,
-                       "beam_batches": 0, "max_active_seen": 0}
-        language = lion.config.language
-        self._start_token, self._eos_token = language.decoder_start_token_id, language.eos_token_id
+                       "beam_requests": 0, "max_active_seen": 0}
+        self._eos_token = lion.config.language.eos_token_id
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -378,13 +218,15 @@ class DecodingEngine:
             return len(self._waiting) + len(self._tagging)
 
     def active(self) -> int:
-        return len(self._batch)
+        return len(self._decoding)
 
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
             stats = dict(self._stats)
         return {**stats, "mode": "continuous", "queue_depth": self.queue_depth(), "active": self.active(),
-                "queue_capacity": self.capacity, "max_batch_size": self.max_batch_size}
+                "queue_capacity": self.capacity, "max_batch_size": self.max_batch_size,
+                "slots": self.engine.options.slots, "free_slots": self.engine.free_slots,
+                "compile_seconds": sum(self.engine.compile_seconds.values())}
 
     def _count(self, **increments: int) -> None:
         with self._stats_lock:
@@ -397,32 +239,49 @@ class DecodingEngine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._waiting and not self._batch.rows and not self._stopped:
+                    while not self._waiting and not self._decoding and not self._stopped:
                         self._wake.wait()
                     if self._stopped and not self._drain:
                         break
-                    if self._stopped and not self._batch.rows and not self._waiting:
+                    if self._stopped and not self._decoding and not self._waiting:
                         if not self._tagging and not self._in_tagger:
                             break  # drained
                         self._wake.wait(0.05)  # the last requests are being tagged
                         continue
-                    free = self.max_batch_size - len(self._batch)
-                    admitted = []
-                    while self._waiting and len(admitted) < free:
-                        admitted.append(self._waiting.popleft())
+                    admitted = self._take_admissible()
                 try:
-                    self._admit(admitted)
-                    if self._batch.rows:
+                    live = self._start(admitted)
+                    if live:
+                        self._run_isolated(live, self._admit)
+                    self._drop_cancelled()
+                    if self._decoding:
                         self._step()
-                except Exception as error:  # noqa: BLE001 - fail what was in the batch, keep serving
-                    log.exception("a decoder step failed; failing the %d requests in it", len(self._batch))
-                    for row in self._batch.rows:
-                        _fail(row.request, error)
-                    self._count(failed=len(self._batch))
-                    self._batch = _Batch()
-            for row in self._batch.rows:  # stopped without draining
-                _fail(row.request, ServerStoppingError())
-            self._batch = _Batch()
+                except Exception as error:  # noqa: BLE001 - fail what was decoding, keep serving
+                    log.exception("a decoder step failed; failing the %d requests in it", len(self._decoding))
+                    for decoding in self._decoding:
+                        _fail(decoding.request, error)
+                        self.engine.release(decoding.group)
+                    self._count(failed=len(self._decoding))
+                    self._decoding = []
+            for decoding in self._decoding:  # stopped without draining
+                _fail(decoding.request, ServerStoppingError())
+                self.engine.release(decoding.group)
+            self._decoding = []
+
+    def _take_admissible(self) -> list[GenerationRequest]:
+        """Waiting requests (in order) that fit now: request count under `max_batch_size`, slots free."""
+        taken: list[GenerationRequest] = []
+        free = self.engine.free_slots
+        while self._waiting and len(self._decoding) + len(taken) < self.max_batch_size:
+            request = self._waiting[0]
+            if request.settings.slots > self.engine.options.slots:  # can never fit: fails in _admit
+                taken.append(self._waiting.popleft())
+                continue
+            if request.settings.slots > free:
+                break
+            free -= request.settings.slots
+            taken.append(self._waiting.popleft())
+        return taken
 
     def _tag_loop(self) -> None:
         """Tag the images of requests that came without tags (and /v1/tags requests), all waiting ones in
@@ -466,25 +325,38 @@ class DecodingEngine:
             self._waiting.extend(ready)
             self._wake.notify_all()
 
-    def _admit(self, requests: list[GenerationRequest]) -> None:
-        live = [r for r in requests if r.future.set_running_or_notify_cancel()
-                and not (isinstance(r, GenerationRequest) and r.cancelled)]
-        for r in requests:
-            if isinstance(r, GenerationRequest) and r.cancelled and not r.future.done():
-                r.future.set_exception(RequestCancelled())
-        self._count(cancelled=len(requests) - len(live))
-        generations = live
-        beams: dict[DecodingSettings, list[GenerationRequest]] = {}
-        stepping = []
-        for r in generations:
-            if r.settings.steps_per_token:
-                stepping.append(r)
+    def _start(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Mark admitted requests as running; those cancelled meanwhile end here."""
+        live = []
+        for request in requests:
+            if not request.future.set_running_or_notify_cancel() or request.cancelled:
+                _fail(request, RequestCancelled())
+                self._count(cancelled=1)
             else:
-                beams.setdefault(r.settings, []).append(r)
-        for group in beams.values():
-            self._run_isolated(group, self._beam_group)
-        if stepping:
-            self._run_isolated(stepping, self._prefill)
+                live.append(request)
+        return live
+
+    def _admit(self, live: list[GenerationRequest]) -> None:
+        """Encoders for the newcomers in one batch, then each takes its slots in the engine."""
+        lion = self.lion
+        images = [r.image for r in live]
+        tags = lion.fill_tags(images, [r.tags for r in live])
+        batch = lion.processor(images, [r.question for r in live], [r.task for r in live], tags)
+        encoded = self.engine.encode(batch)
+        prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for row, request in enumerate(live):  # checked before any of them takes a slot
+            try:
+                self.engine.check(request.settings, encoded.source_length(row))
+            except ValueError as error:
+                raise APIError(400, str(error), "invalid_value") from None
+        size = len(self._decoding) + len(live)
+        for row, request in enumerate(live):
+            group = self.engine.admit(encoded, row, request.settings)
+            self._decoding.append(_Decoding(request, group, tags[row] if tags is not None else None,
+                                            lion.config.num_visual_tokens + int(prompt_lengths[row]), size))
+        self._count(admitted=len(live), beam_requests=sum(r.settings.num_beams > 1 for r in live))
+        with self._stats_lock:
+            self._stats["max_active_seen"] = max(self._stats["max_active_seen"], len(self._decoding))
 
     def _run_isolated(self, requests: list, run: Callable[[list], None]) -> None:
         """Run a group; if it raises, run its members one by one so only the culprit gets the error."""
@@ -495,140 +367,65 @@ class DecodingEngine:
         for request, outcome in zip(requests, batch_then_singly(requests, run_group)):
             if isinstance(outcome, Exception):
                 log.warning("a request failed in the model: %r", outcome)
+                for decoding in [d for d in self._decoding if d.request is request]:
+                    self.engine.release(decoding.group)
+                    self._decoding.remove(decoding)
                 _fail(request, outcome)
                 self._count(failed=1)
 
-    def _beam_group(self, requests: list[GenerationRequest]) -> None:
-        images = [r.image for r in requests]
-        tags = self.lion.fill_tags(images, [r.tags for r in requests])
-        texts = self.lion.generate(images, [r.question for r in requests], [r.task for r in requests], tags,
-                                   **requests[0].settings.generate_kwargs())
-        self._count(beam_batches=1)
-        processor = self.lion.processor
-        for i, (request, text) in enumerate(zip(requests, texts)):
-            answer, stopped = cut_at_stop(text, request.stop)
-            prompt = processor.build_prompt(request.question, tags[i] if tags is not None else None)
-            prompt_ids, _ = processor.encode_text(processor.tokenizer, [prompt], None, "right")
-            answer_ids, _ = processor.encode_text(processor.tokenizer, [text], None, "right")
-            completion = int(answer_ids.shape[1])  # re-tokenised (with the end token)
-            finish = "stop" if stopped or completion <= request.settings.max_new_tokens else "length"
-            request.emit(answer)
-            if not request.future.done():
-                request.future.set_result(GenerationResult(
-                    answer, finish, tags[i] if tags is not None else None, len(requests),
-                    self.lion.config.num_visual_tokens + int(prompt_ids.shape[1]), completion))
-
-    def _prefill(self, requests: list[GenerationRequest]) -> None:
-        """Encoders for the newcomers in one batch, then their first decoder step; merge them in."""
-        lion, model = self.lion, self.lion.model
-        images = [r.image for r in requests]
-        tags = self.lion.fill_tags(images, [r.tags for r in requests])
-        batch = lion.processor(images, [r.question for r in requests], [r.task for r in requests], tags)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        routes = batch["route_ids"]
-        embeds, mask = model.encoder_inputs(batch["pixel_values"].to(model.dtype), batch["input_ids"],
-                                            batch["attention_mask"], batch.get("qformer_input_ids"),
-                                            batch.get("qformer_attention_mask"))
-        with model.routing(routes):
-            encoded = model.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        size = len(self._batch) + len(requests)
-        prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
-        new = _Batch()
-        new.rows = [_Row(r, tags[i] if tags is not None else None, int(routes[i]),
-                         lion.config.num_visual_tokens + int(prompt_lengths[i]), size, self._start_token,
-                         self._eos_token, model.device) for i, r in enumerate(requests)]
-        new.encoded, new.encoded_mask = encoded, mask
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        start = torch.full((len(requests), 1), self._start_token, dtype=torch.long, device=model.device)
-        with model.routing(routes):
-            logits = model.language_model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
-                                          attention_mask=mask, decoder_input_ids=start, **{_CACHE_ARGUMENT: cache},
-                                          use_cache=True).logits[:, -1, :].float()
-        new.take_cache(cache)
-        new.self_mask = torch.ones((len(requests), 1), dtype=torch.long, device=model.device)
-        self._count(admitted=len(requests))
-        kept = self._advance(new, logits)
-        if kept:
-            if len(kept) < len(new):
-                new.keep(kept)
-            self._batch.extend(new)
-        with self._stats_lock:
-            self._stats["max_active_seen"] = max(self._stats["max_active_seen"], len(self._batch))
+    def _drop_cancelled(self) -> None:
+        """A request cancelled since the last step leaves before the step is spent on it."""
+        for decoding in [d for d in self._decoding if d.request.cancelled]:
+            self.engine.release(decoding.group)
+            self._decoding.remove(decoding)
+            _fail(decoding.request, RequestCancelled())
+            self._count(cancelled=1)
 
     def _step(self) -> None:
-        model, batch = self.lion.model, self._batch
-        # a request cancelled since the last step leaves before spending the step on it
-        live = [i for i, row in enumerate(batch.rows) if not row.request.cancelled]
-        if len(live) < len(batch.rows):
-            for row in batch.rows:
-                if row.request.cancelled:
-                    _fail(row.request, RequestCancelled())
-            self._count(cancelled=len(batch.rows) - len(live))
-            if not live:
-                self._batch = _Batch()
-                return
-            batch.keep(live)
-        last = torch.tensor([[row.tokens[-1]] for row in batch.rows], dtype=torch.long, device=model.device)
-        routes = torch.tensor([row.route for row in batch.rows], dtype=torch.long, device=model.device)
-        mask = torch.cat([batch.self_mask, batch.self_mask.new_ones((len(batch), 1))], dim=1)
-        cache = batch.cache()
-        with model.routing(routes):
-            logits = model.language_model(encoder_outputs=BaseModelOutput(last_hidden_state=batch.encoded),
-                                          attention_mask=batch.encoded_mask, decoder_input_ids=last,
-                                          decoder_attention_mask=mask, **{_CACHE_ARGUMENT: cache},
-                                          use_cache=True).logits[:, -1, :].float()
-        batch.take_cache(cache)
-        batch.self_mask = mask
-        kept = self._advance(batch, logits)
-        if len(kept) < len(batch):
-            if kept:
-                batch.keep(kept)
-            else:
-                self._batch = _Batch()
-
-    def _advance(self, batch: _Batch, logits: torch.Tensor) -> list[int]:
-        """Pick each row's next token, stream the new text, finish rows that are done; the kept rows."""
-        for row, row_logits in zip(batch.rows, logits):
-            row.tokens.append(row.choose(row_logits))
-        self._count(steps=1, tokens=len(batch.rows))
+        rows = sum(len([s for s in d.group.slots if s >= 0]) for d in self._decoding)
+        self.engine.step()
+        self._count(steps=1, tokens=rows)
         if self.on_step is not None:
-            self.on_step(len(batch.rows), len(batch.rows))
-        texts = self.lion.processor.decode([[t for t in row.generated if t != self._eos_token]
-                                            for row in batch.rows])
-        kept = []
-        for index, (row, text) in enumerate(zip(batch.rows, texts)):
-            request, settings = row.request, row.request.settings
-            ended = row.tokens[-1] == self._eos_token
-            text, stopped = cut_at_stop(text, request.stop)
-            full = len(row.generated) >= settings.max_new_tokens
-            if request.cancelled:
-                _fail(request, RequestCancelled())
-                self._count(cancelled=1)
-                continue
-            done = ended or stopped or full
-            self._stream(row, text, done)
-            if not done:
-                kept.append(index)
-                continue
-            finish = "stop" if ended or stopped else "length"
+            self.on_step(rows, rows)
+        processor = self.lion.processor
+        token_rows = [d for d in self._decoding if not isinstance(d.group, BeamGroup)]
+        texts = processor.decode([[t for t in d.group.tokens[0][1:] if t != self._eos_token] for d in token_rows])
+        finished = []
+        for decoding, text in zip(token_rows, texts):
+            text, stopped = cut_at_stop(text, decoding.request.stop)
+            done = decoding.group.done or stopped
+            self._stream(decoding, text, done)
+            if done:
+                reason = "stop" if stopped else decoding.group.finish_reasons[0]
+                finished.append((decoding, text, reason, len(decoding.group.tokens[0]) - 1))
+        for decoding in self._decoding:
+            if isinstance(decoding.group, BeamGroup) and decoding.group.done:
+                best = decoding.group.results[0]
+                text, stopped = cut_at_stop(processor.decode([best])[0], decoding.request.stop)
+                decoding.request.emit(text)
+                reason = "stop" if stopped else decoding.group.finish_reasons[0]
+                finished.append((decoding, text, reason, len(best) - 1))
+        for decoding, text, reason, completion in finished:
+            self.engine.release(decoding.group)  # a stop string ends a request the engine would continue
+            self._decoding.remove(decoding)
             self._count(finished=1)
+            request = decoding.request
             if not request.future.done():
-                request.future.set_result(GenerationResult(text, finish, row.tags, row.batch_size,
-                                                           row.prompt_tokens, len(row.generated)))
-        return kept
+                request.future.set_result(GenerationResult(text, reason, decoding.tags, decoding.batch_size,
+                                                           decoding.prompt_tokens, completion))
 
     @staticmethod
-    def _stream(row: _Row, text: str, done: bool) -> None:
+    def _stream(decoding: _Decoding, text: str, done: bool) -> None:
         """Send the part of `text` not sent yet. Until the end, hold back what might still change: a
         trailing replacement character (half a multi-byte letter) and a tail that could begin a stop
         string."""
         if not done:
-            hold = max((len(s) - 1 for s in row.request.stop), default=0)
+            hold = max((len(s) - 1 for s in decoding.request.stop), default=0)
             text = text[: len(text) - hold] if hold else text
             text = text.rstrip("\ufffd")
-        if text.startswith(row.sent) and len(text) > len(row.sent):
-            row.request.emit(text[len(row.sent):])
-            row.sent = text
+        if text.startswith(decoding.sent) and len(text) > len(decoding.sent):
+            decoding.request.emit(text[len(decoding.sent):])
+            decoding.sent = text
 
 
 def _fail(request: GenerationRequest | TagRequest, error: BaseException) -> None:
@@ -639,5 +436,5 @@ def _fail(request: GenerationRequest | TagRequest, error: BaseException) -> None
             pass
 
 
-__all__ = ["APIError", "DecodingEngine", "DecodingSettings", "GenerationRequest", "GenerationResult",
-           "RequestCancelled", "TagRequest", "cut_at_stop"]
+__all__ = ["TRANSFORMERS_TOP_K", "APIError", "DecodingEngine", "DecodingSettings", "GenerationRequest",
+           "GenerationResult", "RequestCancelled", "TagRequest", "cut_at_stop"]

@@ -29,6 +29,9 @@ class ServerSettings:
     allow_remote_images: bool = False
     remote_timeout_s: float = 10.0
     max_prompt_chars: int = 4000
+    max_prompt_tokens: int = 512  # T5 prompt tokens (tags included) the decode engine's slots hold
+    # compile the decoder step (CUDA graphs on a GPU, C++ kernels on a CPU); None: on CUDA only
+    compile: bool | None = None
     # decoding defaults: None means the model's own (`lion.generation_config`), else the authors'
     # (5 beams, repetition penalty 1.5, up to 256 new tokens); request fields override both
     num_beams: int | None = None
@@ -49,7 +52,8 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "queue_size", "timeout_s", "max_image_pixels", "max_body_bytes",
-                    "max_json_depth", "max_num_beams", "max_tokens_limit", "max_prompt_chars")
+                    "max_json_depth", "max_num_beams", "max_tokens_limit", "max_prompt_chars",
+                    "max_prompt_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

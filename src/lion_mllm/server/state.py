@@ -13,6 +13,7 @@ from fastapi import Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from ..engine import EngineOptions
 from .batcher import Batcher
 from .engine import DecodingEngine, GenerationRequest, RequestCancelled, TagRequest
 from .errors import APIError
@@ -28,8 +29,14 @@ def make_scheduler(lion: Any, settings: ServerSettings, metrics: ServerMetrics) 
     """The continuous-batching engine for a `Lion`; request-level batching when asked for, or for a
     stand-in without `.model`/`.processor` (it only needs `generate`)."""
     if settings.batching == "continuous" and hasattr(lion, "model") and hasattr(lion, "processor"):
+        # a slot per beam of every request decoding at once; answers and prompts up to the server's limits
+        beams = max(lion.generation_config.num_beams, 1)
+        options = EngineOptions(slots=max(settings.max_batch_size * beams, settings.max_num_beams),
+                                max_length=settings.max_tokens_limit,
+                                max_source_length=lion.config.num_visual_tokens + settings.max_prompt_tokens,
+                                compile=settings.compile)
         scheduler: Scheduler = DecodingEngine(lion, settings.max_batch_size, settings.queue_size,
-                                              on_step=metrics.observe_step)
+                                              on_step=metrics.observe_step, engine_options=options)
     else:
         scheduler = Batcher(lion, settings.max_batch_size, settings.max_wait_ms, settings.queue_size,
                             on_batch=metrics.observe_step)
