@@ -180,12 +180,12 @@ class DecodeEngine:
         if settings.max_new_tokens > self.options.max_length:
             raise ValueError(f"max_new_tokens {settings.max_new_tokens} exceeds the engine's slot length "
                              f"{self.options.max_length}")
-        if source_length > self.max_source_length:
-            raise ValueError(f"the prompt is too long: {source_length} encoder positions (visual tokens + prompt "
-                             f"tokens) exceed the engine's {self.max_source_length}")
         if settings.slots > self.options.slots:
             raise ValueError(f"{settings.slots} sequences (beams or return sequences) exceed the engine's "
                              f"{self.options.slots} slots")
+        if source_length > self.max_source_length:
+            raise ValueError(f"the prompt is too long: {source_length} encoder positions (visual tokens + prompt "
+                             f"tokens) exceed the engine's {self.max_source_length}")
 
     @torch.no_grad()
     def admit(self, encoded: Encoded, rows: int | Sequence[int], settings: DecodingSettings) -> Group:
