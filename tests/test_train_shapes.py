@@ -88,6 +88,19 @@ def test_stream_groups_samples_by_image_and_resumes_in_place():
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
+def test_stream_spreads_a_few_samples_over_more_images():
+    """samples_per_image: every image of the group goes through the vision side (and the dense objective),
+    each with a random few of its samples, so the T5 work stays that of fewer images."""
+    lion = build_shapes_lion(0)
+    source = ShapesStream(seed=0, images_per_batch=6, vqa_per_image=3, rec_per_image=2, samples_per_image=2)
+    batch = next(StreamedBatches(source, lion.processor, seed=0, rank=0, world_size=1, accum_grad_iters=1))["batch"]
+    assert batch["pixel_values"].shape[0] == 6 and batch["dense_colour"].shape[0] == 6
+    counts = torch.bincount(batch["image_index"], minlength=6)
+    assert counts.tolist() == [2] * 6
+    with pytest.raises(ValueError, match="samples_per_image must be at least 1"):
+        ShapesStream(seed=0, samples_per_image=0)
+
+
 def test_ranks_draw_disjoint_scenes():
     source = ShapesStream(seed=0, images_per_batch=2)
     seen = []

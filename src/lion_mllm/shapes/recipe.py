@@ -163,9 +163,12 @@ class ShapesStream:
     def __init__(self, seed: int, images_per_batch: int = 12, vqa_per_image: int = 1, rec_per_image: int = 2,
                  tag_noise: float = 0.15, first_scene: int = 0, curriculum_steps: int = 0,
                  curriculum_objects: Sequence[int] = (1, 2), objects: Sequence[int] = (1, 2, 2, 3, 3, 4, 4),
-                 dense_targets: bool = True):
+                 dense_targets: bool = True, samples_per_image: int | None = None):
         if images_per_batch < 1 or vqa_per_image < 0 or rec_per_image < 0 or not 0.0 <= tag_noise <= 1.0:
             raise ValueError("shapes stream: images_per_batch >= 1, vqa/rec_per_image >= 0, tag_noise in [0, 1]")
+        if samples_per_image is not None and samples_per_image < 1:
+            raise ValueError(f"shapes stream: samples_per_image must be at least 1, got {samples_per_image}")
+        self.samples_per_image = samples_per_image
         self.base = seed * 10_000_000 + first_scene
         self.images_per_batch, self.vqa_per_image, self.rec_per_image = images_per_batch, vqa_per_image, rec_per_image
         self.tag_noise, self.curriculum_steps = tag_noise, curriculum_steps
@@ -187,7 +190,10 @@ class ShapesStream:
             words = scene_tags(scene).split(", ")
             if rng.random() < self.tag_noise and len(words) > 1:
                 words.pop(rng.randrange(len(words)))
-            for record in scene_samples(scene, "", rng, self.vqa_per_image, self.rec_per_image):
+            samples = scene_samples(scene, "", rng, self.vqa_per_image, self.rec_per_image)
+            if self.samples_per_image is not None:  # a random few of them: more images for the same T5 work
+                samples = rng.sample(samples, min(self.samples_per_image, len(samples)))
+            for record in samples:
                 records.append({**record, "image": i, "tags": ", ".join(words)})
         return images, records, dense_targets(scenes) if self.dense_targets else {}
 
