@@ -29,7 +29,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -219,6 +220,28 @@ class _Progress:
             self.bar.close()
 
 
+class _Writer:
+    """Records to the output file, flushed and fsynced a batch at a time (a result on disk is a result the
+    next run does not redo; one fsync per result would cost more than small answers)."""
+
+    def __init__(self, handle: TextIO, summary: RunSummary, bar: _Progress, every: int) -> None:
+        self.handle, self.summary, self.bar, self.every = handle, summary, bar, every
+        self.unwritten: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.unwritten.append(record)
+        self.summary.errors += "error" in record
+        self.summary.done += "error" not in record
+        if len(self.unwritten) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.unwritten:
+            _write(self.handle, self.unwritten)
+            self.bar.update(len(self.unwritten), self.summary.errors)
+            self.unwritten = []
+
+
 def _write(handle: TextIO, records: Sequence[dict[str, Any]]) -> None:
     handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     handle.flush()
@@ -261,12 +284,13 @@ def run_batch(lion: Any, input_path: str | os.PathLike[str], output_path: str | 
               batch_size: int = 8, tags: str | None = None, image_root: str | os.PathLike[str] | None = None,
               max_batches: int | None = None, progress: bool = True, retry_errors: bool = False,
               generate_kwargs: dict[str, Any] | None = None,
-              on_batch: Callable[[int], None] | None = None,
               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> RunSummary:
     """Answer every task of ``input_path`` not yet in ``output_path``; see the module docstring.
 
-    ``lion`` is a :class:`lion_mllm.Lion` (anything with its ``generate``). ``tags`` are the default
-    tags for lines without their own. ``max_batches`` stops after that many batches (re-run to
+    ``lion`` is a :class:`lion_mllm.Lion`. Tasks are read, their images loaded and their prompts encoded
+    ``batch_size`` at a time, and decode continuously (`Lion.generate_stream`): each result is written as
+    soon as it is done, so the output is in the order tasks finish. ``tags`` are the default tags for
+    lines without their own. ``max_batches`` stops after that many batches of input (re-run to
     continue). ``retry_errors`` first removes earlier error records so those tasks are tried again.
     ``max_pixels`` refuses larger images (checked from the header, before decoding) as error records.
     """
@@ -286,30 +310,69 @@ def run_batch(lion: Any, input_path: str | os.PathLike[str], output_path: str | 
     summary = RunSummary()
     root = Path(image_root).expanduser() if image_root is not None else None
     pending = list(pending_tasks(input_path, completed_keys(output_path), summary, image_root=root))
+    if max_batches is not None and len(pending) > max_batches * batch_size:
+        pending, summary.stopped_early = pending[: max_batches * batch_size], True
+    summary.batches = -(-len(pending) // batch_size)
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(pending), progress)
-    decode = dict(generate_kwargs or {})
     try:
         with open(output_path, "a", encoding="utf-8") as handle:
-            for start in range(0, len(pending), batch_size):
-                if max_batches is not None and summary.batches >= max_batches:
-                    summary.stopped_early = True
-                    break
-                chunk = pending[start:start + batch_size]
-                records = _run_chunk(lion, chunk, tags, decode, input_path, max_pixels)
-                _write(handle, records)
-                errors = sum("error" in r for r in records)
-                summary.errors += errors
-                summary.done += len(records) - errors
-                summary.batches += 1
-                bar.update(len(chunk), summary.errors)
-                if on_batch is not None:
-                    on_batch(summary.batches)
+            writer = _Writer(handle, summary, bar, batch_size)
+            samples = _loaded_samples(pending, tags, input_path, max_pixels, writer.add)
+            for _, outcome in answer_stream(lion, samples, generate_kwargs or {}, batch_size):
+                writer.add(outcome)
+            writer.flush()
     finally:
         bar.close()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _loaded_samples(pending: Sequence[BatchItem | LineError], default_tags: str | None, input_path: Path,
+                    max_pixels: int | None, record: Callable[[dict[str, Any]], None]
+                    ) -> Iterator[tuple[BatchItem, Image.Image, str, Any]]:
+    """The tasks whose image loads, as `(item, image, where, tags)`; the others go to `record` as errors.
+    Tasks about the same image in a row share one loaded image (read, tagged and encoded once)."""
+    recent: OrderedDict[str, Image.Image] = OrderedDict()
+    for entry in pending:
+        if isinstance(entry, LineError):
+            record(error_record(entry, entry.message))
+            continue
+        where = f"{input_path}:{entry.line}"
+        source = str(entry.image)
+        loaded = recent.get(source) or load_item_image(entry, where, max_pixels)
+        if not isinstance(loaded, dict):
+            recent[source] = loaded
+            recent.move_to_end(source)
+            if len(recent) > 64:
+                recent.popitem(last=False)
+        if isinstance(loaded, dict):
+            record(loaded)
+        else:
+            yield entry, loaded, where, entry.tags if entry.tags is not None else default_tags
+
+
+def answer_stream(lion: Any, samples: Iterable[tuple[BatchItem, Image.Image, str, Any]], decode: dict[str, Any],
+                  batch_size: int) -> Iterator[tuple[BatchItem, dict[str, Any]]]:
+    """The result or error record of each loaded task `(item, image, where, tags)`, as tasks finish
+    (`Lion.generate_stream`: continuous decoding; a task that fails is an error record of its own)."""
+    templates = getattr(lion, "generation_config", None) or GenerationDefaults()  # the authors' by default
+    index: dict[int, tuple[BatchItem, Image.Image, str]] = {}
+
+    def model_samples() -> Iterator[tuple[int, Image.Image, str, str, Any]]:
+        for number, (item, image, where, tags) in enumerate(samples):
+            index[number] = (item, image, where)
+            question = item.prompt if item.prompt is not None else templates.prompt(item.task, item.text)
+            yield number, image, question, item.task, tags
+
+    for number, answer in lion.generate_stream(model_samples(), batch_size=batch_size, **decode):
+        item, image, where = index.pop(number)
+        if isinstance(answer, Exception):
+            message = str(answer).strip().splitlines()[0] if str(answer).strip() else type(answer).__name__
+            yield item, error_record(item, f"{where}: {type(answer).__name__}: {message}")
+        else:
+            yield item, _result(item, answer[0], image.size)
 
 
 def error_record(entry: BatchItem | LineError, message: str) -> dict[str, Any]:
@@ -332,25 +395,6 @@ def load_item_image(item: BatchItem, where: str, max_pixels: int | None,
         return error_record(item, str(error) if error.source == where else f"{where}: {error}")
     except Exception as error:  # noqa: BLE001 - one unreadable image must not end the run
         return error_record(item, f"{where}: {item.image}: cannot read the image ({type(error).__name__}: {error})")
-
-
-def _run_chunk(lion: Any, chunk: Sequence[BatchItem | LineError], default_tags: str | None,
-               decode: dict[str, Any], input_path: Path, max_pixels: int | None) -> list[dict[str, Any]]:
-    """Results/error records for one batch, in input order."""
-    records: dict[int, dict[str, Any]] = {}
-    ready: list[tuple[int, BatchItem, Image.Image, str]] = []
-    for index, entry in enumerate(chunk):
-        if isinstance(entry, LineError):
-            records[index] = error_record(entry, entry.message)
-            continue
-        where = f"{input_path}:{entry.line}"
-        loaded = load_item_image(entry, where, max_pixels)
-        if isinstance(loaded, dict):
-            records[index] = loaded
-        else:
-            ready.append((index, entry, loaded, where))
-    records.update(answer_items(lion, ready, default_tags, decode))
-    return [records[i] for i in sorted(records)]
 
 
 def answer_items(lion: Any, ready: Sequence[tuple[int, BatchItem, Image.Image, str]], default_tags: str | None,

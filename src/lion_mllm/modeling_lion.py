@@ -45,6 +45,29 @@ from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig,
 REGION_ROUTE, IMAGE_ROUTE = 0, 1
 
 
+def _distinct_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distinct rows of `batch` (B, ...) in order of first appearance, and for each row the index of
+    its copy among them (None when all rows differ: nothing to share)."""
+    if batch.shape[0] == 1:
+        return batch, None
+    flat = batch.flatten(1)
+    # a fingerprint per row on the batch's own device; rows with equal prints are compared in full
+    weights = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device)
+    prints = (flat.float() * weights).sum(dim=1).tolist()
+    keep: list[int] = []
+    which: list[int] = []
+    for row, key in enumerate(prints):
+        same = next((i for i, kept in enumerate(keep) if prints[kept] == key and torch.equal(flat[kept], flat[row])),
+                    None)
+        if same is None:
+            same = len(keep)
+            keep.append(row)
+        which.append(same)
+    if len(keep) == batch.shape[0]:
+        return batch, None
+    return batch[keep], torch.tensor(which, device=batch.device)
+
+
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (the authors' `ln_vision`/`ln_adapter`)."""
 
@@ -401,9 +424,15 @@ class LionModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
                       qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """pixel_values (B,3,S,S), instruction tokens (B,L) -> visual tokens (B, 32 + 257, d_model)."""
-        blocks = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype),
-                                   self.vision_taps())
+        """pixel_values (B,3,S,S), instruction tokens (B,L) -> visual tokens (B, 32 + 257, d_model).
+
+        The ViT runs once per distinct image: several questions about one image (a batch of tasks, a
+        training batch with an image's caption, questions and phrases) share its pass."""
+        pixels = pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype)
+        distinct, which = _distinct_rows(pixels)
+        blocks = self.vision_model(distinct, self.vision_taps())
+        if which is not None:
+            blocks = {tap: out[which] for tap, out in blocks.items()}
         parts = []
         if self.config.uses_qformer:
             if qformer_input_ids is None:

@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,12 @@ def resolve_dtype(device: torch.device, dtype: torch.dtype | str | None) -> torc
         raise ValueError("float16 is refused: FlanT5's activations overflow in float16 (inf/nan outputs); "
                          "use bfloat16 (GPU) or float32")
     return dtype
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _power_of_two(value: int, minimum: int = 1) -> int:
@@ -225,6 +233,58 @@ class Lion:
         sequences = self.decode_engine(settings, batch).generate(batch, settings)
         return self.processor.decode([seq for sample in sequences for seq in sample])
 
+    def generate_stream(self, samples: Iterable[tuple[Any, Image.Image, str, str, Any]], *, batch_size: int = 8,
+                        **decoding: Any) -> Iterator[tuple[Any, list[str] | Exception]]:
+        """Answers for a long stream of `(key, image, question, task, tags)` samples (`lion run`, evaluation),
+        yielded as `(key, answers)` (`num_return_sequences` answers) in the order they finish: samples are
+        prepared (tags, processor) and encoded `batch_size` at a time and decode continuously on an engine
+        of their own, each leaving as soon as it is done and its slot going to the next sample. A sample
+        that fails (its tags, its prompt, its encoders) comes back as `(key, exception)`; the rest go on.
+        `decoding`: `generate`'s keyword arguments (default: the model's own per task)."""
+        chunks = _chunks(samples, batch_size)
+        first = next(chunks, None)
+        if first is None:
+            return
+        settings_of = functools.partial(self.generation_config.settings, **{
+            name: decoding.get(name) for name in ("num_beams", "max_new_tokens", "min_length", "repetition_penalty",
+                                                  "length_penalty", "do_sample", "temperature", "top_p", "top_k",
+                                                  "seed", "num_return_sequences")})
+        unknown = set(decoding) - set(settings_of.keywords)
+        if unknown:
+            raise TypeError(f"unknown decoding arguments {sorted(unknown)}")
+        widest = max((settings_of(task) for task in ("caption", "vqa", "grounding")),
+                     key=lambda s: (s.slots, s.max_new_tokens))  # the most any task of the stream may need
+        engine = DecodeEngine(self.model, EngineOptions(
+            slots=batch_size * widest.slots, max_length=_power_of_two(widest.max_new_tokens, minimum=32),
+            max_source_length=self.config.num_visual_tokens + 512, compile=self.compile_decoder))
+        failures: list[tuple[Any, Exception]] = []
+
+        def prepared() -> Iterator[tuple[list[Any], dict[str, torch.Tensor], list[DecodingSettings]]]:
+            for chunk in itertools.chain([first], chunks):
+                for part in self._prepare(chunk, failures):
+                    yield [key for key, *_ in part[0]], part[1], [settings_of(task) for _, _, _, task, _ in part[0]]
+
+        for key, outcome in engine.stream(prepared()):
+            yield from failures
+            failures.clear()
+            yield key, outcome if isinstance(outcome, Exception) else self.processor.decode(outcome)
+        yield from failures
+
+    def _prepare(self, chunk: list[tuple[Any, Image.Image, str, str, Any]], failures: list[tuple[Any, Exception]]
+                 ) -> Iterator[tuple[list[tuple[Any, Image.Image, str, str, Any]], dict[str, torch.Tensor]]]:
+        """A chunk's model batch (tags made where missing, then the processor); if that fails, each sample
+        on its own, the failing ones appended to `failures`."""
+        try:
+            tags = self.fill_tags([image for _, image, *_ in chunk], [t for *_, t in chunk])
+            yield chunk, self.processor([image for _, image, *_ in chunk], [q for _, _, q, _, _ in chunk],
+                                        [task for _, _, _, task, _ in chunk], tags)
+        except Exception as error:  # noqa: BLE001 - isolated below, sample by sample
+            if len(chunk) == 1:
+                failures.append((chunk[0][0], error))
+                return
+            for sample in chunk:
+                yield from self._prepare([sample], failures)
+
     def decode_engine(self, settings: Sequence[DecodingSettings], batch: dict[str, torch.Tensor]) -> DecodeEngine:
         """The engine `generate` decodes on: this Lion's own, made (again) larger when a call needs more
         slots, answer length or encoder positions than it has. Calls from several threads share it, one
@@ -255,9 +315,11 @@ class Lion:
             return None
         tags = list(tags) if tags is not None else [None] * len(images)
         todo = [i for i, t in enumerate(tags) if t is None]
-        if todo:
-            for i, found in zip(todo, self.tag([images[i] for i in todo])):
-                tags[i] = found
+        if todo:  # an image asked about several times (one loaded object) is tagged once
+            distinct = list({id(images[i]): images[i] for i in todo}.values())
+            found = dict(zip(map(id, distinct), self.tag(distinct)))
+            for i in todo:
+                tags[i] = found[id(images[i])]
         return tags
 
     def caption(self, image: ImageInput, prompt: str | None = None, tags: str | Sequence[str] | None = None,

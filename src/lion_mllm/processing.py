@@ -41,8 +41,9 @@ class LionImageProcessor:
     def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """images -> (B, 3, S, S) float32. Paths, bytes and URLs are read by `load_image`; PIL images are
         taken as given (`Lion` has loaded them already, with the orientation it chose)."""
-        return torch.stack([self.one(image if isinstance(image, Image.Image) else load_image(image))
-                            for image in images])
+        loaded = [image if isinstance(image, Image.Image) else load_image(image) for image in images]
+        pixels = {id(image): self.one(image) for image in loaded}  # one loaded image asked twice: resized once
+        return torch.stack([pixels[id(image)] for image in loaded])
 
     def one(self, image: Image.Image) -> torch.Tensor:
         """(3, S, S) float32 from an RGB image."""

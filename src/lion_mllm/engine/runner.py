@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -262,8 +264,11 @@ class DecodeEngine:
             return []
         used = [slot for slot, owner in enumerate(self._owner) if owner is not None]
         size = next(b for b in self.buckets() if b > used[-1])
-        length = _bucket(max(self._position[s] for s in used) + 1, 16, self.options.max_length)
-        source_length = _bucket(max(self._source_length[s] for s in used), 16, self.max_source_length)
+        if self.compile and self.device.type == "cuda":  # one CUDA graph per slot bucket, at full lengths
+            length, source_length = self.options.max_length, self.max_source_length
+        else:  # read only the positions in use (rounded up: few distinct shapes)
+            length = _bucket(max(self._position[s] for s in used) + 1, 16, self.options.max_length)
+            source_length = _bucket(max(self._source_length[s] for s in used), 16, self.max_source_length)
         logits = self._run_step(size, length, source_length)
         self.steps += 1
         moved = list(self.groups)
@@ -300,11 +305,14 @@ class DecodeEngine:
 
     def _compile(self):
         if self.device.type == "cuda":
+            # CUDA graphs replay a step's kernels without launching them one by one; they need the
+            # step's inputs at fixed addresses (the preallocated cache and slot buffers)
             for tensor in (*self.cache.tensors, self.tokens, self.positions, self.routes):
                 torch._dynamo.mark_static_address(tensor)
-            return torch.compile(self.step_module, mode="reduce-overhead", fullgraph=True)
-        # on CPU the C++ wrapper calls the kernels without Python in between (per-step overhead is the cost)
-        return torch.compile(self.step_module, fullgraph=True, options={"cpp_wrapper": True})
+            return torch.compile(self.step_module, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        # on CPU the C++ wrapper calls the kernels without Python in between (per-step overhead is the
+        # cost), and one graph with symbolic sizes serves every slot count and length (one compile)
+        return torch.compile(self.step_module, fullgraph=True, dynamic=True, options={"cpp_wrapper": True})
 
     def _advance_token_groups(self, groups: list[TokenGroup], logits: torch.Tensor) -> None:
         """Greedy and sampled rows of all token groups: processors for all at once, then each row's token."""
@@ -393,3 +401,68 @@ class DecodeEngine:
             del pending[: len(wave)]
             admitted.append((wave, self.admit(encoded, wave, first)))
         return admitted
+
+    def stream(self, batches: Iterable[tuple[Sequence[Any], dict[str, torch.Tensor], Sequence[DecodingSettings]]]
+               ) -> Iterator[tuple[Any, list[list[int]] | Exception]]:
+        """Decode a stream of processed batches `(keys, batch, settings per row)` with the slots kept busy:
+        a batch is encoded when its rows can start, rows are admitted (in order) as slots free up, and each
+        sample is yielded -- `(key, finished sequences)` -- the moment it finishes, so no sample waits for
+        the longest of its batch. A row that cannot run here (too long) or a batch whose encoders fail
+        yields `(key, exception)` for the rows concerned; the stream goes on.
+
+        Meant for an engine of its own (a long job: `lion run`, an evaluation); it does not take `lock`."""
+        source = iter(batches)
+        waiting: deque[tuple[Any, Encoded, int, DecodingSettings]] = deque()
+        owners: dict[int, Any] = {}  # id(group) -> key
+        groups: dict[int, Group] = {}
+        exhausted = False
+        while True:
+            failed: list[tuple[Any, Exception]] = []
+            while True:
+                if not waiting and not exhausted:
+                    try:
+                        keys, batch, settings = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        continue
+                    failed += self._queue_rows(keys, batch, settings, waiting)
+                    continue
+                if waiting and self.free_slots >= waiting[0][3].slots:
+                    key, encoded, row, row_settings = waiting.popleft()
+                    group = self.admit(encoded, row, row_settings)
+                    owners[id(group)], groups[id(group)] = key, group
+                    continue
+                break
+            yield from failed
+            if not self.groups:
+                if exhausted and not waiting:
+                    return
+                continue
+            for group in self.step():
+                if group.done:
+                    groups.pop(id(group))
+                    yield owners.pop(id(group)), group.results
+
+    def _queue_rows(self, keys: Sequence[Any], batch: dict[str, torch.Tensor], settings: Sequence[DecodingSettings],
+                    waiting: deque) -> list[tuple[Any, Exception]]:
+        """Encode a batch and queue its rows; the rows that cannot run come back with their error (a batch
+        whose encoders fail is encoded row by row, so only the failing rows are lost)."""
+        try:
+            encoded = self.encode(batch)
+        except Exception as error:  # noqa: BLE001 - isolated below, row by row
+            if len(keys) == 1:
+                return [(keys[0], error)]
+            failed = []
+            for row in range(len(keys)):
+                single = {name: value[row:row + 1] for name, value in batch.items()}
+                failed += self._queue_rows(keys[row:row + 1], single, settings[row:row + 1], waiting)
+            return failed
+        failed = []
+        for row, (key, row_settings) in enumerate(zip(keys, settings)):
+            try:
+                self.check(row_settings, encoded.source_length(row))
+            except ValueError as error:
+                failed.append((key, error))
+                continue
+            waiting.append((key, encoded, row, row_settings))
+        return failed

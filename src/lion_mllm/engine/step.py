@@ -103,7 +103,9 @@ class DecoderStep(nn.Module):
         # bucket indices only: the bias values are read from the (possibly training) weights at every step
         self.register_buffer("buckets", relative_position_buckets(model, max_length).to(self.relative_bias.weight.device),
                              persistent=False)
-        self.scale_logits = bool(config.scale_decoder_outputs)  # T5 v1.0 rescales; FlanT5 (LION's) does not
+        # T5 v1.0 rescales its decoder output by d_model**-0.5 and FlanT5 (LION's) does not: transformers
+        # reads `scale_decoder_outputs` (5.2x) or, before it existed, `tie_word_embeddings`
+        self.scale_logits = bool(getattr(config, "scale_decoder_outputs", config.tie_word_embeddings))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, routes: torch.Tensor, length: int,
                 source_length: int, *cache: torch.Tensor) -> torch.Tensor:
