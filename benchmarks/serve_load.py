@@ -98,18 +98,23 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_dir / f"server-{mode}.log", "w")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        # "baseline": continuous batching of another checkout (--baseline-src); "compiled": this checkout's
+        # continuous batching with its decoder step compiled (--compile); the others: this checkout
+        src = args.baseline_src / "src" if mode == "baseline" else ROOT / "src"
+        batching = "request" if mode == "request" else "continuous"
+        extra = ["--compile"] if mode == "compiled" else []
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
                    TOKENIZERS_PARALLELISM="false")
         if args.threads:
             env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lion_mllm.server", "--model", args.model, "--host", "127.0.0.1", "--port",
-             str(self.port), "--batching", mode, "--max-batch-size", str(args.max_batch_size), "--no-ui",
+             str(self.port), "--batching", batching, *extra, "--max-batch-size", str(args.max_batch_size), "--no-ui",
              "--queue-size", str(max(64, args.requests)), "--timeout", str(args.request_timeout),
              "--max-tokens-limit", str(max(512, args.long_tokens)), "--log-level", "warning"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 600.0) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -218,10 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=0, help="server intra-op threads (0: torch's default)")
-    parser.add_argument("--modes", nargs="+", default=["continuous", "request"], choices=["continuous", "request"])
+    parser.add_argument("--modes", nargs="+", default=["continuous", "request"],
+                        choices=["continuous", "request", "compiled", "baseline"],
+                        help="compiled: continuous with --compile; baseline: continuous of --baseline-src")
+    parser.add_argument("--baseline-src", type=Path, default=None, help="a checkout to serve as the baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if "baseline" in args.modes and args.baseline_src is None:
+        parser.error("--modes baseline needs --baseline-src")
 
     log_dir = Path(tempfile.mkdtemp(prefix="lion-serve-load-"))
     images = scene_urls(8)

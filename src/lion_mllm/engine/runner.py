@@ -160,6 +160,27 @@ class DecodeEngine:
             size *= 2
         return [*sizes, self.options.slots]
 
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Compile the step for the shapes decoding will meet, before any request: returns the seconds it
+        took (0 for an eager engine). On CPU one graph with symbolic sizes serves all slot counts and
+        lengths once sizes 1 and 2 and two lengths have been seen; on CUDA each slot bucket is a graph.
+        Runs on free slots only (their contents are overwritten when a request takes them)."""
+        if not self.compile:
+            return 0.0
+        if self.groups:
+            raise RuntimeError("warm_up runs before any request is admitted")
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            shapes = [(size, self.options.max_length, self.max_source_length) for size in self.buckets()]
+        else:
+            small = [(size, min(length, self.options.max_length), min(length, self.max_source_length))
+                     for size in dict.fromkeys((1, min(2, self.options.slots))) for length in (16, 32)]
+            shapes = [*small, (self.options.slots, self.options.max_length, self.max_source_length)]
+        for size, length, source_length in shapes:
+            self._run_step(size, length, source_length)
+        return time.perf_counter() - started
+
     # -- encoding ----------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -162,6 +162,11 @@ class DecodingEngine:
             if self._stopped:
                 raise ServerStoppingError()
             if self._thread is None:
+                if self.engine.compile:  # compiled before the first request, not on its time
+                    log.info("compiling the decoder step (the first start takes a while; later ones read the "
+                             "compile cache) ...")
+                    seconds = self.engine.warm_up()
+                    log.info("decoder step compiled in %.1f s", seconds)
                 self._thread = threading.Thread(target=self._loop, name="lion-engine", daemon=True)
                 self._thread.start()
                 self._tag_thread = threading.Thread(target=self._tag_loop, name="lion-engine-tagger", daemon=True)
