@@ -162,15 +162,12 @@ class DecodingEngine:
             if self._stopped:
                 raise ServerStoppingError()
             if self._thread is None:
-                if self.engine.compile:  # compiled before the first request, not on its time
-                    log.info("compiling the decoder step (the first start takes a while; later ones read the "
-                             "compile cache) ...")
-                    seconds = self.engine.warm_up()
-                    log.info("decoder step compiled in %.1f s", seconds)
-                self._thread = threading.Thread(target=self._loop, name="lion-engine", daemon=True)
+                warmed = threading.Event()
+                self._thread = threading.Thread(target=self._loop, args=(warmed,), name="lion-engine", daemon=True)
                 self._thread.start()
                 self._tag_thread = threading.Thread(target=self._tag_loop, name="lion-engine-tagger", daemon=True)
                 self._tag_thread.start()
+                warmed.wait()  # a compiled step is ready before the first request is accepted
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Refuse new work; with `drain`, let in-flight requests finish (up to `timeout`), then answer
@@ -240,7 +237,17 @@ class DecodingEngine:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, warmed: threading.Event) -> None:
+        try:
+            if self.engine.compile:  # on the thread that will run the step (CUDA graphs are per thread)
+                log.info("compiling the decoder step (the first start takes a while; later ones read the "
+                         "compile cache) ...")
+                log.info("decoder step compiled in %.1f s", self.engine.warm_up())
+        except Exception:  # noqa: BLE001 - serve anyway, with the eager step (the same tokens)
+            log.exception("compiling the decoder step failed; serving with the eager step")
+            self.engine.compile = False
+        finally:
+            warmed.set()
         with torch.inference_mode():
             while True:
                 with self._wake:
