@@ -38,14 +38,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .generation import GenerationDefaults
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, is_url, load_image
 from .retry import batch_then_singly
+from .tasks import PROMPT_KINDS
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["TASKS", "BatchItem", "LineError", "RunSummary", "answer_items", "completed_keys", "error_record",
+__all__ = ["BatchItem", "LineError", "RunSummary", "answer_items", "completed_keys", "error_record",
            "load_item_image", "parse_task", "pending_tasks", "read_tasks", "run_batch", "task_key"]
-
-TASKS = ("caption", "vqa", "grounding")
 
 
 @dataclass
@@ -132,8 +131,8 @@ def parse_task(record: dict[str, Any], where: str, number: int, input_dir: Path,
         return LineError(item_id, number, f"{where}: {message}")
 
     task = record.get("task")
-    if task not in TASKS:
-        return bad(f"\"task\" must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in PROMPT_KINDS:
+        return bad(f"\"task\" must be one of {', '.join(PROMPT_KINDS)}, got {task!r}")
     image = record.get("image")
     if not isinstance(image, str) or not image:
         return bad("missing \"image\" (a path or URL)")

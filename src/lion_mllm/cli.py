@@ -40,6 +40,7 @@ from .model_options import (
     model_from_args,
     tagger_from_args,
 )
+from .tasks import SHORT_ANSWER_TEMPLATE
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -130,7 +131,7 @@ def _add_caption(sub: Any, base: Parents, model: Parents, output: Parents) -> No
 def _add_ask(sub: Any, base: Parents, model: Parents, output: Parents) -> None:
     p = sub.add_parser("ask", parents=[base, model, output], help="answer a question about an image",
                        description="The question goes into the model's question template (lion-shapes: "
-                                   "'Question: {question} Short answer:'; the authors' models: as typed).")
+                                   f"'{SHORT_ANSWER_TEMPLATE}'; the authors' models: as typed).")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("question", metavar="QUESTION")
     p.set_defaults(func=_cmd_ask)

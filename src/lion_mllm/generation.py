@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, TASKS, VQA_TEMPLATE, canonical_task
+from .tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, PROMPT_KINDS, VQA_TEMPLATE, canonical_task
 
 __all__ = ["DECODING_FIELDS", "GENERATION_CONFIG_FILE", "DecodingSettings", "GenerationDefaults"]
 
@@ -102,8 +102,8 @@ class GenerationDefaults:
         _check_decoding(self.decoding_fields(), "generation config")
         prompts = {**_default_prompts(), **dict(self.prompts)}
         for task, template in prompts.items():
-            if task not in TASKS:
-                raise ValueError(f"generation config: prompts has unknown task {task!r} (known: {list(TASKS)})")
+            if task not in PROMPT_KINDS:
+                raise ValueError(f"generation config: prompts has unknown task {task!r} (known: {list(PROMPT_KINDS)})")
             if not isinstance(template, str) or not template.strip():
                 raise ValueError(f"generation config: prompts.{task} must be a non-empty string")
             placeholder = _PLACEHOLDERS[task]
@@ -118,8 +118,8 @@ class GenerationDefaults:
                 raise ValueError(f"generation config: prompts.{task} {template!r} lacks {{{placeholder}}}")
         per_task = {}
         for task, overrides in dict(self.task_decoding).items():
-            if task not in TASKS:
-                raise ValueError(f"generation config: task_decoding has unknown task {task!r} (known: {list(TASKS)})")
+            if task not in PROMPT_KINDS:
+                raise ValueError(f"generation config: task_decoding has unknown task {task!r} (known: {list(PROMPT_KINDS)})")
             unknown = sorted(set(overrides) - set(DECODING_FIELDS))
             if unknown:
                 raise ValueError(f"generation config: task_decoding.{task} has unknown fields {unknown}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -40,6 +41,10 @@ from transformers.models.instructblip.modeling_instructblip import (
 from transformers.models.t5.modeling_t5 import T5LayerFF
 
 from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
+
+# transformers renamed the decoder cache argument (`past_key_values` -> `cache`) within 5.x (5.17 has the old)
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(T5ForConditionalGeneration.forward).parameters \
+    else "past_key_values"
 
 # Router rows: the authors' code sends region-level samples to row 0 and everything else to row 1.
 REGION_ROUTE, IMAGE_ROUTE = 0, 1
@@ -504,7 +509,7 @@ class LionModel(nn.Module):
             encoded = self.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
             beams = self._shared_cross_attention_beams(generate_kwargs) if share_cross_attention else 0
             if beams > 1:
-                generate_kwargs["cache"] = self.cross_attention_cache(encoded.last_hidden_state, beams)
+                generate_kwargs[_CACHE_ARGUMENT] = self.cross_attention_cache(encoded.last_hidden_state, beams)
             return self.language_model.generate(
                 encoder_outputs=BaseModelOutput(last_hidden_state=encoded.last_hidden_state),
                 attention_mask=mask, **generate_kwargs,

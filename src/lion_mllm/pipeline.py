@@ -78,7 +78,7 @@ class Lion:
     device and do not finish sooner together; to serve many requests, batch them (`lion serve` does,
     continuously)."""
 
-    MAX_SLOTS = 64  # decoder sequences `generate` runs at once; a larger batch is admitted as slots free up
+    MAX_SLOTS = 256  # decoder sequences `generate` runs at once; a larger batch is admitted as slots free up
 
     def __init__(self, model: LionModel, processor: LionProcessor, tagger: Tagger | None = None,
                  generation_config: GenerationDefaults | None = None):
@@ -290,10 +290,13 @@ class Lion:
         slots, answer length or encoder positions than it has. Calls from several threads share it, one
         at a time (its lock)."""
         slots = max(s.slots for s in settings)
+        prompt = batch["input_ids"].shape[1]
         wanted = EngineOptions(
-            slots=max(slots, min(_power_of_two(sum(s.slots for s in settings)), self.MAX_SLOTS)),
+            # the whole batch at once where it fits (a multiple of 8: a few sizes, not one per batch)
+            slots=max(slots, min(-(-sum(s.slots for s in settings) // 8) * 8, self.MAX_SLOTS)),
             max_length=_power_of_two(max(s.max_new_tokens for s in settings), minimum=32),
-            max_source_length=self.config.num_visual_tokens + _power_of_two(batch["input_ids"].shape[1], minimum=128),
+            # encoder positions: the prompt rounded up to a multiple of 32 (a compiled CUDA step reads them all)
+            max_source_length=self.config.num_visual_tokens + max(64, -(-prompt // 32) * 32),
             compile=self.compile_decoder)
         with self._engine_lock:
             engine = self._engine

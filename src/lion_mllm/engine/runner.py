@@ -153,11 +153,13 @@ class DecodeEngine:
         return bool(self.groups)
 
     def buckets(self) -> list[int]:
-        """The slot counts a step runs at: powers of two below `slots`, and `slots`."""
+        """The slot counts a step runs at: powers of two below `slots`, and `slots` (powers of four for a
+        compiled CUDA step: each bucket is a graph compiled before serving, so fewer of them)."""
+        factor = 4 if self.compile and self.device.type == "cuda" else 2
         sizes, size = [], 1
         while size < self.options.slots:
             sizes.append(size)
-            size *= 2
+            size *= factor
         return [*sizes, self.options.slots]
 
     @torch.no_grad()
@@ -314,15 +316,19 @@ class DecodeEngine:
         if self._compiled is None:
             self._compiled = self._compile()
         shape = (size, length, source_length)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:  # a new CUDA graph replay: the previous step's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         if shape in self._compiled_shapes:
-            return self._compiled(*args)
-        started = time.perf_counter()
-        # a few graphs per bucket and length: more than dynamo's default of 8 per function
-        with torch._dynamo.config.patch(recompile_limit=64):
             logits = self._compiled(*args)
-        self.compile_seconds[shape] = time.perf_counter() - started
-        self._compiled_shapes.add(shape)
-        return logits
+        else:
+            started = time.perf_counter()
+            # a few graphs per bucket and length: more than dynamo's default of 8 per function
+            with torch._dynamo.config.patch(recompile_limit=64):
+                logits = self._compiled(*args)
+            self.compile_seconds[shape] = time.perf_counter() - started
+            self._compiled_shapes.add(shape)
+        return logits.clone() if on_cuda else logits  # the graph's output buffer is reused by the next replay
 
     def _compile(self):
         if self.device.type == "cuda":

@@ -30,7 +30,7 @@ from .metrics_vqa import (
 )
 from .report import render_markdown, summarize_reports
 from .submissions import SUBMISSION_FORMATS, write_submission
-from .tasks import TASKS, get_task, task_names
+from .tasks import BENCHMARKS, get_task, task_names
 
 __all__ = [
     "AnnotationError", "EvalSample", "evaluate", "load_task_samples", "read_predictions", "render_prompt",
@@ -40,5 +40,5 @@ __all__ = [
     "exact_match", "normalize_answer", "process_digit_article", "process_punctuation", "vqa_accuracy",
     "VQA_REVISIONS", "AOKVQA_DA_PROTOCOLS", "score_aokvqa_direct_answer",
     "ndcg", "ranks_from_scores", "score_visdial", "SUBMISSION_FORMATS", "write_submission",
-    "render_markdown", "summarize_reports", "TASKS", "get_task", "task_names",
+    "render_markdown", "summarize_reports", "BENCHMARKS", "get_task", "task_names",
 ]

@@ -17,14 +17,15 @@ import sys
 from typing import Any
 
 from ..model_options import add_model_options, decoding_from_args, model_from_args, resolve_device
-from .tasks import ALIASES, TASKS
+from ..tasks import SHORT_ANSWER_TEMPLATE
+from .tasks import ALIASES, BENCHMARKS
 
 __all__ = ["add_eval_subcommand", "run_eval", "build_parser"]
 
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--task", required=False, metavar="NAME",
-                   help=f"benchmark: {', '.join(TASKS)} (aliases: {', '.join(ALIASES)})")
+                   help=f"benchmark: {', '.join(BENCHMARKS)} (aliases: {', '.join(ALIASES)})")
     p.add_argument("--ann", nargs="+", metavar="FILE",
                    help="annotation file(s); VQAv2/OK-VQA: questions and annotations JSON (or annotations only)")
     p.add_argument("--images", metavar="DIR", default=None,
@@ -37,7 +38,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default="eval_out", help="report and predictions folder (default: eval_out)")
     p.add_argument("--predictions", metavar="FILE", default=None,
                    help="predictions JSON Lines (default: <out>/<task>[_<split>].predictions.jsonl)")
-    p.add_argument("--prompt", default=None, help="prompt template overriding the task default, e.g. 'Question: {question} Short answer:'")
+    p.add_argument("--prompt", default=None, help=f"prompt template overriding the task default, e.g. '{SHORT_ANSWER_TEMPLATE}'")
     p.add_argument("--split", default=None, help="Karpathy split (default test), IconQA problems.json split (default test) / split label for REC and POPE")
     p.add_argument("--box-format", choices=("auto", "xywh", "xyxy"), default="auto",
                    help="ground-truth bbox layout in REC files: xywh (COCO), xyxy (Shikra REC_*.jsonl) or auto "

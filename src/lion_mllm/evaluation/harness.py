@@ -305,7 +305,7 @@ def evaluate(
     """Evaluate a model on one benchmark and return the report.
 
     Args:
-        task_name: a key of `tasks.TASKS` (e.g. "vqav2", "coco_caption", "refcoco",
+        task_name: a key of `tasks.BENCHMARKS` (e.g. "vqav2", "coco_caption", "refcoco",
             "pope_adversarial", "mmbench").
         generate_fn: ``(images: list[PIL.Image], questions: list[str], tasks: list[str])
             -> list[str]``; it also receives the decoding settings as keyword arguments

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .tasks import TASKS
+from .tasks import BENCHMARKS
 
 __all__ = ["render_markdown", "load_reports", "summarize_reports"]
 
@@ -100,7 +100,7 @@ def _table2(by_task: ByTask, label: str) -> str | None:
     rows = []
     for setting in ("zero-shot", "fine-tuning"):
         for model in ("LION-4B", "LION-12B"):
-            vals = [TASKS[task]["paper"][split][setting][model] for _, task, split in TABLE2_COLUMNS]
+            vals = [BENCHMARKS[task]["paper"][split][setting][model] for _, task, split in TABLE2_COLUMNS]
             rows.append([setting, model, *vals, sum(vals) / len(vals)])
     mine = [found.get(col) for col, _, _ in TABLE2_COLUMNS]
     avg = sum(mine) / len(mine) if all(v is not None for v in mine) else None
@@ -113,7 +113,7 @@ def _table3(by_task: ByTask, label: str) -> str | None:
     mm = next((r for (t, _), r in by_task.items() if t == "mmbench"), None)
     if mm is None:
         return None
-    paper = TASKS["mmbench"]["paper"]["LION-12B"]
+    paper = BENCHMARKS["mmbench"]["paper"]["LION-12B"]
     m = mm.get("metrics", {})
     mine = [m.get("overall")] + [m.get("l2_abbrev", {}).get(c) for c in TABLE3_COLUMNS[1:]]
     return ("### Table 3 — MMBench (circular evaluation, %)\n\n"
@@ -123,10 +123,10 @@ def _table3(by_task: ByTask, label: str) -> str | None:
 
 
 def _table4(by_task: ByTask, label: str) -> str | None:
-    pope = [r for (t, _), r in by_task.items() if TASKS[t]["kind"] == "pope"]
+    pope = [r for (t, _), r in by_task.items() if BENCHMARKS[t]["kind"] == "pope"]
     if not pope:
         return None
-    papers = TASKS["pope"]["paper"]
+    papers = BENCHMARKS["pope"]["paper"]
     rows = []
     for split, paper in papers.items():
         rows.append([f"{split} (paper)", *[paper.get(k) for _, k in TABLE4_COLUMNS]])
@@ -138,7 +138,7 @@ def _table4(by_task: ByTask, label: str) -> str | None:
 
 
 def _other_benchmarks(by_task: ByTask, label: str) -> str | None:
-    others = [r for (t, _), r in by_task.items() if TASKS[t].get("table") is None]
+    others = [r for (t, _), r in by_task.items() if BENCHMARKS[t].get("table") is None]
     if not others:
         return None
     rows = [[r["benchmark"], r.get("split") or "–", r["primary_metric"], _primary(r)] for r in others]

@@ -189,7 +189,7 @@ def _mmbench(run: _Scoring) -> dict[str, Any]:
     return metrics
 
 
-# Task kind (`tasks.TASKS[...]["kind"]`) -> its scorer; VisDial ranks candidates and is scored apart.
+# Task kind (`tasks.BENCHMARKS[...]["kind"]`) -> its scorer; VisDial ranks candidates and is scored apart.
 _SCORERS: dict[str, Callable[[_Scoring], dict[str, Any]]] = {
     "caption": _captions,
     "vqa": _vqa,

@@ -1,4 +1,4 @@
-"""The task table: one entry per benchmark with its loader, model route, default
+"""The benchmark table: one entry per benchmark with its loader, model route, default
 prompt, default decoding, scorer and the paper's numbers.
 
 Everything a user may want to change for a run (prompt, decoding) is overridable per
@@ -6,16 +6,18 @@ call (`evaluate(prompt=..., decoding=...)`, ``lion eval --prompt/--num-beams/
 --max-new-tokens``); this table only holds the defaults, documented in
 docs/evaluation.md.
 
-Prompt choices (no official per-benchmark prompts exist, spec section 6):
-* caption: the playground prompt "Please describe the image using a single short sentence."
-* REC: the playground / Shikra REC template with the literal ``<image>`` placeholder.
-* short-answer VQA: InstructBLIP's FlanT5 prompt "Question: {question} Short answer:".
-  LION is built on the InstructBLIP recipe, is compared against InstructBLIP in
-  Table 1, and the "Short answer:" cue makes FlanT5 emit the one- or two-word
-  answers that the VQA normalisation expects.
-* POPE / VSR: "... Please answer yes or no." so that answers start with yes/no.
+Prompt choices (the authors published no per-benchmark prompts; the texts are in
+`lion_mllm.tasks`):
+* caption: the authors' playground caption instruction (`CAPTION_PROMPT`).
+* REC: the playground / Shikra REC template with the literal ``<image>`` placeholder
+  (`GROUNDING_TEMPLATE`).
+* short-answer VQA: InstructBLIP's FlanT5 prompt (`SHORT_ANSWER_TEMPLATE`). LION is
+  built on the InstructBLIP recipe, is compared against InstructBLIP in Table 1, and
+  the "Short answer:" cue makes FlanT5 emit the one- or two-word answers that the VQA
+  normalisation expects.
+* POPE / VSR: a request to answer yes or no, so that answers start with yes/no.
 * multiple choice (MMBench, A-OKVQA MC): options listed as "A. text" lines and the
-  common "Answer with the option's letter from the given choices directly."
+  common instruction to answer with the option's letter (`CHOICE_INSTRUCTION`).
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ import os
 import re
 from typing import Any
 
-from ..tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
+from ..tasks import (
+    CAPTION_PROMPT,
+    GROUNDING_TEMPLATE,
+    ICONQA_TEMPLATE,
+    MMBENCH_TEMPLATE,
+    MULTIPLE_CHOICE_TEMPLATE,
+    SHORT_ANSWER_TEMPLATE,
+    VISDIAL_TEMPLATE,
+    VSR_TEMPLATE,
+    YES_NO_TEMPLATE,
+)
 
-__all__ = ["TASKS", "ALIASES", "get_task", "set_protocol", "task_names", "infer_split", "PROMPT_FIELDS"]
+__all__ = ["BENCHMARKS", "ALIASES", "get_task", "set_protocol", "task_names", "infer_split", "PROMPT_FIELDS"]
 
-VQA_PROMPT = "Question: {question} Short answer:"
-# The authors' REC template, its phrase filled by the field the REC loader gives (`expr`).
-REC_PROMPT = GROUNDING_TEMPLATE.format(phrase="{expr}")
-YESNO_PROMPT = "{question} Please answer yes or no."
-CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
-# VisDial: the caption and earlier rounds as text, then the question in the short-answer VQA form.
-VISDIAL_PROMPT = "Dialog history: {history}\nQuestion: {question} Short answer:"
-
-# Decoding defaults. The official generate() defaults are num_beams=5,
-# max_new_tokens=256 (spec 2.5); answers end at EOS long before the cap, so the
+# Decoding defaults. The authors' generate() defaults are num_beams=5,
+# max_new_tokens=256 (docs/authors-code.md); answers end at EOS long before the cap, so the
 # caps below only bound runaway generations and the runtime of a benchmark pass.
 _CAPTION_DECODING = {"num_beams": 5, "max_new_tokens": 30}
 _SHORT_DECODING = {"num_beams": 5, "max_new_tokens": 10}
@@ -78,7 +82,7 @@ def _caption(benchmark: str, column: str | None, paper: dict | None) -> dict[str
 
 
 def _vqa(benchmark: str, kind: str, loader: str, column: str | None, paper: dict | None,
-         prompt: str = VQA_PROMPT, primary: str = "accuracy") -> dict[str, Any]:
+         prompt: str = SHORT_ANSWER_TEMPLATE, primary: str = "accuracy") -> dict[str, Any]:
     return {
         "benchmark": benchmark, "kind": kind, "loader": loader, "route": "vqa", "prompt": prompt,
         "decoding": dict(_SHORT_DECODING), "primary": primary,
@@ -88,7 +92,7 @@ def _vqa(benchmark: str, kind: str, loader: str, column: str | None, paper: dict
 
 def _rec(benchmark: str) -> dict[str, Any]:
     return {
-        "benchmark": benchmark, "kind": "rec", "loader": "rec", "route": "grounding", "prompt": REC_PROMPT,
+        "benchmark": benchmark, "kind": "rec", "loader": "rec", "route": "grounding", "prompt": GROUNDING_TEMPLATE,
         "decoding": dict(_BOX_DECODING), "primary": "Acc@0.5", "table": "table2",
         "column": benchmark.lower(), "paper": _REC_PAPER[benchmark.lower()],
     }
@@ -96,7 +100,7 @@ def _rec(benchmark: str) -> dict[str, Any]:
 
 def _pope(split: str | None) -> dict[str, Any]:
     return {
-        "benchmark": "POPE", "kind": "pope", "loader": "pope", "route": "vqa", "prompt": YESNO_PROMPT,
+        "benchmark": "POPE", "kind": "pope", "loader": "pope", "route": "vqa", "prompt": YES_NO_TEMPLATE,
         "decoding": dict(_SHORT_DECODING), "primary": "F1", "table": "table4", "column": None,
         "paper": _POPE_PAPER, "split": split,
     }
@@ -107,7 +111,7 @@ def _pope(split: str | None) -> dict[str, Any]:
 _VQA_PROTOCOLS = {"protocol": "vqa2016", "protocols": ("vqa2016", "vqa2021")}
 
 # The one table. Keys are `lion eval --task` names.
-TASKS: dict[str, dict[str, Any]] = {
+BENCHMARKS: dict[str, dict[str, Any]] = {
     # --- captioning (Table 1, CIDEr) -------------------------------------------------
     "coco_caption": _caption("COCO Caption (Karpathy test)", "COCOCap", {"LION-4B": 138.20, "LION-12B": 139.25}),
     "flickr30k": _caption("Flickr30K (Karpathy test)", "Flickr30K", {"LION-4B": 85.57, "LION-12B": 87.12}),
@@ -122,16 +126,16 @@ TASKS: dict[str, dict[str, Any]] = {
                   "protocol": "allenai", "protocols": ("allenai", "lavis", "vqa")},
     "aokvqa_mc": _vqa(
         "A-OKVQA (multiple choice)", "aokvqa_mc", "aokvqa", "AOKVQA", {"LION-4B": 59.98, "LION-12B": 60.87},
-        prompt="Question: {question}\nOptions:\n{options}\n" + CHOICE_SUFFIX,
+        prompt=MULTIPLE_CHOICE_TEMPLATE,
     ),
     "gqa": _vqa("GQA (test-dev balanced)", "exact", "gqa", "GQA", {"LION-4B": 49.50, "LION-12B": 51.56}),
     "iconqa": _vqa(
         "IconQA", "choice_or_exact", "iconqa", "IconQA", {"LION-4B": 54.91, "LION-12B": 54.89},
-        prompt="Question: {question}{options_block} Short answer:",
+        prompt=ICONQA_TEMPLATE,
     ),
     "vsr": _vqa(
         "VSR", "binary", "vsr", "VSR", {"LION-4B": 72.96, "LION-12B": 73.77},
-        prompt='Is the following statement about the image true? "{caption}" Please answer yes or no.',
+        prompt=VSR_TEMPLATE,
     ),
     # --- Visual Dialog (Table 1, last column) ----------------------------------------
     # Generative ranking of the 100 candidate answers by the model's log-likelihood. The paper
@@ -139,7 +143,7 @@ TASKS: dict[str, dict[str, Any]] = {
     # LION's, reports MRR, so MRR is the primary metric here (NDCG, R@k, mean rank reported too).
     "visdial": {
         "benchmark": "VisDial v1.0 (val)", "kind": "visdial", "loader": "visdial", "route": "vqa",
-        "prompt": VISDIAL_PROMPT, "decoding": {}, "primary": "MRR", "table": "table1", "column": "VisDial",
+        "prompt": VISDIAL_TEMPLATE, "decoding": {}, "primary": "MRR", "table": "table1", "column": "VisDial",
         "paper": {"LION-4B": 50.02, "LION-12B": 50.42},
     },
     # --- REC (Table 2, Acc@0.5) -----------------------------------------------------
@@ -154,7 +158,7 @@ TASKS: dict[str, dict[str, Any]] = {
     # --- MMBench (Table 3, LION-12B, test split) -------------------------------------
     "mmbench": {
         "benchmark": "MMBench", "kind": "mmbench", "loader": "mmbench", "route": "vqa",
-        "prompt": "{hint_block}{question}\n{options}\n" + CHOICE_SUFFIX,
+        "prompt": MMBENCH_TEMPLATE,
         "decoding": dict(_SHORT_DECODING), "primary": "overall", "table": "table3", "column": None,
         "paper": {"LION-12B": {"overall": 73.4, "LR": 51.7, "AR": 84.1, "RR": 78.4, "FP-S": 74.0, "FP-C": 60.8, "CP": 78.9}},
     },
@@ -176,7 +180,7 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
     "generic_vqa": ("question", "options", "options_block", "choices"),
     "iconqa": ("question", "options", "options_block", "choices"),
     "vsr": ("caption", "question", "relation"),
-    "rec": ("expr", "question"),
+    "rec": ("phrase", "expr", "question"),
     "pope": ("question",),
     "mmbench": ("question", "hint", "hint_block", "options"),
     "visdial": ("question", "caption", "history"),
@@ -185,16 +189,16 @@ PROMPT_FIELDS: dict[str, tuple[str, ...]] = {
 
 def task_names() -> list[str]:
     """All task names accepted by `get_task` (aliases excluded)."""
-    return list(TASKS)
+    return list(BENCHMARKS)
 
 
 def get_task(name: str) -> dict[str, Any]:
     """A deep copy of the task entry for ``name`` (case-insensitive; aliases allowed)."""
     key = name.strip().lower()
     key = ALIASES.get(key, key)
-    if key not in TASKS:
-        raise KeyError(f"unknown eval task {name!r}; choose one of: {', '.join(TASKS)}")
-    spec = copy.deepcopy(TASKS[key])
+    if key not in BENCHMARKS:
+        raise KeyError(f"unknown eval task {name!r}; choose one of: {', '.join(BENCHMARKS)}")
+    spec = copy.deepcopy(BENCHMARKS[key])
     spec["name"] = key
     return spec
 

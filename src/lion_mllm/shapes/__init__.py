@@ -23,15 +23,13 @@ from .scoring import held_out_items, score_pipeline
 from .tagger import ShapesTagger
 from .tokenizers import build_tokenizers, coordinate_tokens, world_words
 from .world import (
-                    CAPTION_PROMPT,
                     COLOURS,
                     HELD_OUT_SEED_BASE,
                     IMAGE_SIZE,
                     NUMBER_WORDS,
-                    REC_PROMPT,
+                    PROMPTS,
                     SHAPES,
                     SIZES,
-                    VQA_PROMPT,
                     Scene,
                     ShapeObject,
                     box_answer,
@@ -49,7 +47,7 @@ from .world import (
 )
 
 __all__ = [
-    "COLOURS", "SHAPES", "SIZES", "NUMBER_WORDS", "IMAGE_SIZE", "CAPTION_PROMPT", "VQA_PROMPT", "REC_PROMPT",
+    "COLOURS", "SHAPES", "SIZES", "NUMBER_WORDS", "IMAGE_SIZE", "PROMPTS",
     "ShapeObject", "Scene", "make_scene", "render", "scene_tags", "caption_of", "caption_objects",
     "caption_object_match", "referring_expressions", "quantise", "box_answer", "vqa_samples", "referring_samples",
     "scene_samples", "write_dataset", "write_run_tasks", "write_benchmarks", "ShapesTagger", "build_tokenizers", "world_words",

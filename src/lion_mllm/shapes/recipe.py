@@ -24,14 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tasks import SHORT_TAG_PROMPT, SOFT_PROMPT_TOKEN
 from .tagger import ShapesTagger
 from .tokenizers import build_tokenizers, coordinate_tokens
 from .world import (
     COLOURS,
     HELD_OUT_SEED_BASE,
+    PROMPTS,
     SHAPES,
     SIZES,
-    TAG_PROMPT,
     Scene,
     make_scene,
     render,
@@ -65,7 +66,7 @@ def shapes_config(t5_vocab: int, qformer_vocab: int, soft_prompt_id: int) -> Any
         language=LanguageConfig(vocab_size=t5_vocab, d_model=256, d_ff=512, d_kv=32, num_layers=3,
                                 num_decoder_layers=3, num_heads=8, dropout_rate=0.0, adapter_bottleneck=32,
                                 soft_prompt_token_id=soft_prompt_id, max_text_length=128, max_output_text_length=48),
-        visual_input="all", enable_semantic_tags=True, tag_prompt=TAG_PROMPT,
+        visual_input="all", enable_semantic_tags=True, tag_prompt=SHORT_TAG_PROMPT,
     )
 
 
@@ -127,7 +128,7 @@ def initialise(model: Any, tokenizer: Any) -> None:
 
 def build_shapes_lion(seed: int) -> Any:
     """The `shapes` preset: a freshly initialised shapes LION (float32, CPU) with the world's tokenizers,
-    its pixel tagger and greedy decoding defaults, as a `Lion`.
+    its pixel tagger, greedy decoding defaults and the templates its samples are written with, as a `Lion`.
 
     The global generator is seeded and left where initialisation ends, so that training-only heads made
     next (the objectives) draw the numbers they drew in the original recipe."""
@@ -137,13 +138,13 @@ def build_shapes_lion(seed: int) -> Any:
     from ..processing import LionProcessor
 
     tokenizer, qformer_tokenizer = build_tokenizers()
-    soft = tokenizer.convert_tokens_to_ids("<extra_id_0>")
+    soft = tokenizer.convert_tokens_to_ids(SOFT_PROMPT_TOKEN)
     config = shapes_config(-(-len(tokenizer) // 8) * 8, len(qformer_tokenizer), soft)
     torch.manual_seed(seed)
     model = LionModel(config)
     initialise(model, tokenizer)
     processor = LionProcessor(config, tokenizer, qformer_tokenizer)
-    return Lion(model, processor, ShapesTagger(), GenerationDefaults(**SHAPES_DECODING))
+    return Lion(model, processor, ShapesTagger(), GenerationDefaults(**SHAPES_DECODING, prompts=PROMPTS))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .world import CAPTION_PROMPT, COLOURS, NUMBER_WORDS, REC_PROMPT, SHAPES, SIZES, TAG_PROMPT, VQA_PROMPT
+from ..tasks import SHORT_TAG_PROMPT, SOFT_PROMPT_TOKEN
+from .world import COLOURS, NUMBER_WORDS, PROMPTS, SHAPES, SIZES
 
 
 def coordinate_tokens(step: float = 0.01) -> list[str]:
@@ -16,7 +17,8 @@ def coordinate_tokens(step: float = 0.01) -> list[str]:
 
 def world_words() -> list[str]:
     """Every word and punctuation piece the world's prompts, tags and answers use."""
-    texts = [TAG_PROMPT.replace("<extra_id_0>", " ").replace("{}", " "), CAPTION_PROMPT, VQA_PROMPT, REC_PROMPT, "Answer: [,]",
+    texts = [SHORT_TAG_PROMPT.replace(SOFT_PROMPT_TOKEN, " ").replace("{}", " "), PROMPTS["caption"], PROMPTS["vqa"],
+             PROMPTS["grounding"], "Answer: [,]",
              "what colour is the shape ? how many shapes are there is there a yes no and left of right of above below "
              "leftmost rightmost what shape", " ".join(COLOURS), " ".join(SHAPES), " ".join(s + "s" for s in SHAPES),
              " ".join(SIZES), " ".join(NUMBER_WORDS), "0 1 2 3 4 5 6 7 8 9"]
@@ -55,7 +57,7 @@ def build_tokenizers(extra_words: Iterable[str] = ()):
 
     words = world_words() + [w for w in extra_words if w not in world_words()]
     coords = coordinate_tokens()
-    vocab: dict[str, int] = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<extra_id_0>": 3, _META: 4}
+    vocab: dict[str, int] = {"<pad>": 0, "</s>": 1, "<unk>": 2, SOFT_PROMPT_TOKEN: 3, _META: 4}
     for piece in coords + [_META + c for c in coords]:
         vocab.setdefault(piece, len(vocab))
     for word in words:
@@ -69,7 +71,7 @@ def build_tokenizers(extra_words: Iterable[str] = ()):
     t5.decoder = decoders.Metaspace(replacement=_META, prepend_scheme="always", split=False)
     t5.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=t5, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>", additional_special_tokens=["<extra_id_0>"])
+                                        unk_token="<unk>", additional_special_tokens=[SOFT_PROMPT_TOKEN])
 
     bert_vocab: dict[str, int] = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
     for word in words + coords:

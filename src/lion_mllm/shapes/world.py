@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..boxes import format_box
+from ..tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, SHORT_ANSWER_TEMPLATE
 
 IMAGE_SIZE = 128
 # Shape colours, far from each other and from the pale backgrounds (the tagger matches them exactly).
@@ -40,13 +41,9 @@ SHAPES = ("circle", "square", "triangle")
 SIZES: dict[str, tuple[int, int]] = {"small": (16, 22), "large": (32, 42)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
-# The prompts the package's pipeline and evaluation use (kept literally equal to theirs).
-CAPTION_PROMPT = "Please describe the image using a single short sentence."
-# lion-shapes' tag prompt (its config's `tag_prompt`): the soft-prompt token and the tags, 4 tokens before
-# the tags where the authors' sentence takes 18 -- the T5 encoder reads every token of it for every sample.
-TAG_PROMPT = "Tags <extra_id_0>: {}. "
-VQA_PROMPT = "Question: {question} Short answer:"
-REC_PROMPT = "In the image <image>, can you locate {expr} and let me know its coordinates?"
+# The templates the world's samples are written with, per prompt kind: lion-shapes' generation config
+# (the model is asked as it was trained).
+PROMPTS = {"caption": CAPTION_PROMPT, "vqa": SHORT_ANSWER_TEMPLATE, "grounding": GROUNDING_TEMPLATE}
 
 # Held-out scenes use seeds from here on; training scenes use seeds below it.
 HELD_OUT_SEED_BASE = 1_000_000_000
@@ -294,14 +291,14 @@ def scene_samples(scene: Scene, image: str, rng: random.Random, vqa_per_image: i
                   rec_per_image: int = 2) -> list[dict[str, Any]]:
     """Training records of one scene (`lion train` annotation format): one caption, some VQA, some REC."""
     tags = scene_tags(scene)
-    records = [{"image": image, "question": CAPTION_PROMPT, "answer": caption_of(scene), "category": "image_level",
+    records = [{"image": image, "question": PROMPTS["caption"], "answer": caption_of(scene), "category": "image_level",
                 "tags": tags, "task": "caption"}]
     vqa = vqa_samples(scene, rng)
     for question, answer, kind in rng.sample(vqa, min(vqa_per_image, len(vqa))):
-        records.append({"image": image, "question": VQA_PROMPT.format(question=question), "answer": answer,
+        records.append({"image": image, "question": PROMPTS["vqa"].format(question=question), "answer": answer,
                         "category": "image_level", "tags": tags, "task": "vqa", "kind": kind})
     rec = referring_samples(scene)
     for phrase, answer in rng.sample(rec, min(rec_per_image, len(rec))):
-        records.append({"image": image, "question": REC_PROMPT.format(expr=phrase), "answer": answer,
+        records.append({"image": image, "question": PROMPTS["grounding"].format(phrase=phrase), "answer": answer,
                         "category": "region_level", "tags": tags, "task": "rec", "phrase": phrase})
     return records

@@ -555,14 +555,14 @@ def _eval_task(entry: Any, index: int, resolve: PathResolver) -> EvalTaskSpec:
     if not isinstance(entry, dict) or "task" not in entry:
         raise ConfigError(f"{where}: expected a mapping with task and ann (and images, limit, tags, ...)")
     entry = dict(entry)
-    from ..evaluation.tasks import TASKS
+    from ..evaluation.tasks import BENCHMARKS
 
     if entry["task"] in VALIDATORS:  # its own scorer on data it generates: no files
         return _build(EvalTaskSpec, entry, where)
     if "ann" not in entry:
         raise ConfigError(f"{where}: expected a mapping with task and ann (and images, limit, tags, ...)")
-    if entry["task"] not in TASKS:
-        raise ConfigError(f"{where}.task: unknown task {entry['task']!r}; known: {sorted(TASKS)}")
+    if entry["task"] not in BENCHMARKS:
+        raise ConfigError(f"{where}.task: unknown task {entry['task']!r}; known: {sorted(BENCHMARKS)}")
     entry["ann"] = resolve(entry["ann"], f"{where}.ann")
     entry["images"] = resolve(entry.get("images"), f"{where}.images")
     return _build(EvalTaskSpec, entry, where)

@@ -34,6 +34,7 @@ from ..official import OfficialPaths, config_from_official, official_to_ours, ou
 from ..pipeline import Lion, resolve_dtype
 from ..processing import LionProcessor
 from ..registry import load_named
+from ..tasks import SOFT_PROMPT_TOKEN
 from .config import STAGE_VISUAL_INPUT, ModelSpec
 
 logger = logging.getLogger("lion_mllm.train")
@@ -323,7 +324,7 @@ def _build_preset(spec: ModelSpec, visual_input: str, device: torch.device, dtyp
     finally:
         torch.random.set_rng_state(generator_state)
     processor = LionProcessor.from_dirs(config, spec.llm_model, spec.bert_model if config.uses_qformer else None)
-    config.language.soft_prompt_token_id = processor.tokenizer.convert_tokens_to_ids("<extra_id_0>")
+    config.language.soft_prompt_token_id = processor.tokenizer.convert_tokens_to_ids(SOFT_PROMPT_TOKEN)
     model.requires_grad_(False)
     return Lion(model.to(device=device, dtype=dtype).eval(), processor)
 

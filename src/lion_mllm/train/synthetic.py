@@ -24,9 +24,9 @@ from typing import Any
 from PIL import Image
 
 from ..boxes import format_box
+from ..tasks import GROUNDING_TEMPLATE
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 210, 20)}
-GROUNDING_QUESTION = "In the image <image>, can you locate the {} square and let me know its coordinates?"
 
 
 def write_synthetic_dataset(root: str | Path, n_images: int = 8, size: int = 48, seed: int = 0) -> dict[str, Path]:
@@ -49,7 +49,7 @@ def write_synthetic_dataset(root: str | Path, n_images: int = 8, size: int = 48,
         image_level.append({"image": name, "question": "What colour is the square?", "answer": colour,
                             "category": "image_level", "tags": tags, "id": f"cap{i}"})
         box = format_box((x0 / size, y0 / size, (x0 + side) / size, (y0 + side) / size))
-        region_level.append({"image": name, "question": GROUNDING_QUESTION.format(colour),
+        region_level.append({"image": name, "question": GROUNDING_TEMPLATE.format(phrase=f"the {colour} square"),
                              "answer": f"Answer: {box}", "category": "region_level", "tags": tags, "id": f"rec{i}"})
     image_file = root / "image_level.json"
     image_file.write_text(json.dumps(image_level, indent=1) + "\n")

@@ -30,7 +30,7 @@ class EvalSample:
         id: unique id within the task (used as the key of the predictions file).
         image_candidates: paths tried in order when loading the image.
         image_b64: base64-encoded image (MMBench TSV) used instead of a path.
-        fields: values for the prompt template (``question``, ``expr``, ``options`` ...).
+        fields: values for the prompt template (``question``, ``phrase``, ``options`` ...).
         target: ground truth in the task's scorer format.
         meta: extra information (question type, image size, rotation, group id ...).
     """

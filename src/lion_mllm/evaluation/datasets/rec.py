@@ -117,7 +117,9 @@ def load_rec(annotation_path: PathLike, image_root: PathLike | None, *, box_form
             EvalSample(
                 id=str(sid) if sid is not None else f"line{item['line_id']}",
                 image_candidates=_candidates(image_root, item["image"], os.path.basename(item["image"])),
-                fields={"expr": str(item["expr"]).strip(), "question": str(item["expr"]).strip()},
+                # `phrase` fills the grounding template; `expr` (the annotation's own word) and `question`
+                # name the same text for user templates
+                fields=dict.fromkeys(("phrase", "expr", "question"), str(item["expr"]).strip()),
                 target=box_as_xyxy(item["bbox"], fmt),
                 meta={"width": item["width"], "height": item["height"], "bbox": item["bbox"], "box_format": fmt,
                       "box_format_source": "line" if item["declared"] else source, "where": item["where"]},
