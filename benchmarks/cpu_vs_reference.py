@@ -44,11 +44,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _reference_side import SIZES, artifact_paths, current_rss_gib, serve  # noqa: E402  (no torch at import time)
 
+from lion_mllm.tasks import CAPTION_PROMPT  # noqa: E402  (imports nothing else)
+
 SIDES = ("lion-mllm", "lion-mllm-authors-flow", "lion-mllm-bf16", "authors")
 OUR_SIDES = SIDES[:3]
 LABELS = {"lion-mllm": "lion-mllm", "lion-mllm-authors-flow": "lion-mllm, authors' flow (eager, no cache)",
           "lion-mllm-bf16": "lion-mllm, bfloat16 (opt-in)", "authors": "authors' code"}
-QUESTION = "Please describe the image using a single short sentence."
+QUESTION = CAPTION_PROMPT
 TAGS = "airport, dog, luggage, man, terminal"
 
 

@@ -30,6 +30,7 @@ import transformers
 from lion_mllm import Lion, LionModel, OfficialPaths
 from lion_mllm.config import flant5xl
 from lion_mllm.official import ours_to_official
+from lion_mllm.tasks import CAPTION_PROMPT
 
 GOLDEN_T5 = Path(__file__).resolve().parents[1] / "tests" / "golden" / "lion-a" / "assets" / "flan-t5-tiny"
 
@@ -137,8 +138,7 @@ def measure(directory: Path, dtype: str) -> dict:
     from PIL import Image
 
     image = Image.new("RGB", (640, 480), (120, 80, 40))
-    batch = lion.processor([image], ["Please describe the image using a single short sentence."], ["caption"],
-                           ["dog, man"])
+    batch = lion.processor([image], [CAPTION_PROMPT], ["caption"], ["dog, man"])
     batch["pixel_values"] = batch["pixel_values"].to(lion.model.dtype)
     start = time.perf_counter()
     lion.model.generate(**batch, num_beams=1, max_new_tokens=10, min_new_tokens=10)

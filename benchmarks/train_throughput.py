@@ -131,11 +131,12 @@ def _lion_config_and_processor(args: argparse.Namespace):
     """The stage-3 preset config and its processor, as the trainer's `_build_preset` makes them."""
     from lion_mllm.config import PRESETS
     from lion_mllm.processing import LionProcessor
+    from lion_mllm.tasks import SOFT_PROMPT_TOKEN
     from lion_mllm.train.config import STAGE_VISUAL_INPUT
 
     config = PRESETS[args.size](visual_input=STAGE_VISUAL_INPUT[3], enable_semantic_tags=True)
     processor = LionProcessor.from_dirs(config, args.t5_dir, args.bert_dir)
-    config.language.soft_prompt_token_id = processor.tokenizer.convert_tokens_to_ids("<extra_id_0>")
+    config.language.soft_prompt_token_id = processor.tokenizer.convert_tokens_to_ids(SOFT_PROMPT_TOKEN)
     return config, processor
 
 

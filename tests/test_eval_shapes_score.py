@@ -17,8 +17,7 @@ def test_score_pipeline_is_what_users_get():
     for i, item in enumerate(result["items"]):
         # One image at a time through the user-facing methods gives the scored answers.
         assert lion.caption(item["image"], **kw) == result["outputs"]["caption"][i]
-        assert lion.ask(item["image"], shapes.VQA_PROMPT.format(question=item["question"]), **kw) \
-            == result["outputs"]["vqa"][i]
+        assert lion.ask(item["image"], item["question"], **kw) == result["outputs"]["vqa"][i]
     # The caption score is the object-set match of those outputs.
     expected_caption = sum(shapes.caption_object_match(p, it["caption"])
                            for p, it in zip(result["outputs"]["caption"], result["items"])) / 2

@@ -162,7 +162,7 @@ def test_generative_ranking_with_lion_shapes(tmp_path):
 
     lion = load_model("lion-shapes")
     items = shapes.held_out_items(2, shapes.HELD_OUT_SEED_BASE)
-    prompts = [shapes.VQA_PROMPT.format(question=it["question"]) for it in items]
+    prompts = [shapes.PROMPTS["vqa"].format(question=it["question"]) for it in items]
     candidates = [[it["answer"], "seven", "a large red circle", "yes", "no"] for it in items]
     scores = candidate_log_likelihoods(lion, [it["image"] for it in items], prompts, candidates, ["vqa"] * 2,
                                        chunk_size=3)

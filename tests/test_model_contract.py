@@ -211,10 +211,10 @@ def test_lion_shapes_carries_its_decoding_and_template(shapes_lion) -> None:
     assert config.for_task("vqa") == {"num_beams": 1, "max_new_tokens": 40, "min_length": 1,
                                       "repetition_penalty": 1.0, "length_penalty": 1.0, "do_sample": False,
                                       "temperature": 1.0, "top_p": 0.9}
-    assert config.prompt("vqa", "How many circles are there?") == shapes.VQA_PROMPT.format(
-        question="How many circles are there?")
-    assert config.prompt("grounding", "the red circle") == shapes.REC_PROMPT.format(expr="the red circle")
-    assert config.prompt("caption") == shapes.CAPTION_PROMPT
+    assert config.prompts == shapes.PROMPTS  # asked in the words its training samples were written in
+    assert config.prompt("vqa", "How many circles are there?") == "Question: How many circles are there? Short answer:"
+    assert config.prompt("grounding", "the red circle") == ("In the image <image>, can you locate the red circle "
+                                                             "and let me know its coordinates?")
 
 
 def test_lion_shapes_api_and_cli_answer_as_the_model_card_evaluation(shapes_lion, tmp_path: Path,

@@ -11,6 +11,7 @@ import pytest
 
 from lion_mllm import shapes
 from lion_mllm.boxes import parse_box
+from lion_mllm.tasks import SHORT_TAG_PROMPT
 
 
 def test_scenes_and_images_are_a_function_of_the_seed():
@@ -120,7 +121,7 @@ def test_benchmarks_are_readable_by_the_evaluation_loaders(tmp_path):
     for sample in rec:
         seed = int(sample.id.split("-")[0])
         scene = shapes.make_scene(seed, (2, 3, 4))
-        target = dict(shapes.referring_expressions(scene))[sample.fields["expr"]]
+        target = dict(shapes.referring_expressions(scene))[sample.fields["phrase"]]
         assert sample.target == tuple(float(v) for v in target.box)  # xyxy pixels
         assert sample.image_path().endswith(f"{seed}.png")
     vqa = load_generic_vqa(paths["vqa"], tmp_path)
@@ -142,16 +143,14 @@ def test_tokenizers_are_t5_and_bert_like():
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
     # One token per coordinate value.
     assert len(tokenizer("[0.120,0.340,0.560,1.000]").input_ids) == 10
-    prompt = "According to <extra_id_0>, you are allowed to use or partially use the following tags: [red, circle]. "
-    ids = tokenizer(prompt + shapes.REC_PROMPT.format(expr="the shape left of the red circle")).input_ids
+    prompt = SHORT_TAG_PROMPT.format("red, circle")  # lion-shapes' tag prompt (its config's tag_prompt)
+    ids = tokenizer(prompt + shapes.PROMPTS["grounding"].format(phrase="the shape left of the red circle")).input_ids
     assert 3 in ids and tokenizer.unk_token_id not in ids
     # Every training text of the world tokenizes without <unk> and decodes back exactly.
-    from lion_mllm.config import TAG_PROMPT
-
     for seed in range(60):
         scene = shapes.make_scene(seed)
         for record in shapes.scene_samples(scene, "x.png", random.Random(seed), vqa_per_image=9, rec_per_image=9):
-            prompt_ids = tokenizer(TAG_PROMPT.format(record["tags"]) + record["question"]).input_ids
+            prompt_ids = tokenizer(SHORT_TAG_PROMPT.format(record["tags"]) + record["question"]).input_ids
             answer_ids = tokenizer(record["answer"]).input_ids
             assert tokenizer.unk_token_id not in prompt_ids + answer_ids, record
             assert tokenizer.decode(answer_ids, skip_special_tokens=True) == record["answer"]
