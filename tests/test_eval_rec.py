@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lion_mllm.boxes import find_boxes, parse_box
 from lion_mllm.evaluation import AnnotationError, evaluate
 from lion_mllm.evaluation.datasets import load_rec
-from lion_mllm.evaluation.metrics_rec import box_iou, normalized_to_pixels, parse_box, score_rec, xywh_to_xyxy
+from lion_mllm.evaluation.metrics_rec import box_iou, normalized_to_pixels, score_rec, xywh_to_xyxy
 
 
 @pytest.mark.parametrize(
@@ -31,7 +32,7 @@ from lion_mllm.evaluation.metrics_rec import box_iou, normalized_to_pixels, pars
     ],
 )
 def test_parse_box(text, expected):
-    got = parse_box(text)
+    got = parse_box(text, clamp=False)
     if expected is None:
         assert got is None
     else:
@@ -93,15 +94,14 @@ def test_iou_exactly_at_threshold_counts():
     assert out["Acc@0.5"] == 100.0 and out["Acc@0.7"] == 0.0
 
 
-def test_display_and_scoring_parsers_find_the_same_box():
-    from lion_mllm.boxes import find_boxes
-    from lion_mllm.boxes import parse_box as display_box
-
+def test_display_and_scoring_read_the_same_box():
     text = "Answer: [1,2] [0.7, -0.1, 0.2, 1.3e0] and [0.1,0.2,0.3,0.4]"
-    assert parse_box(text) == (0.7, -0.1, 0.2, 1.3)  # scoring sees what the model wrote
-    assert display_box(text).as_tuple() == (0.2, 0.0, 0.7, 1.0)  # display clamps and orders it
-    assert [b.as_tuple() for b in find_boxes(text)] == [(0.2, 0.0, 0.7, 1.0), (0.1, 0.2, 0.3, 0.4)]
-    assert parse_box("[nan,0,1,1]") is None and display_box("no box") is None and find_boxes("[a,b,c,d]") == []
+    assert parse_box(text, clamp=False) == (0.7, -0.1, 0.2, 1.3)  # scoring sees what the model wrote
+    assert parse_box(text) == (0.2, 0.0, 0.7, 1.0)  # display clamps and orders it
+    assert find_boxes(text) == [(0.2, 0.0, 0.7, 1.0), (0.1, 0.2, 0.3, 0.4)]
+    assert parse_box("[nan,0,1,1]", clamp=False) is None and parse_box("no box") is None and find_boxes("[a,b,c,d]") == []
+    # A reversed box scores as written (no area: IoU 0), not as the ordered box display shows.
+    assert score_rec([("[0.6,0.7,0.1,0.2]", (10.0, 20.0, 60.0, 70.0), 100, 100)])["ious"] == [0.0]
 
 
 # --------------------------------------------------------------------------- box format of the files

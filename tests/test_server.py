@@ -26,6 +26,7 @@ import uvicorn
 from conftest import make_tiny_lion
 from PIL import Image
 
+from lion_mllm.boxes import Box, box_record, find_boxes
 from lion_mllm.drawing import draw_boxes
 from lion_mllm.generation import GenerationDefaults
 from lion_mllm.pipeline import Lion
@@ -33,7 +34,7 @@ from lion_mllm.server import ServerSettings, add_serve_subcommand, create_app
 from lion_mllm.server.app import build_app
 from lion_mllm.server.engine import cut_at_stop
 from lion_mllm.server.errors import APIError
-from lion_mllm.server.images import decode_data_url, find_boxes
+from lion_mllm.server.images import decode_data_url
 from lion_mllm.server.protocol import build_question, infer_task, word_chunks
 from lion_mllm.server.state import ServerState
 from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
@@ -191,6 +192,10 @@ def test_text_helpers_boxes_and_drawing():
     assert cut_at_stop("one two three", ["two"]) == ("one ", True)
     boxes = find_boxes("Answer: [0.1,0.2,0.3,0.4] and [0.5, 0.5, 0.9, 0.7] and [1,2]")
     assert [b.as_tuple() for b in boxes] == [(0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.7)]
+    # one record format for every output (server, lion run, lion ground --json)
+    assert box_record(Box(0.12346, 0.5, 1.0, 0.333333), 640, 480) == {"box": [0.1235, 0.5, 1.0, 0.3333],
+                                                                       "box_pixels": [79.01, 240.0, 640.0, 160.0]}
+    assert box_record(None, 640, 480) == {"box": None, "box_pixels": None}
     drawn = draw_boxes(Image.new("RGB", (100, 50), (0, 0, 0)), [boxes[0].to_pixels(100, 50)])
     assert drawn.getpixel((10, 15)) != (0, 0, 0)  # left edge of the box: x = 0.1*100, y in 10..20
     assert drawn.getpixel((50, 40)) == (0, 0, 0)  # outside the box untouched

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .boxes import box_record, parse_box
 from .generation import GenerationDefaults
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, is_url, load_image
 from .retry import batch_then_singly
@@ -250,11 +251,7 @@ def _write(handle: TextIO, records: Sequence[dict[str, Any]]) -> None:
 def _result(item: BatchItem, answer: str, size: tuple[int, int]) -> dict[str, Any]:
     record: dict[str, Any] = {"id": item.id, "task": item.task, "image": str(item.image), "answer": answer}
     if item.task == "grounding":
-        from .boxes import parse_box
-
-        box = parse_box(answer)
-        record["box"] = list(box.as_tuple()) if box else None
-        record["box_pixels"] = [round(v, 2) for v in box.to_pixels(*size)] if box else None
+        record.update(box_record(parse_box(answer), *size))
     return record
 
 

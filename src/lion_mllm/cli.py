@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .boxes import box_record
 from .model_options import (
     ModelOptionError,
     _positive_int,
@@ -317,8 +318,7 @@ def _cmd_ground(args: argparse.Namespace) -> int:
     width, height = image.size
     record: dict[str, Any] = {
         "image": args.image, "phrase": args.phrase, "answer": result.text, "width": width, "height": height,
-        "box": list(result.box.as_tuple()) if result.box else None,
-        "box_pixels": [round(v, 2) for v in result.box_pixels] if result.box_pixels else None,
+        **box_record(result.box, width, height),
     }
     if result.box is None:
         _emit(args, record, f"no box in the answer: {result.text}")

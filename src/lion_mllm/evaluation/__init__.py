@@ -4,19 +4,21 @@ Entry points:
     evaluate(task_name, generate_fn, annotation_path, image_root, ...) -> report dict
     lion eval --task ... (see `lion_mllm.evaluation.cli`)
 
-Metrics can be used on their own: `vqa_accuracy`, `score_captions`, `parse_box`,
+Metrics can be used on their own: `vqa_accuracy`, `score_captions`, `parse_box` (the package's one
+box parser; scoring reads boxes as written, `clamp=False`),
 `box_iou`, `score_rec`, `score_pope`, `score_mmbench`, `extract_choice`,
 `score_aokvqa_direct_answer`, `score_visdial`; `write_submission` writes the evaluation
 servers' files.
 Heavy dependencies (pycocoevalcap, PIL, torch) are imported only when needed.
 """
 
+from ..boxes import parse_box
 from .datasets import AnnotationError, EvalSample
 from .harness import evaluate, load_task_samples, read_predictions, render_prompt
 from .metrics_caption import JavaNotFoundError, check_java, score_captions, spice_available
 from .metrics_mmbench import MMBenchItem, extract_choice, score_mmbench
 from .metrics_pope import pope_yes_no, score_pope
-from .metrics_rec import box_iou, normalized_to_pixels, parse_box, score_rec, xywh_to_xyxy
+from .metrics_rec import box_iou, normalized_to_pixels, score_rec, xywh_to_xyxy
 from .metrics_visdial import ndcg, ranks_from_scores, score_visdial
 from .metrics_vqa import (
     AOKVQA_DA_PROTOCOLS,

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..boxes import box_values
+from ..boxes import Box, parse_box
 
 __all__ = [
-    "Box",
-    "parse_box",
     "xywh_to_xyxy",
     "normalized_to_pixels",
     "box_iou",
@@ -22,27 +20,13 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
 ]
 
-Box = tuple[float, float, float, float]
-
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
-
-def parse_box(text: str) -> Box | None:
-    """Return the first ``[a,b,c,d]`` of exactly four numbers in ``text`` as written (not clamped, since
-    scoring must see what the model said), else None.
-
-    Spaces around numbers are allowed (``[0.44, 0.06, 0.65, 0.367]``); groups with
-    another count of items, non-numeric items or non-finite values are skipped.
-
-    >>> parse_box("Answer: [0.440,0.060,0.650,0.367]")
-    (0.44, 0.06, 0.65, 0.367)
-    """
-    return next(box_values(text), None)
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> Box:
     """COCO ``[x, y, w, h]`` (pixels) -> ``[x0, y0, x1, y1]`` (pixels)."""
     x, y, w, h = (float(v) for v in box)
-    return (x, y, x + w, y + h)
+    return Box(x, y, x + w, y + h)
 
 
 def normalized_to_pixels(box: Sequence[float], width: float, height: float) -> Box:
@@ -52,7 +36,7 @@ def normalized_to_pixels(box: Sequence[float], width: float, height: float) -> B
     out-of-range value cannot describe a region of the image anyway.
     """
     x0, y0, x1, y1 = (min(1.0, max(0.0, float(v))) for v in box)
-    return (x0 * width, y0 * height, x1 * width, y1 * height)
+    return Box(x0, y0, x1, y1).to_pixels(width, height)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -88,7 +72,7 @@ def score_rec(
     ious: list[float] = []
     unparsable = 0
     for text, gt_box, width, height in items:
-        pred = parse_box(text)
+        pred = parse_box(text, clamp=False)  # as written: a reversed box is a wrong answer, not re-ordered
         if pred is None:
             unparsable += 1
             ious.append(0.0)

@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..boxes import find_boxes
 from .batcher import Batcher
 from .engine import TRANSFORMERS_TOP_K, DecodingSettings, GenerationRequest, GenerationResult
 from .errors import APIError, error_body
-from .images import box_record, find_boxes
+from .images import reply_box
 from .protocol import (
     ChatCompletionRequest,
     build_question,
@@ -64,7 +65,7 @@ class _Chat:
     def summary(self, result: GenerationResult) -> tuple[dict, dict, list]:
         """The answer's `lion` object, its usage and its boxes (grounding only)."""
         width, height = self.image_size
-        boxes = [box_record(b, width, height) for b in find_boxes(result.text)] if self.task == "grounding" else []
+        boxes = [reply_box(b, width, height) for b in find_boxes(result.text)] if self.task == "grounding" else []
         info = {"task": self.task, "prompt": self.question, "tags": result.tags, "boxes": boxes,
                 "image_size": [width, height], "batch_size": result.batch_size}
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,

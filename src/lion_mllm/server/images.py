@@ -1,4 +1,4 @@
-"""Images from requests, decoded defensively, and the boxes found in answers.
+"""Images from requests, decoded defensively, and the boxes found in answers as replies give them.
 
 Decoding is `lion_mllm.images`' (raster formats only: no request reaches Ghostscript; the pixel count is
 read from the header and checked before any pixel is decoded); this module turns its errors into API
@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from ..boxes import Box, find_boxes  # noqa: F401 - re-exported for the app and page
+from ..boxes import Box, box_record, format_box
 from ..images import ImageLoadError, decode_image
 from ..images import decode_data_url as data_url_bytes
 from .errors import APIError
@@ -70,10 +70,7 @@ async def fetch_remote_bytes(url: str, max_bytes: int, timeout_s: float) -> byte
     return b"".join(chunks)
 
 
-def box_record(box: Box, width: int, height: int) -> dict:
-    """A box as the API returns it: normalised, in pixels of the original image, and as LION writes it."""
-    from ..boxes import format_box
-
-    return {"box": [round(v, 4) for v in box.as_tuple()],
-            "box_pixels": [round(v, 1) for v in box.to_pixels(width, height)],
-            "text": format_box(box)}
+def reply_box(box: Box, width: int, height: int) -> dict:
+    """A box as the API and the page return it: its record (`boxes.box_record`: normalised and in pixels
+    of the original image) and the box as LION writes it."""
+    return {**box_record(box, width, height), "text": format_box(box)}

@@ -19,11 +19,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 from fastapi import FastAPI
 from PIL import Image
 
-from ..boxes import Box
+from ..boxes import Box, find_boxes
 from ..drawing import draw_boxes
 from .engine import DecodingSettings, GenerationRequest
 from .errors import APIError
-from .images import box_record, decode_image_bytes, find_boxes
+from .images import decode_image_bytes, reply_box
 from .protocol import build_question, model_defaults, normalise_tags
 from .settings import ServerSettings
 from .state import tags_missing
@@ -70,7 +70,7 @@ def run_request(lion: Any, scheduler: Any, settings: ServerSettings, image_path:
         request.cancel()  # a page request that timed out frees its slot at the next step
         raise
     boxes = find_boxes(result.text) if task == "grounding" else []
-    records = [box_record(b, *image.size) for b in boxes]
+    records = [reply_box(b, *image.size) for b in boxes]
     used = result.tags if isinstance(result.tags, str) or result.tags is None else ", ".join(result.tags)
     return result.text, used or "", draw_page_boxes(image, boxes), records
 

@@ -118,7 +118,8 @@ def write_examples(directory: str | Path, lion: Any, start: int, num_objects: Se
     (IoU >= 0.5), answers the scene's question and names its objects in the caption. Writes
     `shapes-<n>.png` and `examples.json` into `directory`; returns the entries. What the model gets right
     in general is its card's held-out table; these show what that looks like."""
-    from ..evaluation.metrics_rec import box_iou, parse_box
+    from ..boxes import parse_box
+    from ..evaluation.metrics_rec import box_iou
     from ..evaluation.metrics_vqa import exact_match
 
     directory = Path(directory)
@@ -136,7 +137,7 @@ def write_examples(directory: str | Path, lion: Any, start: int, num_objects: Se
             phrase, obj = phrases[0]
             question, answer, _ = rng.choice(vqa_samples(scene, rng))
             image = render(scene)
-            box = parse_box(lion.ground(image, phrase).text)
+            box = parse_box(lion.ground(image, phrase).text, clamp=False)
             if (box is None or box_iou([v * scene.size for v in box], obj.box) < 0.5
                     or not exact_match(lion.ask(image, question), answer)
                     or not caption_object_match(lion.caption(image), scene)):
