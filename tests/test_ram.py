@@ -26,9 +26,9 @@ from lion_mllm.ram import (
     RamVocabulary,
     fetch_ram_vocabulary_files,
     installed_swin_layout,
-    official_to_ours,
-    ours_to_official,
     preprocess_images,
+    ram_state_from_official,
+    ram_state_to_official,
     split_official_state_dict,
 )
 from lion_mllm.ram import weights as ram_weights
@@ -208,9 +208,9 @@ def test_split_skips_unused_weights_by_name(raw_checkpoint) -> None:
 @pytest.mark.parametrize("layout", ["proj", "legacy"])
 def test_official_key_mapping_round_trips(raw_checkpoint, layout: str) -> None:
     weights, _, _ = split_official_state_dict(raw_checkpoint)
-    ours = official_to_ours(weights, swin_layout=layout)
+    ours = ram_state_from_official(weights, swin_layout=layout)
     assert not any(k.startswith("visual_encoder.layers.") for k in ours)  # every Swin key was mapped
-    back = ours_to_official(ours)
+    back = ram_state_to_official(ours)
     assert set(back) == set(weights)
     for key, value in weights.items():
         assert torch.equal(back[key], value), key

@@ -44,9 +44,9 @@ from .config import IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_NUM_TAGS, RamConfig
 from .lazy import LazyRamTagger
 from .modeling_ram import RAM_BUNDLE_WEIGHTS, RamLoadReport, RamTagger, RamTaggingHead, preprocess_images
 from .vocabulary import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE, RamVocabulary, fetch_ram_vocabulary_files
-from .weights import installed_swin_layout, official_to_ours, ours_to_official, split_official_state_dict
+from .weights import installed_swin_layout, ram_state_from_official, ram_state_to_official, split_official_state_dict
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "OFFICIAL_NUM_TAGS", "RAM_BUNDLE_WEIGHTS", "RAM_TAG_LIST_FILE",
            "RAM_THRESHOLDS_FILE", "LazyRamTagger", "RamConfig", "RamLoadReport", "RamTagger", "RamTaggingHead",
-           "RamVocabulary", "fetch_ram_vocabulary_files", "installed_swin_layout", "official_to_ours",
-           "ours_to_official", "preprocess_images", "split_official_state_dict"]
+           "RamVocabulary", "fetch_ram_vocabulary_files", "installed_swin_layout", "ram_state_from_official",
+           "ram_state_to_official", "preprocess_images", "split_official_state_dict"]

@@ -20,7 +20,13 @@ from ..errors import CheckpointError
 from ..resample import resize
 from .config import IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_NUM_TAGS, RamConfig
 from .vocabulary import RamVocabulary, resolve_vocabulary
-from .weights import layout_of_keys, official_to_ours, ours_to_official, ours_to_official_key, split_official_state_dict
+from .weights import (
+    layout_of_keys,
+    ram_key_to_official,
+    ram_state_from_official,
+    ram_state_to_official,
+    split_official_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -363,16 +369,16 @@ class RamTagger(nn.Module):
         return model.to(device=device, dtype=dtype)
 
     def _load_official_weights(self, weights: Mapping[str, Tensor], path: Path) -> None:
-        mapped = official_to_ours(weights, swin_layout=layout_of_keys(self.visual_encoder.state_dict().keys()))
+        mapped = ram_state_from_official(weights, swin_layout=layout_of_keys(self.visual_encoder.state_dict().keys()))
         expected = {k: v for k, v in self.state_dict().items() if not k.endswith("relative_position_index")}
         missing = [k for k in expected if k not in mapped]
         if missing:
-            names = sorted({ours_to_official_key(k)[0] for k in missing})
+            names = sorted({ram_key_to_official(k)[0] for k in missing})
             raise CheckpointError(
                 f"RAM checkpoint {path} is missing {len(names)} tagger weight(s): {', '.join(names[:8])}"
                 + (" ..." if len(names) > 8 else "")
             )
-        extra = sorted({ours_to_official_key(k)[0] for k in mapped if k not in expected})
+        extra = sorted({ram_key_to_official(k)[0] for k in mapped if k not in expected})
         if extra:
             raise CheckpointError(
                 f"RAM checkpoint {path} has tagger weights the config does not expect "
@@ -380,7 +386,7 @@ class RamTagger(nn.Module):
             )
         for key, ref in expected.items():
             if tuple(mapped[key].shape) != tuple(ref.shape):
-                official = ours_to_official_key(key)[0]
+                official = ram_key_to_official(key)[0]
                 raise CheckpointError(
                     f"RAM checkpoint {path}: {official} has shape {tuple(weights[official].shape)}, which does not "
                     f"fit the config (our {key} expects {tuple(ref.shape)})"
@@ -405,7 +411,7 @@ class RamTagger(nn.Module):
 
     def official_state_dict(self) -> dict[str, Tensor]:
         """Our weights in the authors' key layout (tagger keys only; q/k/v fused back into qkv)."""
-        return ours_to_official(self.state_dict())
+        return ram_state_to_official(self.state_dict())
 
     # ---- inference ----
 

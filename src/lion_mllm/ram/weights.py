@@ -85,7 +85,7 @@ def rename_legacy_key(key: str) -> str:
     return "tagging_head." + key[len("vision_multi.") :] if key.startswith("vision_multi.") else key
 
 
-def _official_to_ours_key(key: str, layout: str) -> list[str]:
+def _ram_keys_from_official(key: str, layout: str) -> list[str]:
     """Our key(s) for one official tagger key (three for a fused qkv tensor)."""
     if key == "label_embed" or key.startswith(_HEAD_PREFIXES):
         return [key]
@@ -111,7 +111,7 @@ def _official_to_ours_key(key: str, layout: str) -> list[str]:
     raise KeyError(key)
 
 
-def ours_to_official_key(key: str) -> tuple[str, int | None]:
+def ram_key_to_official(key: str) -> tuple[str, int | None]:
     """Official key for one of our keys, and the q/k/v slot (0/1/2) when it is part of a fused qkv."""
     if key == "label_embed" or key.startswith(_HEAD_PREFIXES):
         return key, None
@@ -165,7 +165,7 @@ def split_official_state_dict(
             skipped.append(key)
             continue
         try:
-            _official_to_ours_key(name, "proj")
+            _ram_keys_from_official(name, "proj")
         except KeyError:
             unexpected.append(key)
             continue
@@ -173,7 +173,7 @@ def split_official_state_dict(
     return tagger, skipped, unexpected
 
 
-def official_to_ours(state_dict: Mapping[str, Tensor], *, swin_layout: str | None = None) -> dict[str, Tensor]:
+def ram_state_from_official(state_dict: Mapping[str, Tensor], *, swin_layout: str | None = None) -> dict[str, Tensor]:
     """Map official tagger keys (as from :func:`split_official_state_dict`) to our module keys.
 
     Fused ``attn.qkv`` tensors are split into thirds (q, k, v; views, no copy). ``swin_layout``
@@ -182,7 +182,7 @@ def official_to_ours(state_dict: Mapping[str, Tensor], *, swin_layout: str | Non
     layout = swin_layout or installed_swin_layout()
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        targets = _official_to_ours_key(rename_legacy_key(key), layout)
+        targets = _ram_keys_from_official(rename_legacy_key(key), layout)
         if len(targets) == 3:
             if value.shape[0] % 3:
                 raise ValueError(f"{key}: first dimension {value.shape[0]} is not divisible by 3")
@@ -193,8 +193,8 @@ def official_to_ours(state_dict: Mapping[str, Tensor], *, swin_layout: str | Non
     return out
 
 
-def ours_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of :func:`official_to_ours`: our tagger keys back to the authors' layout (q/k/v re-fused).
+def ram_state_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`ram_state_from_official`: our tagger keys back to the authors' layout (q/k/v re-fused).
 
     Keys of our modules that the authors do not store (none besides recomputed buffers) are dropped.
     """
@@ -203,7 +203,7 @@ def ours_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for key, value in state_dict.items():
         if key.endswith("relative_position_index"):
             continue  # buffer recomputed from the window size, not a weight
-        official, slot = ours_to_official_key(key)
+        official, slot = ram_key_to_official(key)
         if slot is None:
             out[official] = value
         else:
