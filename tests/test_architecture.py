@@ -10,9 +10,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lion_mllm"
 
 # Layer of each module or subpackage (the first dotted part below lion_mllm); higher layers may use lower.
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(("tasks", "errors", "retry", "config", "boxes", "generation", "images", "resample",
+    **dict.fromkeys(("tasks", "errors", "failure_isolation", "config", "boxes", "generation", "images", "resample",
                      "processing", "modeling_lion", "engine", "cpu_inference", "checkpoint_files", "bundle", "official",
-                     "ram", "taggers", "downloads", "registry"), 0),
+                     "ram", "taggers", "downloads", "named_imports"), 0),
     **dict.fromkeys(("pipeline", "hub", "drawing", "model_options", "__init__"), 1),
     "evaluation": 2,
     "train": 3,

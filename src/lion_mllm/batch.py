@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .boxes import box_record, parse_box
+from .failure_isolation import batch_then_singly
 from .generation import GenerationDefaults
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, is_url, load_image
-from .retry import batch_then_singly
 from .tasks import PROMPT_KINDS
 
 if TYPE_CHECKING:

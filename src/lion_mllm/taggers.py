@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import CheckpointError
-from .registry import load_named
+from .named_imports import load_named
 
 __all__ = ["TAGGER_FILE", "Tagger", "bundle_tagger", "write_tagger"]
 

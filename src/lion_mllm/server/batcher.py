@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..retry import batch_then_singly
+from ..failure_isolation import batch_then_singly
 from .engine import (
     DecodingSettings,
     GenerationRequest,

@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 
 from ..engine import BeamGroup, DecodeEngine, EngineOptions, Group
+from ..failure_isolation import batch_then_singly
 from ..generation import TRANSFORMERS_TOP_K, DecodingSettings
-from ..retry import batch_then_singly
 from .errors import APIError, QueueFullError, ServerStoppingError
 
 log = logging.getLogger("lion_mllm.server")

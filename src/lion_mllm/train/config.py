@@ -83,7 +83,7 @@ class AugmentConfig:
 
 # `run.eval_tasks: [{task: NAME}]` scored outside `lion eval` (on data generated there: no files) ->
 # "module:function"; the function takes (task spec, Lion, model, step) and returns the metrics dict
-# ({task.key: score, ...}); imported only when a config names it (`lion_mllm.registry`)
+# ({task.key: score, ...}); imported only when a config names it (`lion_mllm.named_imports`)
 VALIDATORS: dict[str, str] = {"shapes": "lion_mllm.shapes.scoring:training_scores"}
 
 

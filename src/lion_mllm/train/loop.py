@@ -41,8 +41,8 @@ import yaml
 
 from ..checkpoint_files import folder_written_whole
 from ..errors import CheckpointError
+from ..named_imports import load_named
 from ..pipeline import Lion
-from ..registry import load_named
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import (
     STAGE_VISUAL_INPUT,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import load_named
+from ..named_imports import load_named
 
 # name -> "module:Class"; the class takes (model_config, **options)
 OBJECTIVES: dict[str, str] = {"shapes_dense": "lion_mllm.shapes.recipe:DenseObjective"}

@@ -30,10 +30,10 @@ from ..checkpoint_files import read_safetensors, read_torch_file
 from ..config import PRESETS, LionConfig
 from ..errors import CheckpointError
 from ..modeling_lion import LionModel
+from ..named_imports import load_named
 from ..official import OfficialPaths, config_from_official, official_to_ours, ours_to_official
 from ..pipeline import Lion, resolve_dtype
 from ..processing import LionProcessor
-from ..registry import load_named
 from ..tasks import SOFT_PROMPT_TOKEN
 from .config import STAGE_VISUAL_INPUT, ModelSpec
 
