@@ -179,7 +179,7 @@ def test_stage4_from_the_authors_files_and_stage1_from_scratch(data, tmp_path):
 
 def test_optimizer_groups_are_the_authors_four():
     """FlanT5-XL on the meta device: the same tensors and parameter counts per group as the authors'
-    `get_optimizer_params` (spec 5.2), and the aggregator's groups carry boost_lr_scale."""
+    `get_optimizer_params` (docs/authors-code.md), and the aggregator's groups carry boost_lr_scale."""
     with torch.device("meta"):
         model = LionModel(flant5xl())
     configure_trainable(model, include_unused=True)  # as the authors, who list the never-used tensors too

@@ -1,6 +1,6 @@
 """Typed configuration of a LION model, with the authors' exact FlanT5-XL/XXL presets.
 
-Every number here comes from the official code (see `shared/spec/official-lion.md`, section 1).
+The XL and XXL presets' numbers are the authors' (docs/authors-code.md, "Model sizes").
 A config round-trips through JSON (`to_dict`/`from_dict`), which is what `save_pretrained` writes.
 """
 

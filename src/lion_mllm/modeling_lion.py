@@ -6,7 +6,7 @@
     T5 encoder input = [Q-Former tokens ; aggregator tokens ; prompt embeddings]
     every T5 feed-forward layer: x + FFN(RMSNorm(x)) + sum_k router_k[route] * adapter_k(x)
 
-Parts that transformers ships exactly (spec section 3) come from it: the ViT layers, the Q-Former and
+Parts that transformers ships exactly (docs/authors-code.md) come from it: the ViT layers, the Q-Former and
 T5. The vision aggregator and the mixture of adapters are LION's own and are written here.
 
 FLOPs per image (forward, multiply-add = 2 FLOPs), N = number of parameters a token passes through:

@@ -24,7 +24,7 @@ import yaml
 
 logger = logging.getLogger("lion_mllm.train")
 
-# Stage -> the model's visual_input (spec 5.1: stage 1 Q-Former road, stage 2 aggregator road, 3/4 both).
+# Stage -> the model's visual_input (stage 1 Q-Former road, stage 2 aggregator road, 3/4 both: docs/authors-code.md).
 STAGE_VISUAL_INPUT = {1: "qformer", 2: "aggregator", 3: "all", 4: "all"}
 
 # Keys of the authors' model YAML / LAVIS run block that change nothing here: accepted so their files load,

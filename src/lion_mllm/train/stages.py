@@ -6,7 +6,7 @@
     stage 4  visual_input all         continues from a stage-3 checkpoint (e.g. the released one)
 
 In every stage the ViT and T5's own weights are frozen (requires_grad False) and everything else in
-the model trains, as in the authors' code (spec 5.2); the tag soft prompt trains in every stage.
+the model trains, as in the authors' code (docs/authors-code.md); the tag soft prompt trains in every stage.
 Going from stages 1 and 2 to stage 3 (`model.init_from`), each single adapter goes into its slot of
 the mixture: stage 2's (region-level) -> `adapters.0`, stage 1's (image-level) -> `adapters.1`, the
 router convention of the authors' code (region_level -> row 0).
@@ -101,7 +101,7 @@ def lion_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optimizer groups (spec 5.2) and the learning-rate schedule
+# Optimizer groups (the authors', docs/authors-code.md) and the learning-rate schedule
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0,
@@ -178,7 +178,7 @@ class WarmupCosineSchedule:
 
 @torch.no_grad()
 def init_lion_parts(model: LionModel) -> None:
-    """The authors' initialisation of LION's own modules (spec 1.1-1.5): Q-Former BERT-style N(0, 0.02),
+    """The authors' initialisation of LION's own modules (docs/authors-code.md): Q-Former BERT-style N(0, 0.02),
     query tokens N(0, 0.02), aggregator N(0, 0.02) with every residual `dense` zeroed, torch defaults for
     the projections, soft prompt N(0, 1), adapters with a zero up-projection (they start as no-ops)
     and identity routers."""
