@@ -245,7 +245,7 @@ def test_usage_and_runtime_errors(assets: dict[str, Path], capsys: pytest.Captur
     code, _, err = _run_main(capsys, "tag", str(assets["image"]), *model)
     assert code == 2 and "pass --ram" in err
     code, _, err = _run_main(capsys, "caption", "--num-beams", "0", str(assets["image"]))
-    assert code == 2 and "lion: error: argument --num-beams: must be at least 1" in err
+    assert code == 2 and "lion: error: argument --num-beams: must be an integer of at least 1, got 0" in err
     code, _, err = _run_main(capsys, "frobnicate")
     assert code == 2 and "lion: error: argument COMMAND: invalid choice" in err
     code, _, err = _run_main(capsys, "ground", str(assets["image"]), "x", *model, "--draw", "out.unknownext")

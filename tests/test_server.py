@@ -28,14 +28,14 @@ from PIL import Image
 
 from lion_mllm.boxes import Box, box_record, find_boxes
 from lion_mllm.drawing import draw_boxes
-from lion_mllm.generation import GenerationDefaults
+from lion_mllm.generation import DecodingSettings, GenerationDefaults
 from lion_mllm.pipeline import Lion
 from lion_mllm.server import ServerSettings, add_serve_subcommand, create_app
 from lion_mllm.server.app import build_app
 from lion_mllm.server.engine import cut_at_stop
 from lion_mllm.server.errors import APIError
 from lion_mllm.server.images import decode_data_url
-from lion_mllm.server.protocol import build_question, infer_task, word_chunks
+from lion_mllm.server.protocol import DecodingRequest, build_question, infer_task, word_chunks
 from lion_mllm.server.state import ServerState
 from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
@@ -184,6 +184,34 @@ def test_task_inference_and_prompts():
     assert build_question("where is the dog?", "grounding") == "where is the dog?"
     with pytest.raises(APIError):
         build_question("", "vqa")
+
+
+def test_request_decoding_becomes_the_decoding_type():
+    """A request's decoding fields convert into `DecodingSettings` over the model's generation config and the
+    operator's flags; values obey the type's rules, each refusal naming the request's own field."""
+    config = GenerationDefaults(num_beams=3, max_new_tokens=40, repetition_penalty=1.2, top_p=0.8)
+    server = ServerSettings()
+    assert DecodingRequest().decoding_settings(server, config, "vqa") == DecodingSettings(
+        40, num_beams=3, repetition_penalty=1.2)  # the model's own; top_p left neutral as nothing samples
+    sampled = DecodingRequest(temperature=0.7, max_tokens=9, seed=4).decoding_settings(server, config, "vqa")
+    assert sampled == DecodingSettings(9, num_beams=1, repetition_penalty=1.2, do_sample=True, temperature=0.7,
+                                       top_p=0.8, seed=4)  # the model's top_p when sampling
+    operator = ServerSettings(num_beams=2, repetition_penalty=1.1, default_max_tokens=7)
+    assert DecodingRequest().decoding_settings(operator, config, "vqa") == DecodingSettings(
+        7, num_beams=2, repetition_penalty=1.1)
+    assert DecodingRequest(min_tokens=4, length_penalty=-2.0).decoding_settings(server, config, "vqa") == \
+        DecodingSettings(40, num_beams=3, min_length=5, repetition_penalty=1.2, length_penalty=-2.0)
+    # the type's rules, not the schema's: penalties below 1 or above 10 are the model's business
+    for penalty in (0.5, 12.0):
+        assert DecodingRequest(repetition_penalty=penalty).decoding_settings(
+            server, config, "vqa").repetition_penalty == penalty
+    for field, value, words in (("repetition_penalty", 0.0, "greater than 0"), ("temperature", -1.0, "0 (deterministic)"),
+                                ("top_p", 1.5, "(0, 1]"), ("num_beams", 0, "at least 1"), ("max_tokens", 0, "at least 1"),
+                                ("max_completion_tokens", -3, "at least 1"), ("top_k", -1, "at least 0")):
+        with pytest.raises(APIError) as refused:
+            DecodingRequest(**{field: value}).decoding_settings(server, config, "vqa")
+        assert refused.value.status == 400 and refused.value.param == field, (field, refused.value.message)
+        assert refused.value.message.startswith(f"{field} must be") and words in refused.value.message
 
 
 def test_text_helpers_boxes_and_drawing():

@@ -123,3 +123,27 @@ def test_page_asks_for_the_api_key_alone_when_the_server_has_one():
         assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
         assert httpx.get(server.url + "/", timeout=10).headers["location"] == "/ui/"
+
+
+def test_page_decodes_with_the_models_generation_config(tmp_path: Path):
+    """The page's two sliders convert as a request's fields do (`DecodingRequest`); the rest of its decoding
+    is the model's generation config, as for the API."""
+    from lion_mllm.generation import DecodingSettings, GenerationDefaults
+    from lion_mllm.server.engine import GenerationResult
+    from lion_mllm.server.webui import run_request
+
+    lion = make_tiny_lion(seed=9)
+    lion.generation_config = GenerationDefaults(num_beams=2, max_new_tokens=30, min_length=3, repetition_penalty=1.3,
+                                                length_penalty=0.7, task_decoding={"caption": {"min_length": 4}})
+    submitted = []
+
+    class Recorder:
+        def submit(self, request):
+            submitted.append(request.settings)
+            request.future.set_result(GenerationResult("a square", "stop", "blue", 1, 10, 2))
+
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    answer, *_ = run_request(lion, Recorder(), ServerSettings(), str(path), "Caption", "", "blue", 3, 12)
+    assert answer == "a square"
+    assert submitted == [DecodingSettings(12, num_beams=3, min_length=4, repetition_penalty=1.3, length_penalty=0.7)]

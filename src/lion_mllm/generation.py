@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 from .errors import CheckpointError
 from .tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, PROMPT_KINDS, VQA_TEMPLATE, canonical_task
 
-__all__ = ["DECODING_FIELDS", "GENERATION_CONFIG_FILE", "DecodingSettings", "GenerationDefaults"]
+__all__ = ["DECODING_FIELDS", "DECODING_RULES", "GENERATION_CONFIG_FILE", "DecodingSettings", "GenerationDefaults"]
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
@@ -42,7 +42,10 @@ TRANSFORMERS_TOP_K = 50  # transformers' sampling default, which `Lion.generate`
 @dataclass(frozen=True)
 class DecodingSettings:
     """How one request is decoded, as `LionModel.generate`'s (transformers') arguments of the same names
-    mean it. Checked once, here; the decode engine, the API and the server all take this type."""
+    mean it; its values obey `DECODING_RULES`. The decode engine, the API, the server's requests and web page
+    and the scorers all take this type, made by `GenerationDefaults.settings` from a model's generation
+    config. The field defaults here are the neutral settings (greedy, no penalty, no nucleus cut), not a
+    model's defaults: those are its generation config's (the authors': `GenerationDefaults()`)."""
 
     max_new_tokens: int
     num_beams: int = 1
@@ -203,29 +206,35 @@ class GenerationDefaults:
         return cls.from_dict(data, path)
 
 
-def _check_decoding(values: Mapping[str, Any], where: str) -> None:
-    def bad(name: str, wanted: str) -> ValueError:
-        return ValueError(f"{where}: {name} must be {wanted}, got {values[name]!r}")
+def _is_count(least: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
 
-    for name in ("num_beams", "max_new_tokens", "num_return_sequences"):
-        if name in values and (not isinstance(values[name], int) or isinstance(values[name], bool)
-                               or values[name] < 1):
-            raise bad(name, "an integer of at least 1")
-    if "min_length" in values and (not isinstance(values["min_length"], int) or values["min_length"] < 0):
-        raise bad("min_length", "an integer of at least 0")
-    for name in ("repetition_penalty", "temperature"):
-        if name in values and (not isinstance(values[name], (int, float)) or isinstance(values[name], bool)
-                               or not values[name] > 0):
-            raise bad(name, "a number greater than 0")
-    if "length_penalty" in values and (not isinstance(values["length_penalty"], (int, float))
-                                       or isinstance(values["length_penalty"], bool)):
-        raise bad("length_penalty", "a number")
-    if "top_p" in values and (not isinstance(values["top_p"], (int, float)) or not 0 < values["top_p"] <= 1):
-        raise bad("top_p", "a number in (0, 1]")
-    if "do_sample" in values and not isinstance(values["do_sample"], bool):
-        raise bad("do_sample", "true or false")
-    if "top_k" in values and (not isinstance(values["top_k"], int) or isinstance(values["top_k"], bool)
-                              or values["top_k"] < 0):
-        raise bad("top_k", "an integer of at least 0")
-    if values.get("seed") is not None and (not isinstance(values["seed"], int) or isinstance(values["seed"], bool)):
-        raise bad("seed", "an integer")
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The one set of rules for decoding values, wherever they come from (a generation config, API keyword
+# arguments, CLI flags, a server request): field -> (test, what the value must be).
+DECODING_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_beams": (_is_count(1), "an integer of at least 1"),
+    "max_new_tokens": (_is_count(1), "an integer of at least 1"),
+    "num_return_sequences": (_is_count(1), "an integer of at least 1"),
+    "min_length": (_is_count(0), "an integer of at least 0"),
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number greater than 0"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a number greater than 0"),
+    "length_penalty": (_is_number, "a number"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "top_k": (_is_count(0), "an integer of at least 0"),
+    "seed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer"),
+}
+
+
+def _check_decoding(values: Mapping[str, Any], where: str) -> None:
+    """ValueError (its message starting with `where`) for the first of `values` outside `DECODING_RULES`."""
+    for name, value in values.items():
+        if name in DECODING_RULES:
+            valid, wanted = DECODING_RULES[name]
+            if not valid(value):
+                raise ValueError(f"{where}: {name} must be {wanted}, got {value!r}")

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .generation import DECODING_RULES
+
 __all__ = ["DTYPE_CHOICES", "ModelOptionError", "add_model_options", "decoding_from_args", "model_from_args",
            "resolve_device", "tagger_from_args"]
 
@@ -39,18 +41,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return value
+def _decoding_flag(field: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """The argparse type of a decoding flag: `parse`, then the decoding type's rule for `field`."""
+    def convert(text: str) -> Any:
+        value = parse(text)
+        valid, wanted = DECODING_RULES[field]
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
 
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+    return convert
 
 
 def _tags(text: str) -> str:
@@ -80,13 +80,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, decoding: bool = True,
                            help="image tags for the prompt, for every image (default: the model's tagger)")
     if decoding:
         group = parser.add_argument_group("decoding (default: the model's own generation config)")
-        group.add_argument("--num-beams", type=_positive_int, default=None)
-        group.add_argument("--max-new-tokens", type=_positive_int, default=None)
-        group.add_argument("--repetition-penalty", type=_positive_float, default=None)
-        group.add_argument("--length-penalty", type=float, default=None)
+        group.add_argument("--num-beams", type=_decoding_flag("num_beams", int), default=None)
+        group.add_argument("--max-new-tokens", type=_decoding_flag("max_new_tokens", int), default=None)
+        group.add_argument("--repetition-penalty", type=_decoding_flag("repetition_penalty", float), default=None)
+        group.add_argument("--length-penalty", type=_decoding_flag("length_penalty", float), default=None)
         group.add_argument("--sample", action="store_true", default=None, help="sample instead of beam search")
-        group.add_argument("--temperature", type=_positive_float, default=None, help="with --sample")
-        group.add_argument("--top-p", type=_probability, default=None, help="with --sample")
+        group.add_argument("--temperature", type=_decoding_flag("temperature", float), default=None, help="with --sample")
+        group.add_argument("--top-p", type=_decoding_flag("top_p", float), default=None, help="with --sample")
         group.add_argument("--seed", type=int, default=None, help="random seed (for --sample)")
     return parser
 

@@ -23,14 +23,13 @@ from .protocol import (
     build_question,
     canonical_task,
     completion_id,
+    generation_config_of,
     infer_task,
-    model_defaults,
     normalise_tags,
     now,
     parse_model,
     read_messages,
     refuse_unsupported,
-    resolve_decoding,
     stop_strings,
 )
 from .state import ServerState
@@ -115,13 +114,14 @@ async def _accept(state: ServerState, request: Request) -> _Chat:
         raise APIError(400, f"the text exceeds {state.settings.max_prompt_chars} characters", "prompt_too_long",
                        "messages")
     task = canonical_task(body.task) if body.task is not None else infer_task(chat.text)
+    config = generation_config_of(state.lion)
     try:
-        question = build_question(chat.text, task, getattr(state.lion, "generation_config", None))
+        question = build_question(chat.text, task, config)
     except ValueError as error:
         raise APIError(400, str(error), "invalid_request", "messages") from None
     tags = normalise_tags(body.tags)
     state.require_tags(tags)
-    decoding = resolve_decoding(body, state.settings, model_defaults(state.lion, task))
+    decoding = body.decoding_settings(state.settings, config, task)
     if isinstance(state.scheduler, Batcher):
         _refuse_what_the_batcher_cannot_sample(body, decoding)
     stops = stop_strings(body.stop)

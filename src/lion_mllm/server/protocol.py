@@ -2,10 +2,12 @@
 
 LION is single-turn: the last user message gives the question, the last image in the user messages the
 image; system, developer and assistant messages are accepted and not read. A request is parsed into
-`ChatCompletionRequest` (pydantic, strict types, unknown fields refused), then `refuse_unsupported` and
-`resolve_decoding` check what the types cannot (limits of this server, combinations LION cannot honour)
-and resolve the decoding settings: request fields, else the operator's flags, else the model's own
-defaults (`lion.generation_config`, when the model carries one), else the authors'.
+`ChatCompletionRequest` (pydantic, strict types, unknown fields refused), then `refuse_unsupported` checks
+what the types cannot, and the request converts into the one decoding type,
+`lion_mllm.generation.DecodingSettings` (`DecodingRequest.decoding_settings`, as vLLM's requests make
+their sampling parameters): request fields, else the operator's flags, else the model's generation config
+(the authors' for a model without one). Values are held to the type's rules (`DECODING_RULES`); a value
+outside them, or past this server's limits, is a 400 naming the request's field.
 
 Fields of the OpenAI API that LION cannot honour are refused with 400 rather than ignored: `n` > 1,
 `logprobs: true`, `top_logprobs`, a `response_format` other than text, non-zero `presence_penalty` /
@@ -25,8 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import tasks
-from ..generation import GenerationDefaults
-from .engine import TRANSFORMERS_TOP_K, DecodingSettings
+from ..generation import DECODING_RULES, DecodingSettings, GenerationDefaults
 from .errors import APIError
 from .settings import ServerSettings
 
@@ -79,21 +80,102 @@ class ResponseFormat(_Strict):
     type: str
 
 
-class ChatCompletionRequest(_Strict):
+# A request's decoding field -> the `DecodingSettings` field whose rule it obeys (temperature 0 is greedy).
+_DECODING_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "num_beams": "num_beams",
+                    "repetition_penalty": "repetition_penalty", "length_penalty": "length_penalty",
+                    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}
+
+
+class DecodingRequest(_Strict):
+    """The decoding fields of a request (OpenAI's and LION's own) and their conversion into the one
+    decoding type. The schema checks types only; values are `DecodingSettings`' rules, checked in
+    `decoding_settings`."""
+
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    # LION's own
+    num_beams: int | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+    min_tokens: int | None = Field(default=None, ge=0)  # answer tokens; no `DecodingSettings` field of its own
+    top_k: int | None = None
+
+    def decoding_settings(self, server: ServerSettings, config: GenerationDefaults, task: str) -> DecodingSettings:
+        """The settings of this request for `task`: its fields, else the operator's flags (`server`), else
+        `config` (the model's generation config). `temperature` > 0 samples, `temperature: 0` is greedy;
+        without it the model's default decides. APIError 400 for a value outside the type's rules or this
+        server's limits, or a combination LION cannot decode."""
+        self._check_values()
+        defaults = config.for_task(task)
+        limit = server.max_tokens_limit
+        given = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        if given is not None and given > limit:
+            raise APIError(400, f"{name} must be at most {limit} on this server, got {given}", "invalid_value", name)
+        max_new = given if given is not None else min(server.default_max_tokens or defaults["max_new_tokens"], limit)
+        sampling = self.temperature > 0 if self.temperature is not None else bool(defaults["do_sample"])
+        if not sampling and self.top_p is not None and self.top_p < 1:
+            raise APIError(400, "top_p applies only when sampling: set temperature > 0 (temperature 0 or none is "
+                                "deterministic decoding)", "invalid_value", "top_p")
+        if not sampling and self.top_k is not None:
+            raise APIError(400, "top_k applies only when sampling: set temperature > 0", "invalid_value", "top_k")
+        beams = self.num_beams if self.num_beams is not None else \
+            (1 if sampling else server.num_beams or defaults["num_beams"])
+        if beams > server.max_num_beams:
+            raise APIError(400, f"num_beams must be at most {server.max_num_beams} on this server, got {beams}",
+                           "invalid_value", "num_beams")
+        if sampling and beams > 1:
+            raise APIError(400, "sampling (temperature > 0) runs with one beam: drop num_beams or set temperature 0",
+                           "invalid_value", "num_beams")
+        if self.seed is not None and beams > 1:
+            raise APIError(400, "seed applies to sampling and greedy decoding, not to beam search", "invalid_value",
+                           "seed")
+        if self.min_tokens is not None and self.min_tokens > max_new:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) exceeds the answer's token limit ({max_new})",
+                           "invalid_value", "min_tokens")
+        repetition = self.repetition_penalty if self.repetition_penalty is not None else server.repetition_penalty
+        try:
+            return config.settings(
+                task, max_new_tokens=max_new, num_beams=beams,
+                # transformers' min_length counts the decoder start token: N answer tokens = min_length N + 1
+                min_length=self.min_tokens + 1 if self.min_tokens else None,
+                repetition_penalty=_as_float(repetition), length_penalty=_as_float(self.length_penalty),
+                do_sample=sampling,
+                # greedy and beam search read neither; kept neutral so equal requests have equal settings
+                temperature=_as_float(self.temperature) if sampling and self.temperature else (None if sampling else 1.0),
+                top_p=_as_float(self.top_p) if sampling else 1.0,
+                top_k=self.top_k, seed=self.seed if sampling else None)
+        except ValueError as error:
+            raise APIError(400, str(error), "invalid_value") from None
+
+    def _check_values(self) -> None:
+        for name, field in _DECODING_FIELDS.items():
+            value = getattr(self, name)
+            if value is None or (name == "temperature" and value == 0):
+                continue
+            valid, wanted = DECODING_RULES[field]
+            if not valid(value):
+                wanted = f"0 (deterministic) or {wanted}" if name == "temperature" else wanted
+                raise APIError(400, f"{name} must be {wanted}, got {json.dumps(value)}", "invalid_value", name)
+
+
+def _as_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+class ChatCompletionRequest(DecodingRequest):
     """`POST /v1/chat/completions`: the OpenAI fields, plus LION's own (`task`, `tags`, `num_beams`,
     `repetition_penalty`, `length_penalty`, `min_tokens`, `top_k`)."""
 
     model: str
     messages: list[Message] = Field(min_length=1, max_length=64)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
@@ -109,11 +191,6 @@ class ChatCompletionRequest(_Strict):
     # LION's own
     task: str | None = None
     tags: str | list[str] | None = None
-    num_beams: int | None = Field(default=None, ge=1)
-    repetition_penalty: float | None = Field(default=None, ge=1.0, le=10.0)
-    length_penalty: float | None = Field(default=None, ge=-10.0, le=10.0)
-    min_tokens: int | None = Field(default=None, ge=0)
-    top_k: int | None = Field(default=None, ge=0)
 
 
 class TagsRequest(_Strict):
@@ -204,7 +281,7 @@ def canonical_task(task: str) -> str:
                        "task") from None
 
 
-def build_question(text: str, task: str, generation_config: Any = None) -> str:
+def build_question(text: str, task: str, generation_config: GenerationDefaults | None = None) -> str:
     """The model prompt. With the model's own templates (`generation_config.prompt`): its caption
     instruction for an empty caption request, its question template around a question, its phrase
     template around a bare phrase. A grounding request that is already a whole instruction ('where is',
@@ -219,8 +296,7 @@ def build_question(text: str, task: str, generation_config: Any = None) -> str:
         return text
     if task == "caption" and _BARE_CAPTION_REQUEST.match(text):
         text = ""
-    templates = generation_config if hasattr(generation_config, "prompt") else GenerationDefaults()
-    return templates.prompt(task, text or None)
+    return (generation_config or GenerationDefaults()).prompt(task, text or None)
 
 
 def normalise_tags(tags: Any, param: str = "tags") -> str | list[str] | None:
@@ -302,74 +378,10 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def model_defaults(lion: Any, task: str) -> dict[str, Any]:
-    """Every decoding default for `task`: the model's own (`lion.generation_config.for_task`), or the
-    authors' (`GenerationDefaults`) for a model without them."""
-    config = getattr(lion, "generation_config", None)
-    if config is None or not hasattr(config, "for_task"):
-        config = GenerationDefaults()
-    return dict(config.for_task(task))
-
-
-def resolve_decoding(request: ChatCompletionRequest, settings: ServerSettings, defaults: dict[str, Any]
-                     ) -> DecodingSettings:
-    """Decoding settings: request fields, else operator flags (`settings`), else `defaults` (`model_defaults`:
-    the model's, or the authors'). `temperature` > 0 samples, `temperature: 0` is greedy; without it the
-    model's default decides."""
-    def pick(value: Any, operator: Any, name: str) -> Any:
-        if value is not None:
-            return value
-        if operator is not None:
-            return operator
-        return defaults[name]
-
-    limit = settings.max_tokens_limit
-    given = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-    if given is not None and given > limit:
-        raise APIError(400, f"{name} must be at most {limit} on this server, got {given}", "invalid_value", name)
-    max_new = given if given is not None else min(pick(None, settings.default_max_tokens, "max_new_tokens"),
-                                                  limit)
-    if request.temperature is not None:
-        sampling = request.temperature > 0
-    else:
-        sampling = bool(defaults["do_sample"])
-    temperature = request.temperature if request.temperature else defaults["temperature"]
-    if not sampling and request.top_p is not None and request.top_p < 1:
-        raise APIError(400, "top_p applies only when sampling: set temperature > 0 (temperature 0 or none is "
-                            "deterministic decoding)", "invalid_value", "top_p")
-    if not sampling and request.top_k is not None:
-        raise APIError(400, "top_k applies only when sampling: set temperature > 0", "invalid_value", "top_k")
-    beams = request.num_beams if request.num_beams is not None else \
-        (1 if sampling else pick(None, settings.num_beams, "num_beams"))
-    if beams > settings.max_num_beams:
-        raise APIError(400, f"num_beams must be at most {settings.max_num_beams} on this server, got {beams}",
-                       "invalid_value", "num_beams")
-    if sampling and beams > 1:
-        raise APIError(400, "sampling (temperature > 0) runs with one beam: drop num_beams or set temperature 0",
-                       "invalid_value", "num_beams")
-    if request.seed is not None and beams > 1:
-        raise APIError(400, "seed applies to sampling and greedy decoding, not to beam search", "invalid_value",
-                       "seed")
-    min_tokens = request.min_tokens if request.min_tokens is not None else None
-    if min_tokens is not None and min_tokens > max_new:
-        raise APIError(400, f"min_tokens ({min_tokens}) exceeds the answer's token limit ({max_new})",
-                       "invalid_value", "min_tokens")
-    try:
-        return DecodingSettings(
-            max_new_tokens=max_new, num_beams=beams,
-            # transformers' min_length counts the decoder start token: N answer tokens = min_length N + 1
-            min_length=min_tokens + 1 if min_tokens else defaults["min_length"],
-            repetition_penalty=float(pick(request.repetition_penalty, settings.repetition_penalty,
-                                          "repetition_penalty")),
-            length_penalty=float(pick(request.length_penalty, None, "length_penalty")),
-            do_sample=sampling, temperature=float(temperature) if sampling else 1.0,
-            top_p=float(request.top_p if request.top_p is not None else defaults["top_p"]) if sampling
-            else 1.0,
-            top_k=request.top_k if request.top_k is not None else TRANSFORMERS_TOP_K,
-            seed=request.seed if sampling else None)
-    except ValueError as error:
-        raise APIError(400, str(error), "invalid_value") from None
+def generation_config_of(lion: Any) -> GenerationDefaults:
+    """The model's generation config (decoding defaults and templates), or the authors' for a model
+    without one."""
+    return getattr(lion, "generation_config", None) or GenerationDefaults()
 
 
 # -- replies ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from ..generation import DECODING_RULES
+
 
 @dataclass
 class ServerSettings:
@@ -57,9 +59,11 @@ class ServerSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("num_beams", "default_max_tokens", "repetition_penalty"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name, field in (("num_beams", "num_beams"), ("default_max_tokens", "max_new_tokens"),
+                            ("repetition_penalty", "repetition_penalty")):
+            valid, wanted = DECODING_RULES[field]  # the decoding type's rules
+            if getattr(self, name) is not None and not valid(getattr(self, name)):
+                raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)!r}")
         if self.max_wait_ms < 0 or self.shutdown_timeout_s < 0:
             raise ValueError("max_wait_ms and shutdown_timeout_s must be >= 0")
         if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_limit:

@@ -21,10 +21,10 @@ from PIL import Image
 
 from ..boxes import Box, find_boxes
 from ..drawing import draw_boxes
-from .engine import DecodingSettings, GenerationRequest
+from .engine import GenerationRequest
 from .errors import APIError
 from .images import decode_image_bytes, reply_box
-from .protocol import build_question, model_defaults, normalise_tags
+from .protocol import DecodingRequest, build_question, generation_config_of, normalise_tags
 from .settings import ServerSettings
 from .state import tags_missing
 
@@ -51,18 +51,17 @@ def run_request(lion: Any, scheduler: Any, settings: ServerSettings, image_path:
         raise APIError(400, "Type the phrase to locate (e.g. 'the dog on the left').")
     if task == "vqa" and not text:
         raise APIError(400, "Type a question.")
-    question = build_question(text, task, getattr(lion, "generation_config", None))
+    config = generation_config_of(lion)
+    question = build_question(text, task, config)
     tags = normalise_tags(tags_text or None)
     if tags_missing(lion, tags):
         raise APIError(400, "This model reads RAM tags and the server has no tagger: type a few tags "
                             "(e.g. 'dog, grass, ball').")
-    beams = min(max(int(num_beams), 1), settings.max_num_beams)
-    tokens = min(max(int(max_tokens), 1), settings.max_tokens_limit)
-    defaults = model_defaults(lion, task)
-    repetition = settings.repetition_penalty or defaults["repetition_penalty"]
-    request = GenerationRequest(image, question, task, tags, DecodingSettings(
-        max_new_tokens=tokens, num_beams=beams, repetition_penalty=float(repetition),
-        length_penalty=float(defaults["length_penalty"])))
+    # the page's two sliders as a request's fields, converted as the API converts them: the rest is the
+    # model's generation config (and the operator's flags)
+    decoding = DecodingRequest(num_beams=min(max(int(num_beams), 1), settings.max_num_beams),
+                               max_tokens=min(max(int(max_tokens), 1), settings.max_tokens_limit))
+    request = GenerationRequest(image, question, task, tags, decoding.decoding_settings(settings, config, task))
     scheduler.submit(request)
     try:
         result = request.future.result(timeout=settings.timeout_s)
@@ -100,7 +99,7 @@ def build_webui(lion: Any, scheduler: Any, settings: ServerSettings) -> Any:
 
     import gradio as gr
 
-    defaults = model_defaults(lion, "caption")
+    defaults = generation_config_of(lion).for_task("caption")
     default_beams = min(settings.num_beams or defaults["num_beams"], settings.max_num_beams)
     default_tokens = min(settings.default_max_tokens or defaults["max_new_tokens"], settings.max_tokens_limit)
 
