@@ -25,15 +25,21 @@ def golden_paths(visual_input: str = "all", tags: bool = True):
                          ram_model=None, visual_input=visual_input, enable_semantic_tags=tags)
 
 
-@pytest.fixture(scope="module")
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """One intra-op thread for the whole suite, from before the first fixture (see `one_thread`)."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`):
-    more threads only contend on a shared 2-core machine, and bit-identical comparisons need one thread
-    count throughout the module."""
-    before = torch.get_num_threads()
+    """Every test runs with one intra-op thread, and a test that sets its own count leaves one behind
+    (modules that name this fixture in `usefixtures` say they rely on it). The suite's models are tiny,
+    so a second thread only adds synchronisation: on this 2-core machine at load 8-9,
+    `test_golden.py::test_greedy_and_beam_tokens[rec_a1-QFORMER-tags]` took 446 s with torch's default
+    of 2 threads and 41 s with 1. Bit-identical comparisons also need one thread count throughout."""
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
