@@ -84,6 +84,22 @@ def test_text_about_a_scene():
     assert shapes.scene_tags(scene) == "green, red, circle, square, triangle"
 
 
+def test_a_fresh_shapes_model_is_asked_as_its_samples_are_written():
+    """The model `lion train` starts from carries the templates the world's samples use, so its in-training
+    scores and the bundle it ships ask as it was trained."""
+    from lion_mllm.shapes.recipe import build_shapes_lion
+
+    lion = build_shapes_lion(0)
+    assert lion.generation_config.prompts == shapes.PROMPTS and lion.config.tag_prompt == SHORT_TAG_PROMPT
+    records = shapes.scene_samples(shapes.make_scene(3, 3), "x.png", random.Random(3), rec_per_image=9)
+    for record in records:
+        if record["task"] == "caption":
+            assert record["question"] == lion.generation_config.prompt("caption")
+        if record["task"] == "rec":
+            assert record["question"] == lion.generation_config.prompt("grounding", record["phrase"])
+    assert {r["task"] for r in records} == {"caption", "vqa", "rec"}
+
+
 def test_caption_object_match():
     scene = shapes.make_scene(5, 3)
     caption = shapes.caption_of(scene)
