@@ -10,9 +10,9 @@ import time
 import pytest
 
 from lion_mllm import load_model
+from lion_mllm.generation import DecodingSettings
 from lion_mllm.server.engine import (
     DecodingEngine,
-    DecodingSettings,
     GenerationRequest,
     RequestCancelled,
     TagRequest,

@@ -741,7 +741,8 @@ def test_models_metrics_and_login(shapes_server):
 
 
 def test_shutdown_finishes_in_flight_streams_then_refuses(shapes, shapes_scene):
-    from lion_mllm.server.engine import DecodingSettings, GenerationRequest
+    from lion_mllm.generation import DecodingSettings
+    from lion_mllm.server.engine import GenerationRequest
     from lion_mllm.server.errors import ServerStoppingError
 
     state = ServerState.create(shapes, ServerSettings(max_batch_size=2, ui=False))
@@ -760,8 +761,9 @@ def test_shutdown_finishes_in_flight_streams_then_refuses(shapes, shapes_scene):
 
 
 def test_request_level_batcher_is_not_revived_after_stop(lion):
+    from lion_mllm.generation import DecodingSettings
     from lion_mllm.server.batcher import Batcher
-    from lion_mllm.server.engine import DecodingSettings, GenerationRequest
+    from lion_mllm.server.engine import GenerationRequest
     from lion_mllm.server.errors import ServerStoppingError
 
     batcher = Batcher(lion, max_batch_size=2, max_wait_ms=0)

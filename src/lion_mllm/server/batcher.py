@@ -8,8 +8,8 @@ re-run one by one, so only the request that causes the failure receives the erro
 A request's answer exists only when its whole batch is done, so a stream sends it in word pieces after
 that, and a short request waits for the longest answer of its batch. `DecodingEngine` (continuous
 batching, the default) does neither; this mode stays for models without `.model`/`.processor` and as
-the baseline of `benchmarks/serve_load.py`. Sampling with a `seed` needs the engine (the seed belongs to
-one request, `Lion.generate` samples from the process-wide generator).
+the baseline of `benchmarks/serve_load.py`. A group shares its decoding settings, seed included, as
+`Lion.generate` takes them.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from ..failure_isolation import batch_then_singly
+from ..generation import DecodingSettings
 from .engine import (
-    DecodingSettings,
     GenerationRequest,
     GenerationResult,
     RequestCancelled,

@@ -14,8 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..boxes import find_boxes
-from .batcher import Batcher
-from .engine import TRANSFORMERS_TOP_K, DecodingSettings, GenerationRequest, GenerationResult
+from .engine import GenerationRequest, GenerationResult
 from .errors import APIError, error_body
 from .images import reply_box
 from .protocol import (
@@ -122,26 +121,12 @@ async def _accept(state: ServerState, request: Request) -> _Chat:
     tags = normalise_tags(body.tags)
     state.require_tags(tags)
     decoding = body.decoding_settings(state.settings, config, task)
-    if isinstance(state.scheduler, Batcher):
-        _refuse_what_the_batcher_cannot_sample(body, decoding)
     stops = stop_strings(body.stop)
     image = await state.load_image(chat.image_url)
     events = _Events(asyncio.get_running_loop()) if body.stream else None
     job = GenerationRequest(image, question, task, tags, decoding, stops, on_text=events.push if events else None)
     state.submit(job)
     return _Chat(body, task, question, job, events, image.size, arrived, arrived + state.settings.timeout_s)
-
-
-def _refuse_what_the_batcher_cannot_sample(body: ChatCompletionRequest, decoding: DecodingSettings) -> None:
-    # Lion.generate samples from the process-wide generator with transformers' top_k
-    if not decoding.do_sample:
-        return
-    if decoding.seed is not None:
-        raise APIError(400, "seed needs continuous batching (this server runs --batching request)",
-                       "unsupported_parameter", "seed")
-    if body.top_k is not None and body.top_k != TRANSFORMERS_TOP_K:
-        raise APIError(400, f"top_k other than {TRANSFORMERS_TOP_K} needs continuous batching (this "
-                            "server runs --batching request)", "unsupported_parameter", "top_k")
 
 
 async def _whole_answer(state: ServerState, request: Request, chat: _Chat) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from PIL import Image
 
 from ..engine import BeamGroup, DecodeEngine, EngineOptions, Group
 from ..failure_isolation import batch_then_singly
-from ..generation import TRANSFORMERS_TOP_K, DecodingSettings
+from ..generation import DecodingSettings
 from .errors import APIError, QueueFullError, ServerStoppingError
 
 log = logging.getLogger("lion_mllm.server")
@@ -448,5 +448,5 @@ def _fail(request: GenerationRequest | TagRequest, error: BaseException) -> None
             pass
 
 
-__all__ = ["TRANSFORMERS_TOP_K", "APIError", "DecodingEngine", "DecodingSettings", "GenerationRequest",
-           "GenerationResult", "RequestCancelled", "TagRequest", "cut_at_stop"]
+__all__ = ["APIError", "DecodingEngine", "GenerationRequest", "GenerationResult", "RequestCancelled", "TagRequest",
+           "cut_at_stop"]
