@@ -18,10 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .devices import DeviceUnavailableError, resolve_device
 from .generation import DECODING_RULES
 
 __all__ = ["DTYPE_CHOICES", "ModelOptionError", "add_model_options", "decoding_from_args", "model_from_args",
-           "resolve_device", "tagger_from_args"]
+           "tagger_from_args"]
 
 # float16 is not offered: FlanT5's activations overflow in it (see pipeline.resolve_dtype).
 DTYPE_CHOICES = ("float32", "bfloat16", "fp32", "bf16")
@@ -103,44 +104,12 @@ def decoding_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, flag) for flag, key in names.items() if getattr(args, flag, None) is not None}
 
 
-def _available_devices(torch: Any) -> list[str]:
-    found = ["cpu"]
-    if torch.cuda.is_available():
-        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        found.append("mps")
-    return found
-
-
-def resolve_device(requested: str | None, label: str = "--device") -> str:
-    """The device to load on: `requested` if this machine has it (else ModelOptionError listing what it
-    has, the option named by `label`), or cuda when a GPU is available, else cpu."""
-    import torch
-
-    if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    available = _available_devices(torch)
+def _device(args: argparse.Namespace) -> str:
+    """`--device` checked against this machine (default: cuda when a GPU is available, else cpu)."""
     try:
-        device = torch.device(requested)
-    except (RuntimeError, ValueError):
-        raise ModelOptionError(f"{label} {requested}: not a device name; available here: "
-                               f"{', '.join(available)}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build of torch" if torch.version.cuda is None else "no GPU visible"
-            raise ModelOptionError(f"{label} {requested}: no CUDA GPU here ({build}); available here: "
-                                   f"{', '.join(available)}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelOptionError(f"{label} {requested}: this machine has {torch.cuda.device_count()} GPU(s); "
-                                   f"available here: {', '.join(available)}")
-    elif device.type == "mps":
-        if "mps" not in available:
-            raise ModelOptionError(f"{label} {requested}: not available here; available here: {', '.join(available)}")
-    elif device.type != "cpu":
-        raise ModelOptionError(f"{label} {requested}: unsupported device type; available here: "
-                               f"{', '.join(available)}")
-    return requested
+        return resolve_device(getattr(args, "device", None))
+    except DeviceUnavailableError as error:
+        raise ModelOptionError(str(error)) from None
 
 
 def _check_ram_options(args: argparse.Namespace) -> None:
@@ -173,7 +142,7 @@ def model_from_args(args: argparse.Namespace, say: Callable[[str], None] | None 
     from .hub import resolve_model
 
     _check_ram_options(args)
-    device = resolve_device(getattr(args, "device", None))
+    device = _device(args)
     resolved = resolve_model(getattr(args, "model", None))  # a wrong name fails here, before any import
     if say:
         say(f"loading {resolved} on {device} ...")
@@ -181,7 +150,6 @@ def model_from_args(args: argparse.Namespace, say: Callable[[str], None] | None 
     from . import load_model
 
     lion = load_model(resolved, device=device, dtype=getattr(args, "dtype", None))
-    lion.compile_decoder = getattr(args, "compile", None)
     lion.compile_decoder = getattr(args, "compile", None)
     if getattr(args, "ram", None):
         from .ram import LazyRamTagger
@@ -198,7 +166,7 @@ def tagger_from_args(args: argparse.Namespace) -> Any:
     from .hub import resolve_model
 
     _check_ram_options(args)
-    device = resolve_device(getattr(args, "device", None))
+    device = _device(args)
     if getattr(args, "ram", None):
         from .ram import LazyRamTagger
 

@@ -358,6 +358,6 @@ def _holds_a_bundle(directory: Path) -> bool:
 
 def _available_device(device: str | torch.device) -> str:
     """`device` if this machine has it; else a ValueError listing the devices it has (before any loading)."""
-    from .model_options import resolve_device
+    from .devices import resolve_device
 
     return resolve_device(str(device), label="device")

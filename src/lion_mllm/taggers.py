@@ -2,9 +2,9 @@
 
 A tagger is anything with `tag(images) -> ["tag1, tag2", ...]`. A bundle rebuilds two kinds by the
 `type` its `tagger.json` names: `ram` (RAM's weights, config and vocabulary, read lazily) and the
-kinds in `_SETTINGS_TAGGERS`, which are small pixel taggers stored as their few settings. The demo
-world's tagger is one of those; it is imported only when a bundle names it, so the core does not depend
-on the demo world.
+kinds of `named_imports.TAGGER_KINDS`, which are small pixel taggers stored as their few settings. The
+demo world's tagger is one of those; it is imported only when a bundle names it, so the core does not
+depend on the demo world.
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ import torch
 from PIL import Image
 
 from .errors import CheckpointError
-from .named_imports import load_named
+from .named_imports import TAGGER_KINDS, load_named
 
 __all__ = ["TAGGER_FILE", "Tagger", "bundle_tagger", "write_tagger"]
 
 TAGGER_FILE = "tagger.json"
-
-# tagger.json `type` -> the class rebuilt from the file's other keys (its `bundle_spec` minus `type`).
-_SETTINGS_TAGGERS = {"shapes": "lion_mllm.shapes:ShapesTagger"}
 
 
 class Tagger(Protocol):
@@ -64,10 +61,10 @@ def bundle_tagger(directory: Path, device: str | torch.device = "cpu") -> Any:
         from .ram import LazyRamTagger
 
         return LazyRamTagger.from_bundle(directory, spec, device=device)
-    if kind in _SETTINGS_TAGGERS:
-        tagger_class = load_named(_SETTINGS_TAGGERS, kind, "tagger type")
+    if kind in TAGGER_KINDS:
+        tagger_class = load_named(TAGGER_KINDS, kind, "tagger type")
         try:
             return tagger_class(**spec)
         except TypeError as error:
             raise CheckpointError(f"{path}: not a {kind} tagger's settings: {error}") from None
-    raise CheckpointError(f"{path}: unknown tagger type {kind!r} (known: {', '.join(['ram', *_SETTINGS_TAGGERS])})")
+    raise CheckpointError(f"{path}: unknown tagger type {kind!r} (known: {', '.join(['ram', *TAGGER_KINDS])})")

@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Any
 
-from ..model_options import add_model_options, decoding_from_args, model_from_args, resolve_device
+from ..devices import resolve_device
+from ..model_options import add_model_options, decoding_from_args, model_from_args
 from ..tasks import SHORT_ANSWER_TEMPLATE
 from .tasks import ALIASES, BENCHMARKS
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from ..named_imports import OBJECTIVES, STREAMS, VALIDATORS
+
 logger = logging.getLogger("lion_mllm.train")
 
 # Stage -> the model's visual_input (stage 1 Q-Former road, stage 2 aggregator road, 3/4 both: docs/authors-code.md).
@@ -81,12 +83,6 @@ class AugmentConfig:
             self.random_resized_crop = (low, high)
 
 
-# `run.eval_tasks: [{task: NAME}]` scored outside `lion eval` (on data generated there: no files) ->
-# "module:function"; the function takes (task spec, Lion, model, step) and returns the metrics dict
-# ({task.key: score, ...}); imported only when a config names it (`lion_mllm.named_imports`)
-VALIDATORS: dict[str, str] = {"shapes": "lion_mllm.shapes.scoring:training_scores"}
-
-
 @dataclass
 class EvalTaskSpec:
     """A benchmark scored during training through `lion_mllm.evaluation` (the `lion eval` harness):
@@ -111,7 +107,7 @@ class EvalTaskSpec:
 
 @dataclass
 class ObjectiveSpec:
-    """A training-only objective (`lion_mllm.train.objectives.OBJECTIVES`): its loss times `weight` is added
+    """A training-only objective (`lion_mllm.named_imports.OBJECTIVES`): its loss times `weight` is added
     to the text loss; `options` go to its constructor."""
 
     name: str
@@ -122,7 +118,7 @@ class ObjectiveSpec:
 @dataclass
 class StreamSpec:
     """A `train_datasets` entry `{stream: NAME, ...}`: samples generated on the fly by the source NAME
-    (`lion_mllm.train.data.STREAMS`); the other keys are its options. It replaces annotation files."""
+    (`lion_mllm.named_imports.STREAMS`); the other keys are its options. It replaces annotation files."""
 
     stream: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -137,7 +133,7 @@ class ModelSpec:
     - no `pretrained`: ViT and T5 from vit_model / llm_model, LION's own parts initialised as the authors'
       code does (stage 1 and 2 from scratch);
     - `preset` (tests, benchmarks): a random model of a `lion_mllm.config` preset, tokenizers from
-      llm_model / bert_model; a preset of `lion_mllm.train.stages.MODEL_BUILDERS` is built by its own
+      llm_model / bert_model; a preset of `lion_mllm.named_imports.MODEL_BUILDERS` is built by its own
       package: `preset: shapes` is the shapes world's model from scratch (its own tokenizers, tagger and
       initialisation: `lion_mllm.shapes.recipe`).
     Then `init_from` (earlier stages' checkpoints) overwrite LION's own parts; single adapters go into
@@ -520,8 +516,6 @@ def _check_evaluation(run: RunConfig, has_valid: bool) -> None:
 def _objectives(entries: Any) -> list[ObjectiveSpec]:
     if not isinstance(entries, list):
         raise ConfigError("run.objectives: expected a list of {name, weight, options}")
-    from .objectives import OBJECTIVES
-
     specs = []
     for i, entry in enumerate(entries):
         entry = {"name": entry} if isinstance(entry, str) else entry
@@ -539,8 +533,6 @@ def _stream_spec(entries: list[Any], run: RunConfig) -> StreamSpec | None:
         return None
     if len(entries) != 1:
         raise ConfigError("train_datasets: a `stream` entry cannot be mixed with other entries (yet)")
-    from .data import STREAMS
-
     options = dict(streams[0])
     name = options.pop("stream")
     if name not in STREAMS:

@@ -568,12 +568,6 @@ class MixtureSampler(torch.utils.data.Sampler):
 # Streamed sources: samples generated on the fly
 
 
-# `train_datasets: [{stream: NAME, ...options}]` -> "module:Class"; the class takes (seed, images_per_batch
-# (= run.batch_size_train), **options) and has `group(index, step, rng) -> (images, records, extra batch
-# tensors)`, records naming their image by its index in `images` (a world that writes no files: shapes)
-STREAMS: dict[str, str] = {"shapes": "lion_mllm.shapes.recipe:ShapesStream"}
-
-
 class StreamedBatches:
     """An endless stream of micro-batches from a generating source, each one group of images with their
     samples. The batch holds every image once (`pixel_values` (I,3,S,S)) and `image_index` (B,) naming each

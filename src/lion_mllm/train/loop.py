@@ -41,12 +41,11 @@ import yaml
 
 from ..checkpoint_files import folder_written_whole
 from ..errors import CheckpointError
-from ..named_imports import load_named
+from ..named_imports import STREAMS, VALIDATORS, load_named
 from ..pipeline import Lion
 from .checkpoint import find_resume_point, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import (
     STAGE_VISUAL_INPUT,
-    VALIDATORS,
     AugmentConfig,
     ConfigError,
     DatasetSpec,
@@ -54,7 +53,6 @@ from .config import (
     TrainConfig,
 )
 from .data import (
-    STREAMS,
     AnnotationDataset,
     BadDataError,
     BadItem,

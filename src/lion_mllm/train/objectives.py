@@ -2,8 +2,8 @@
 
 An objective is a small module with its own parameters that adds a loss on the model's intermediate
 features (`run.objectives: [{name, weight, options}]`); it trains with the model, is saved in checkpoints
-(exact resume) and is never exported. Objectives are looked up by name in `OBJECTIVES`
-("module:Class", imported when used). A class sets `feature` (the name of the feature it reads, see
+(exact resume) and is never exported. Objectives are looked up by name in
+`lion_mllm.named_imports.OBJECTIVES` ("module:Class", imported when used). A class sets `feature` (the name of the feature it reads, see
 `grouped_losses`) and `batch_keys` (the batch tensors it needs, produced by the data source), and its
 `forward(features, batch)` returns a scalar loss.
 
@@ -21,10 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..named_imports import load_named
-
-# name -> "module:Class"; the class takes (model_config, **options)
-OBJECTIVES: dict[str, str] = {"shapes_dense": "lion_mllm.shapes.recipe:DenseObjective"}
+from ..named_imports import OBJECTIVES, load_named
 
 
 def build_objectives(specs: list[Any], model_config: Any) -> dict[str, nn.Module]:

@@ -30,7 +30,7 @@ from ..checkpoint_files import read_safetensors, read_torch_file
 from ..config import PRESETS, LionConfig
 from ..errors import CheckpointError
 from ..modeling_lion import LionModel
-from ..named_imports import load_named
+from ..named_imports import MODEL_BUILDERS, load_named
 from ..official import OfficialPaths, config_from_official, official_to_ours, ours_to_official
 from ..pipeline import Lion, resolve_dtype
 from ..processing import LionProcessor
@@ -248,11 +248,6 @@ def fresh_lion_state(config: LionConfig, seed: int) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------------
 # Building the model of a stage
-
-# `model.preset: NAME` built outside the training package -> "module:function"; the function takes (seed)
-# and returns a `Lion` (model, processor, tagger) initialised from scratch
-MODEL_BUILDERS: dict[str, str] = {"shapes": "lion_mllm.shapes.recipe:build_shapes_lion"}
-
 
 def build_lion(spec: ModelSpec, stage: int, device: torch.device, dtype: torch.dtype | None = None,
                seed: int = 0) -> Lion:
