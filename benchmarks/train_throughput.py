@@ -6,7 +6,7 @@
     python benchmarks/train_throughput.py --size tiny            # a quick check (seconds)
 
 One timed step is what `lion_mllm.train.loop.train()` does per step with one process and no gradient
-accumulation: the loss (`loop._token_loss_sum`, the trainer's own function: summed token
+accumulation: the loss (`objectives.token_loss_sum`, the trainer's own function: summed token
 cross-entropy in float32), its backward scaled to the token mean, gradient clipping at the trainer's
 default `max_grad_norm` 1.0, an AdamW step over the authors' parameter groups
 (`stages.optimizer_param_groups`, weight decay 0.05, lr 1e-5), `zero_grad(set_to_none=True)` and the
@@ -166,7 +166,7 @@ def _build_lion(args: argparse.Namespace, eager: bool):
 
 
 def _prepare_lion_for_training(model) -> list[str]:
-    """What `loop._train` does between building the model and the first step (one process, no FSDP)."""
+    """What `startup.start_run` does between building the model and the first step (one process, no FSDP)."""
     import torch
 
     from lion_mllm.train.stages import configure_trainable, is_lion_parameter
@@ -259,7 +259,7 @@ def _load_side(args: argparse.Namespace):
     from torch.utils.flop_counter import FlopCounterMode
 
     from lion_mllm.train.data import Collator
-    from lion_mllm.train.loop import _token_loss_sum
+    from lion_mllm.train.objectives import token_loss_sum
     from lion_mllm.train.stages import WarmupCosineSchedule, optimizer_param_groups
 
     torch.set_num_threads(args.threads)
@@ -323,7 +323,7 @@ def _load_side(args: argparse.Namespace):
     def step(batch: dict) -> dict:
         tokens = float((batch["labels"] != -100).sum())
         start = time.perf_counter()
-        loss_sum = _token_loss_sum(model, batch)  # no autocast: the trainer's bf16 applies on GPU only
+        loss_sum = token_loss_sum(model, batch)  # no autocast: the trainer's bf16 applies on GPU only
         forward_done = time.perf_counter()
         (loss_sum * (1.0 / tokens)).backward()
         backward_done = time.perf_counter()
@@ -382,10 +382,10 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"command": " ".join([Path(sys.executable).name] + sys.argv), "size": args.size,
                     "machine": machine(), "threads": args.threads, "batches": args.batches, "reps": args.reps,
                     "sequential": args.sequential, "seed": args.seed,
-                    "step": {"loss": "loop._token_loss_sum / target tokens", "max_grad_norm": MAX_GRAD_NORM,
+                    "step": {"loss": "objectives.token_loss_sum / target tokens", "max_grad_norm": MAX_GRAD_NORM,
                              "optimizer": f"AdamW lr {INIT_LR}, weight decay {WEIGHT_DECAY} (matrices), "
                                           "betas (0.9, 0.999)",
-                             "autocast": "none: the trainer's bf16 autocast applies on GPU only (loop.py)",
+                             "autocast": "none: the trainer's bf16 autocast applies on GPU only (startup.py)",
                              "activation_checkpointing": False, "accum_grad_iters": 1, "processes": 1},
                     "tokenizers": {"t5": args.t5_dir, "bert": args.bert_dir},
                     "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -17,6 +17,7 @@ from types import ModuleType
 
 import pytest
 
+from lion_mllm import Lion
 from lion_mllm.config import tiny
 from lion_mllm.engine import DecodeEngine
 
@@ -57,7 +58,7 @@ def test_the_report_records_the_run(report):
 
 def test_the_slot_cache_size_is_stated(report):
     engine, lang = report["engine"], tiny().language
-    assert engine["compile"] is False and engine["slots"] == 64 and engine["buckets"][-1] == 64
+    assert engine["compile"] is False and engine["slots"] == Lion.MAX_SLOTS == engine["buckets"][-1]
     # slots x layers x heads x d_kv x (K and V) x (answer + encoder positions) x 4 bytes, and a small mask
     kv = engine["slots"] * lang.num_decoder_layers * lang.num_heads * lang.d_kv * 2 * (
         engine["max_length"] + engine["max_source_length"]) * 4

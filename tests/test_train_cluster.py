@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from conftest import ASSETS, REPO
 
@@ -229,3 +230,37 @@ def test_task_scores_through_the_evaluation_harness_choose_the_best_model(data, 
     best = json.loads((result.run_dir / "summary.json").read_text())["best"]
     assert best["metric"] == "val_iconqa" and best["value"] == max(value for _, value in scores)
     assert best["step"] == next(step for step, value in scores if value == best["value"])  # the first maximum
+
+
+def test_task_scores_in_the_loop_decode_with_the_model_s_own_generation_config(data, tmp_path):
+    """A model whose generation config is not the authors' (no repetition penalty, at least 4 tokens) is
+    scored in the loop as `Lion.generate` answers with that config, not with the authors' defaults."""
+    from lion_mllm import GenerationDefaults, Lion
+    from lion_mllm.evaluation.harness import evaluate, read_predictions
+    from lion_mllm.train.config import ModelSpec
+    from lion_mllm.train.stages import build_lion
+
+    own = GenerationDefaults(repetition_penalty=1.0, min_length=4)
+    built = build_lion(ModelSpec(preset="tiny", llm_model=ASSETS / "flan-t5-tiny",
+                                 bert_model=ASSETS / "bert-tiny-uncased"), 1, torch.device("cpu"))
+    Lion(built.model, built.processor, None, own).save_pretrained(tmp_path / "start")
+    task = {"task": "iconqa", "ann": str(data["image_level"]), "images": str(data["vis_root"]), "limit": 4,
+            "batch_size": 4, "tags": "square", "decoding": {"num_beams": 1, "max_new_tokens": 3}}
+    cfg = raw_config(data, tmp_path, max_steps=1, eval_every_steps=1, eval_tasks=[task], export_final=True)
+    cfg["model"] = {"pretrained": str(tmp_path / "start")}
+    result = train(load_train_config(cfg))
+    in_loop = read_predictions(next((result.run_dir / "eval" / "step_000001").glob("*.predictions.jsonl")))
+    final = Lion.from_pretrained(result.run_dir / "final")  # the weights scored at step 1
+    assert final.generation_config == own
+
+    def answers(lion: Lion, name: str) -> dict[str, str]:
+        def generate_fn(images, questions, tasks, **decoding):
+            return lion.generate(images, questions, tasks=tasks, tags=[task["tags"]] * len(questions), **decoding)
+
+        evaluate("iconqa", generate_fn, task["ann"], task["images"], limit=4, batch_size=4,
+                 decoding=task["decoding"], out_dir=tmp_path / name)
+        return {key: r["prediction"] for key, r in read_predictions(next((tmp_path / name).glob("*.jsonl"))).items()}
+
+    as_generated = answers(final, "own")
+    assert {key: r["prediction"] for key, r in in_loop.items()} == as_generated
+    assert answers(Lion(final.model, final.processor), "authors") != as_generated  # the config matters here

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,9 @@ def test_prefetched_stream_hands_out_the_batches_made_without_it():
             assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
             assert ahead.state_dict() == plain.state_dict()
         state = ahead.state_dict()
+        deadline = time.monotonic() + 30
+        while ahead.position <= 3 and time.monotonic() < deadline:  # the worker fills its queue in its own time
+            time.sleep(0.01)
         assert state["position"] == 3 and ahead.position > 3  # made ahead, not handed out
         resumed = StreamedBatches(source, lion.processor, seed=0, rank=0, world_size=1, accum_grad_iters=1,
                                   state=state, prefetch=1)

@@ -482,6 +482,11 @@ class Collator:
         return self.processor(torch.zeros(1, 3, size, size), ["."], ["image_level"], tags, answers=["."])
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on the device the model runs on."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The mixture schedule and its sampler
 

@@ -33,6 +33,15 @@ def build_objectives(specs: list[Any], model_config: Any) -> dict[str, nn.Module
     return built
 
 
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed token cross-entropy (float32) of a batch: the training pass without grouped images or
+    objectives, and the held-out loss."""
+    output = model(**batch)
+    labels = batch["labels"]
+    return F.cross_entropy(output.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
 class TrainingForward(nn.Module):
     """LION plus its training-only objectives as one module (what DDP wraps when objectives or grouped
     batches are used): `forward(**batch)` returns (summed token cross-entropy, weighted objective loss)."""

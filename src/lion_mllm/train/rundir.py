@@ -1,4 +1,5 @@
-"""Owning a run directory: one trainer at a time, and a resumed run's logs without repeated steps.
+"""Owning a run directory: a new one per run (or the one a resume names), one trainer at a time, and a
+resumed run's logs without repeated steps.
 
 `RunLock` writes `<run dir>/train.lock` (JSON: pid, host, process start time, command line) with
 O_EXCL. A second trainer on the same directory -- a `--resume` while the workers of an orphaned
@@ -17,6 +18,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from .checkpoint import find_resume_point
+from .config import TrainConfig
+from .distributed import DistContext
 
 LOCK_NAME = "train.lock"
 
@@ -144,3 +149,50 @@ def truncate_metrics(path: Path, step: int) -> int:
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(path)
     return dropped
+
+
+def choose_run_dir(cfg: TrainConfig, ctx: DistContext, resume: str | Path | None) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from: those `resume` names (a run directory, one of
+    its checkpoints, an output directory (its newest run), or "auto": the newest run under
+    `run.output_dir`), else a new directory and None."""
+    if resume is None:
+        return _new_run_dir(cfg, ctx), None
+    run = cfg.run
+    target = Path(run.output_dir) if str(resume) == "auto" else Path(resume)
+    if str(resume) == "auto" and run.run_name and target.name != run.run_name:
+        target = target / run.run_name
+    resume_point = find_resume_point(target)
+    return resume_point.parent.parent, resume_point
+
+
+def _new_run_dir(cfg: TrainConfig, ctx: DistContext) -> Path:
+    """<output_dir>[/<run_name>]/<start time>, made by the main process and named to every process."""
+    base = Path(cfg.run.output_dir).expanduser()
+    if not base.is_absolute():
+        base = Path.cwd() / base
+    if cfg.run.run_name and base.name != cfg.run.run_name:
+        base = base / cfg.run.run_name
+    name = None
+    if ctx.is_main:
+        name = time.strftime("%Y%m%d%H%M%S")
+        while (base / name).exists():  # two runs started in the same second
+            time.sleep(1.0)
+            name = time.strftime("%Y%m%d%H%M%S")
+        (base / name).mkdir(parents=True)
+    return base / ctx.broadcast_object(name)
+
+
+def lock_run_dir(run_dir: Path, ctx: DistContext) -> tuple[RunLock | None, str | None]:
+    """The main process takes the run directory's lock; every process raises alike if it is taken.
+    Returns the lock and, when a stale one was taken over, a note for the log."""
+    lock, refusal, note = None, None, None
+    if ctx.is_main:
+        lock = RunLock(run_dir)
+        try:
+            note = lock.acquire()
+        except RunDirectoryLocked as error:
+            lock, refusal = None, str(error)
+    refusal = ctx.broadcast_object(refusal)
+    if refusal is not None:
+        raise RunDirectoryLocked(refusal)
+    return lock, note

@@ -95,6 +95,13 @@ def configure_trainable(model: nn.Module, freeze: list[str] | tuple[str, ...] = 
     return trainable
 
 
+def set_train_mode(model: nn.Module) -> None:
+    """Train mode, except a frozen ViT: the authors keep it in eval mode."""
+    model.train()
+    if not any(p.requires_grad for p in model.vision_model.parameters()):
+        model.vision_model.eval()
+
+
 def lion_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """LION's own parameters (what a stage checkpoint stores), detached."""
     return {n: p.detach() for n, p in model.named_parameters() if is_lion_parameter(n)}
