@@ -194,6 +194,7 @@ def test_cache_size_is_stated_and_bounded(shapes):
     assert engine.cache_bytes == 8 * per_slot + 8 * 128 * 4  # keys/values + the encoder padding bias
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_compiled_step_gives_the_eager_tokens(shapes, shapes_batch):
     """One compiled bucket (the step for 4 slots) against the eager step: same token ids. The compile
     time is paid once and reported per shape."""

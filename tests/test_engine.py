@@ -232,6 +232,7 @@ def test_a_slow_tagger_does_not_stall_requests_already_decoding(shapes, images):
         engine.stop()
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_a_thousand_mixed_requests_with_cancellations_leak_no_slot(shapes, images):
     """Greedy, sampled and beam requests of many lengths, some cancelled while queued or decoding, some
     failing in the model: every request ends, and every slot is free again at the end."""

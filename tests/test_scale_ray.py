@@ -253,6 +253,7 @@ def _in_cluster(pid: int, port: str) -> bool:
     return "raylet" in raylet and f":{port}" in raylet
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_a_replica_killed_mid_job_loses_and_duplicates_nothing(cluster: str, world: dict[str, Any],
                                                               tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -274,6 +275,7 @@ def test_a_replica_killed_mid_job_loses_and_duplicates_nothing(cluster: str, wor
     _check_complete(out, world)
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_a_killed_job_restarted_loses_and_duplicates_nothing(cluster: str, world: dict[str, Any],
                                                              tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -154,6 +154,7 @@ STOPS = {
 }
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 @pytest.mark.parametrize("why", sorted(STOPS))
 def test_a_torchrun_job_stopped_by_bad_data_always_exits(data, tmp_path, why):
     """Before the fix 3-4 of 20 such jobs hung at exit: the process group was destroyed while the
@@ -215,6 +216,7 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_exits(data, tmp_path):
     assert "still referenced" not in err and not (run_dir / "train.lock").exists()
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_a_torchrun_job_ending_in_an_exception_after_ddp_wrapping_exits(data, tmp_path):
     """The exception path: resuming a stage-3 checkpoint as stage 1 fails after the model is wrapped
     (the parameters do not fit). One line per rank, exit 1, no hang, the model released first."""
