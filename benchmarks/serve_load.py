@@ -226,18 +226,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", nargs="+", default=["continuous", "request"],
                         choices=["continuous", "request", "compiled", "baseline"],
                         help="compiled: continuous with --compile; baseline: continuous of --baseline-src")
-    parser.add_argument("--baseline-src", type=Path, default=None, help="a checkout to serve as the baseline")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="a checkout (its root folder) to serve as the baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if "baseline" in args.modes and args.baseline_src is None:
         parser.error("--modes baseline needs --baseline-src")
+    if args.baseline_src is not None and not (args.baseline_src / "src" / "lion_mllm").is_dir():
+        # a wrong folder would silently serve this checkout's code (the installed package) as the baseline
+        parser.error(f"--baseline-src {args.baseline_src}: not a checkout (no src/lion_mllm in it)")
 
     log_dir = Path(tempfile.mkdtemp(prefix="lion-serve-load-"))
     images = scene_urls(8)
     results: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                     "machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "output"},
+                     "machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "output"},
                      "load_average_start": os.getloadavg(), "runs": []}
+    if args.baseline_src is not None:
+        results["baseline_commit"] = subprocess.run(["git", "-C", str(args.baseline_src), "rev-parse", "--short",
+                                                     "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"logs in {log_dir}", flush=True)
     for index, rate in enumerate(args.rates):
         items = plan(rate, args.requests, args.long_fraction, len(images), args.seed + index)
