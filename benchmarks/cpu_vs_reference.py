@@ -12,7 +12,7 @@ Four sides, each in its own process (so each one's peak RSS is its own):
     matrix products in bf16, on AMX where the CPU has it); its ids are compared with the authors' by
     agreement (identical sequences, common prefix), since bf16 rounds differently from float32;
   * `authors`: the official JiuTian-LION code (commit 7578437), run by `_reference_side.py` inside the
-    reference environment (transformers 4.42.4, built from shared/tools/refharness/requirements-ref.txt)
+    reference environment (transformers 4.42.4, built from benchmarks/requirements-ref.txt)
     and loaded through their `models.load_model(..., device="cpu")`.
 
 If the artifacts directory is empty, the authors' side first writes random artifacts in their five

@@ -1,7 +1,9 @@
-"""The shipped `lion-shapes` model: held-out quality, and `lion demo` offline."""
+"""The shipped `lion-shapes` model: held-out quality, its card's examples as written, and `lion demo`
+offline."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -21,6 +23,7 @@ from lion_mllm.hub import resolve_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BUNDLE = SRC / "lion_mllm" / "assets" / "models" / "lion-shapes"
+CARD = (BUNDLE / "MODEL_CARD.md").read_text()
 
 # Measured on these 100 held-out scenes (seeds HELD_OUT_SEED_BASE..+99, never trained on nor used to pick
 # the checkpoint) -- see MODEL_CARD.md; the bars sit a few points below.
@@ -54,6 +57,28 @@ def test_held_out_metrics(lion):
     metrics = shapes.score_pipeline(lion, count=100, start=shapes.HELD_OUT_SEED_BASE)
     for key, bar in BARS.items():
         assert metrics[key] >= bar, (key, metrics)
+
+
+def test_the_cards_python_examples_run_as_written(tmp_path, monkeypatch):
+    """Every Python block of the card runs; a line `expression  # -> value` must give that value."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", CARD, flags=re.S)
+    assert blocks
+    checked = 0
+    for block in blocks:
+        namespace: dict = {}
+        pending: list[str] = []
+        for line in block.splitlines():
+            if "  # -> " not in line:
+                pending.append(line)
+                continue
+            exec("\n".join(pending), namespace)  # noqa: S102 - the card's own code
+            pending = []
+            code, expected = line.split("  # -> ")
+            assert eval(code, namespace) == ast.literal_eval(expected), line  # noqa: S307
+            checked += 1
+        exec("\n".join(pending), namespace)  # noqa: S102
+    assert checked >= 4
 
 
 def _run_demo(out_dir: Path) -> subprocess.CompletedProcess:
