@@ -13,25 +13,25 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {
-    "Box": ".boxes", "format_box": ".boxes", "parse_box": ".boxes",
-    "LionConfig": ".config", "flant5xl": ".config", "flant5xxl": ".config",
+    "Box": ".model.boxes", "format_box": ".model.boxes", "parse_box": ".model.boxes",
+    "LionConfig": ".model.config", "flant5xl": ".model.config", "flant5xxl": ".model.config",
     "CheckpointError": ".errors",
-    "GenerationDefaults": ".generation",
-    "OfficialPaths": ".official",
-    "LionModel": ".modeling_lion",
-    "Grounding": ".pipeline", "Lion": ".pipeline",
-    "ImageLoadError": ".processing", "LionProcessor": ".processing",
+    "GenerationDefaults": ".model.generation",
+    "OfficialPaths": ".checkpoints.official",
+    "LionModel": ".model.modeling_lion",
+    "Grounding": ".lion", "Lion": ".lion",
+    "ImageLoadError": ".model.processing", "LionProcessor": ".model.processing",
 }
 
 if TYPE_CHECKING:
-    from .boxes import Box, format_box, parse_box
-    from .config import LionConfig, flant5xl, flant5xxl
+    from .checkpoints.official import OfficialPaths
     from .errors import CheckpointError
-    from .generation import GenerationDefaults
-    from .modeling_lion import LionModel
-    from .official import OfficialPaths
-    from .pipeline import Grounding, Lion
-    from .processing import ImageLoadError, LionProcessor
+    from .lion import Grounding, Lion
+    from .model.boxes import Box, format_box, parse_box
+    from .model.config import LionConfig, flant5xl, flant5xxl
+    from .model.generation import GenerationDefaults
+    from .model.modeling_lion import LionModel
+    from .model.processing import ImageLoadError, LionProcessor
 
 
 def __getattr__(name: str) -> Any:
@@ -51,8 +51,8 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str | None = No
     """A `Lion` from a bundle directory, `hf-hub:`/`local-dir:` name, the authors' YAML config, or an
     installed name (`lion-shapes`, built in; `lion-flant5xl` after `lion download`). The model comes with
     its tagger and generation config (decoding defaults, prompt templates)."""
-    from .hub import resolve_model
-    from .pipeline import Lion
+    from .checkpoints.hub import resolve_model
+    from .lion import Lion
 
     if str(name_or_path).endswith((".yaml", ".yml")):  # read as it is: its errors name the YAML's keys
         return Lion.from_official(name_or_path, device=device, dtype=dtype, **kwargs)

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import yaml
 
+from ..errors import CheckpointError
+from ..model.config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
+from ..model.modeling_lion import LionModel
+from ..model.tasks import SOFT_PROMPT_TOKEN
 from .bundle import T5_TIED_KEYS, expected_keys, materialise
 from .checkpoint_files import read_hf_weights, read_torch_file
-from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
-from .errors import CheckpointError
-from .modeling_lion import LionModel
-from .tasks import SOFT_PROMPT_TOKEN
 
 __all__ = ["OfficialPaths", "config_from_official", "load_official_model", "official_to_ours", "ours_to_official"]
 
@@ -204,7 +204,7 @@ class OfficialPaths:
             raise CheckpointError(f"{path}: give both model.ram_tag_list and model.ram_tag_list_threshold, or neither")
         generation = model.get("generation")
         if generation is not None:
-            from .generation import GenerationDefaults
+            from ..model.generation import GenerationDefaults
 
             extra["generation"] = GenerationDefaults.from_dict(generation, f"{path}: model.generation")
         visual_input = str(model.get("visual_input", "ALL")).lower()
@@ -223,14 +223,14 @@ class OfficialPaths:
         options: dict[str, Any] = {}
         config = self.extra.get("ram_config")
         if isinstance(config, dict):
-            from .ram import RamConfig
+            from ..ram import RamConfig
 
             try:
                 options["config"] = RamConfig.from_dict(config)
             except (TypeError, ValueError) as error:
                 raise CheckpointError(f"{self.source or 'config'}: model.ram_config: {error}") from None
         elif isinstance(config, Path) and config.suffix.lower() == ".json":
-            from .ram import RamConfig
+            from ..ram import RamConfig
 
             options["config"] = RamConfig.from_json_file(config)
         elif config is not None:

@@ -5,13 +5,13 @@
 * the LION checkpoint, FlanT5 and BERT (config + vocabulary only) and RAM's checkpoint from the
   Hugging Face hub, through ``huggingface_hub`` (``HF_ENDPOINT`` is honoured, read at call time);
 * ``eva_vit_g.pth`` and RAM's two vocabulary files from plain URLs, through
-  :func:`lion_mllm.downloads.download_file` (resumable, checksum-verified);
+  :func:`lion_mllm.checkpoints.downloads.download_file` (resumable, checksum-verified);
 
 then writes an authors'-format YAML config pointing at the cached files. ``--model lion-flant5xl``
 (:func:`resolve_model`) finds that YAML again.
 
 Where files go (default): hub files in the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), plain
-URLs and the YAML in the package cache (:func:`lion_mllm.downloads.cache_dir`):
+URLs and the YAML in the package cache (:func:`lion_mllm.checkpoints.downloads.cache_dir`):
 ``<cache>/eva_vit_g.pth``, ``<cache>/ram/…`` (where the RAM tagger looks for its vocabulary) and
 ``<cache>/models/<name>/<name>.yaml``. With ``to=DIR`` the checkpoints and model folders go under
 ``DIR`` instead (the YAML is written there as well as into the cache, so the name still resolves).
@@ -111,7 +111,7 @@ _BERT_PATTERNS = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_confi
 
 def _ram_vocabulary() -> tuple[RemoteFile, ...]:
     # Imported lazily: the tagger module pulls in torch, which `lion download --list` does not need.
-    from .ram import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
+    from ..ram import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
 
     return (RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE)
 
@@ -228,7 +228,7 @@ def resolve_model(spec: str | os.PathLike[str] | None = None) -> str:
     if path.is_dir():
         return str(path)
     if path.exists():
-        from .errors import CheckpointError
+        from ..errors import CheckpointError
 
         raise CheckpointError(f"{text}: a {path.suffix or 'plain'} file is not a model; pass a bundle directory "
                               "(`lion convert` writes one from the authors' files) or the authors' .yaml config "
