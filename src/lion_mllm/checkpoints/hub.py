@@ -193,7 +193,7 @@ def installed_model(name: str) -> Path | None:
             raise ModelNotInstalledError(
                 f"model {name!r} is incomplete ({missing[0]} is missing); run `lion download {name}` again")
         return config
-    packaged = Path(__file__).resolve().parent / "assets" / "models" / name
+    packaged = Path(__file__).resolve().parents[1] / "assets" / "models" / name  # lion_mllm/assets
     if (packaged / "config.json").is_file():
         return packaged
     return None
