@@ -139,20 +139,23 @@ class PublishedModel:
         return _ram_vocabulary() if self.ram_vocabulary is None else self.ram_vocabulary
 
 
+def _flan_t5(repo: str, revision: str) -> HubFolder:
+    """A FlanT5 repository, fetched as every published model needs it (`_T5_PATTERNS`)."""
+    return HubFolder(repo, _T5_PATTERNS, revision=revision, fallback_patterns=_T5_FALLBACK)
+
+
 PUBLISHED_MODELS: dict[str, PublishedModel] = {
     "lion-flant5xl": PublishedModel(
         name="lion-flant5xl",
         description="LION-FlanT5-XL (LION-4B): EVA ViT-g + FlanT5-XL, stage-3 weights",
         checkpoint=HubFile("daybreaksly/LION-FlanT5-XL", "LION-FlanT5-XL.pth"),
-        llm=HubFolder("google/flan-t5-xl", _T5_PATTERNS, revision=FLAN_T5_XL_REVISION,
-                      fallback_patterns=_T5_FALLBACK),
+        llm=_flan_t5("google/flan-t5-xl", FLAN_T5_XL_REVISION),
     ),
     "lion-flant5xxl": PublishedModel(
         name="lion-flant5xxl",
         description="LION-FlanT5-XXL (LION-12B): EVA ViT-g + FlanT5-XXL",
         checkpoint=HubFile("daybreaksly/LION-FlanT5-XXL", "LION-FlanT5-XXL.pth"),
-        llm=HubFolder("google/flan-t5-xxl", _T5_PATTERNS, revision=FLAN_T5_XXL_REVISION,
-                      fallback_patterns=_T5_FALLBACK),
+        llm=_flan_t5("google/flan-t5-xxl", FLAN_T5_XXL_REVISION),
     ),
 }
 
