@@ -8,9 +8,9 @@ Paths (the same model object, switched between calls, so the weights are the sam
     for every beam and copies them at every beam reorder), `nn.Linear` -> `F.linear` (MKL sgemm);
   * `default`: our default path now: beams share their image's cross-attention keys and values;
   * `default + onednn`: the same with every `nn.Linear` switched to oneDNN
-    (`lion_mllm.cpu_inference.use_onednn_linear`, opt-in).
+    (`lion_mllm.model.cpu_inference.use_onednn_linear`, opt-in).
 
-Models: `base` (`lion_mllm.config.base()`: ViT 768 wide x 12 blocks, bert-base Q-Former, T5-base shapes,
+Models: `base` (`lion_mllm.model.config.base()`: ViT 768 wide x 12 blocks, bert-base Q-Former, T5-base shapes,
 random weights, seed 0, random pixels and prompt ids) and `lion-shapes` (the shipped trained model, on
 its three example images with its caption prompt). Cases: greedy batch 1 and 8, 5 beams batch 1, exactly
 `--new-tokens` new tokens (min and max length pinned), repetition penalty 1.5. Each timed call is
@@ -32,15 +32,15 @@ from pathlib import Path
 
 import torch
 
-from lion_mllm.cpu_inference import use_onednn_linear
-from lion_mllm.modeling_lion import IMAGE_ROUTE, LionModel
+from lion_mllm.model.cpu_inference import use_onednn_linear
+from lion_mllm.model.modeling_lion import IMAGE_ROUTE, LionModel
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = (("greedy, batch 1", 1, 1), ("greedy, batch 8", 8, 1), ("5 beams, batch 1", 1, 5))
 
 
 def base_model_and_inputs(batch: int) -> tuple[LionModel, dict[str, torch.Tensor]]:
-    from lion_mllm.config import base
+    from lion_mllm.model.config import base
 
     torch.manual_seed(0)
     model = LionModel(base()).eval()

@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_profile.py --reps 3 --threads 1
 
-The model is `lion_mllm.config.base()` at the authors' ViT depth (39 blocks; the aggregator taps blocks
+The model is `lion_mllm.model.config.base()` at the authors' ViT depth (39 blocks; the aggregator taps blocks
 38, 28 and 18), as in `cpu_vs_reference.py --size base`, with random weights (seed 0), random pixels and
 prompt ids. Times are the process's CPU time (`time.process_time`, one intra-op thread), which the other
 jobs of a shared machine disturb less than wall time; the load average is recorded with each number.
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from lion_mllm.config import base
-from lion_mllm.modeling_lion import LionModel
+from lion_mllm.model.config import base
+from lion_mllm.model.modeling_lion import LionModel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

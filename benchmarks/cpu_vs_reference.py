@@ -44,7 +44,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _reference_side import SIZES, artifact_paths, current_rss_gib, serve  # noqa: E402  (no torch at import time)
 
-from lion_mllm.tasks import CAPTION_PROMPT  # noqa: E402  (imports nothing else)
+from lion_mllm.model.tasks import CAPTION_PROMPT  # noqa: E402  (imports nothing else)
 
 SIDES = ("lion-mllm", "lion-mllm-authors-flow", "lion-mllm-bf16", "authors")
 OUR_SIDES = SIDES[:3]
@@ -196,7 +196,7 @@ def median(xs: list[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from lion_mllm.cpu_inference import id_agreement
+    from lion_mllm.model.cpu_inference import id_agreement
 
     prepare(args)
     sides = [s for s in SIDES if s in args.sides]

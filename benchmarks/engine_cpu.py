@@ -50,7 +50,7 @@ def step_benchmark(reps: int, tokens: int) -> dict[str, Any]:
 
     from lion_mllm import load_model
     from lion_mllm.engine import DecodeEngine, EngineOptions
-    from lion_mllm.generation import DecodingSettings
+    from lion_mllm.model.generation import DecodingSettings
     from lion_mllm.shapes import make_scene, render
 
     torch.set_num_threads(1)

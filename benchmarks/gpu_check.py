@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from lion_mllm.config import PRESETS, LionConfig
-from lion_mllm.modeling_lion import LionModel
+from lion_mllm.model.config import PRESETS, LionConfig
+from lion_mllm.model.modeling_lion import LionModel
 
 NEW_TOKENS = 20
 PROMPT_TOKENS = 40

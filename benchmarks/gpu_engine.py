@@ -58,11 +58,11 @@ from typing import Any
 import torch
 import transformers
 
-from lion_mllm.config import PRESETS, LionConfig
 from lion_mllm.engine import DecodeEngine, EngineOptions
-from lion_mllm.generation import DecodingSettings
-from lion_mllm.modeling_lion import LionModel
-from lion_mllm.pipeline import Lion
+from lion_mllm.lion import Lion
+from lion_mllm.model.config import PRESETS, LionConfig
+from lion_mllm.model.generation import DecodingSettings
+from lion_mllm.model.modeling_lion import LionModel
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"xl": "flant5xl", "base": "base", "tiny": "tiny"}

@@ -28,9 +28,9 @@ import torch
 import transformers
 
 from lion_mllm import Lion, LionModel, OfficialPaths
-from lion_mllm.config import flant5xl
-from lion_mllm.official import ours_to_official
-from lion_mllm.tasks import CAPTION_PROMPT
+from lion_mllm.checkpoints.official import ours_to_official
+from lion_mllm.model.config import flant5xl
+from lion_mllm.model.tasks import CAPTION_PROMPT
 
 GOLDEN_T5 = Path(__file__).resolve().parents[1] / "tests" / "golden" / "lion-a" / "assets" / "flan-t5-tiny"
 

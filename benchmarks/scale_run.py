@@ -82,7 +82,7 @@ def decode_cost(tasks: Path, repeats: int = 200) -> dict[str, float]:
     import numpy as np
     from PIL import Image
 
-    from lion_mllm.images import decode_image
+    from lion_mllm.model.images import decode_image
 
     scene = Path(json.loads(tasks.read_text().splitlines()[0])["image"]).read_bytes()
     buffer = io.BytesIO()

@@ -129,9 +129,9 @@ def _digest(batch: dict) -> str:
 
 def _lion_config_and_processor(args: argparse.Namespace):
     """The stage-3 preset config and its processor, as the trainer's `_build_preset` makes them."""
-    from lion_mllm.config import PRESETS
-    from lion_mllm.processing import LionProcessor
-    from lion_mllm.tasks import SOFT_PROMPT_TOKEN
+    from lion_mllm.model.config import PRESETS
+    from lion_mllm.model.processing import LionProcessor
+    from lion_mllm.model.tasks import SOFT_PROMPT_TOKEN
     from lion_mllm.train.config import STAGE_VISUAL_INPUT
 
     config = PRESETS[args.size](visual_input=STAGE_VISUAL_INPUT[3], enable_semantic_tags=True)
@@ -145,7 +145,7 @@ def _build_lion(args: argparse.Namespace, eager: bool):
     the authors' eager attention (the trainer's `_build_preset`, with the attention choice added)."""
     import torch
 
-    from lion_mllm.modeling_lion import LionModel
+    from lion_mllm.model.modeling_lion import LionModel
     from lion_mllm.train.config import ModelSpec
     from lion_mllm.train.stages import build_lion, init_lion_parts
 
@@ -589,7 +589,7 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(TOKENIZERS), default="base", help="a lion_mllm.config preset")
+    ap.add_argument("--size", choices=sorted(TOKENIZERS), default="base", help="a lion_mllm.model.config preset")
     ap.add_argument("--t5-dir", help="T5 tokenizer directory (default: see TOKENIZERS)")
     ap.add_argument("--bert-dir", help="BERT tokenizer directory for the Q-Former (default: see TOKENIZERS)")
     ap.add_argument("--threads", type=int, default=1)

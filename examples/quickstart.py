@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from lion_mllm import Lion, load_model
-from lion_mllm.images import load_image
+from lion_mllm.model.images import load_image
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "golden" / "lion-a"
 

@@ -55,7 +55,7 @@ def golden_spec() -> dict:
 def make_tiny_lion(visual_input: str = "all", tags: bool = True, seed: int = 0, attn_implementation: str = "sdpa"):
     """A random tiny LION (config preset `tiny`) with the golden set's tokenizers."""
     from lion_mllm import Lion, LionModel, LionProcessor
-    from lion_mllm.config import tiny
+    from lion_mllm.model.config import tiny
 
     torch.manual_seed(seed)
     config = tiny(visual_input=visual_input, enable_semantic_tags=tags)

@@ -16,11 +16,11 @@ import pytest
 from conftest import ASSETS
 
 from lion_mllm import load_model
-from lion_mllm.checkpoint_files import folder_written_whole
+from lion_mllm.checkpoints.checkpoint_files import folder_written_whole
+from lion_mllm.checkpoints.downloads import DownloadError
+from lion_mllm.checkpoints.hub import write_official_config
 from lion_mllm.cli import main
 from lion_mllm.demo import EXAMPLES_DIR
-from lion_mllm.downloads import DownloadError
-from lion_mllm.hub import write_official_config
 from lion_mllm.ram import RamConfig, RamVocabulary
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
@@ -131,7 +131,7 @@ def test_save_pretrained_replaces_a_bundle_and_refuses_other_folders(shapes_lion
 _SAVE_AND_HANG = """
 import sys, time
 from lion_mllm import load_model
-from lion_mllm.generation import GenerationDefaults
+from lion_mllm.model.generation import GenerationDefaults
 lion = load_model("lion-shapes")
 def hang(self, directory):
     print("saving", flush=True)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from lion_mllm.cli import main
 from lion_mllm.drawing import BOX_COLORS, draw_grounding
-from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
+from lion_mllm.model.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
 TAGS = "green, square"
 CAPTION = "a green square"
@@ -313,7 +313,7 @@ def test_run_batches_resumes_and_records_errors(assets: dict[str, Path], tmp_pat
 
 def test_convert_official_yaml_to_a_bundle(tmp_path: Path, assets: dict[str, Path],
                                            capsys: pytest.CaptureFixture) -> None:
-    from lion_mllm.hub import write_official_config
+    from lion_mllm.checkpoints.hub import write_official_config
 
     assets_dir = GOLDEN / "assets"
     config = write_official_config(tmp_path / "official.yaml", bert_model=assets_dir / "bert-tiny-uncased",
@@ -343,7 +343,7 @@ def test_eval_subcommand_is_mounted(capsys: pytest.CaptureFixture) -> None:
 def test_run_puts_questions_into_the_models_templates_like_the_api(tmp_path: Path):
     """`lion run` answers a vqa line, a grounding phrase and a bare caption as `ask`/`ground`/`caption` do."""
     from lion_mllm import load_model, shapes
-    from lion_mllm.batch import run_batch
+    from lion_mllm.run import run_batch
 
     lion = load_model("lion-shapes")
     scene = shapes.make_scene(shapes.HELD_OUT_SEED_BASE + 27)  # a scene where the template changes the answer

@@ -13,14 +13,14 @@ from test_golden import CASES, case_inputs, golden_lion
 from torch import nn
 
 from lion_mllm import Lion
-from lion_mllm.cpu_inference import (
+from lion_mllm.model.cpu_inference import (
     OneDnnLinear,
     id_agreement,
     onednn_linear_available,
     use_onednn_linear,
     uses_onednn_linear,
 )
-from lion_mllm.modeling_lion import _SharedCrossAttentionCache
+from lion_mllm.model.modeling_lion import _SharedCrossAttentionCache
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
 

@@ -12,7 +12,7 @@ from test_golden import CASES, CONFIGS, case_inputs, golden_lion
 
 from lion_mllm import load_model
 from lion_mllm.engine import DecodeEngine, EngineFull, EngineOptions
-from lion_mllm.generation import DecodingSettings
+from lion_mllm.model.generation import DecodingSettings
 from lion_mllm.shapes import make_scene, render
 
 pytestmark = pytest.mark.usefixtures("one_thread")

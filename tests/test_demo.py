@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from lion_mllm import shapes
+from lion_mllm.checkpoints.hub import resolve_model
 from lion_mllm.demo import EXAMPLES_DIR, load_examples
 from lion_mllm.evaluation.metrics_rec import box_iou, parse_box
-from lion_mllm.hub import resolve_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BUNDLE = SRC / "lion_mllm" / "assets" / "models" / "lion-shapes"

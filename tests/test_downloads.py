@@ -1,4 +1,4 @@
-"""Tests for lion_mllm.downloads against a local Range-capable HTTP server (no internet)."""
+"""Tests for lion_mllm.checkpoints.downloads against a local Range-capable HTTP server (no internet)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lion_mllm.downloads import (
+from lion_mllm.checkpoints.downloads import (
     ChecksumMismatchError,
     DownloadError,
     RemoteFile,

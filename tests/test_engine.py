@@ -10,7 +10,8 @@ import time
 import pytest
 
 from lion_mllm import load_model
-from lion_mllm.generation import DecodingSettings
+from lion_mllm.model.generation import DecodingSettings
+from lion_mllm.model.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 from lion_mllm.server.engine import (
     DecodingEngine,
     GenerationRequest,
@@ -19,7 +20,6 @@ from lion_mllm.server.engine import (
 )
 from lion_mllm.server.errors import ServerStoppingError
 from lion_mllm.shapes import make_scene, render
-from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
 QUESTIONS = [(CAPTION_PROMPT, "caption"), ("How many shapes are there?", "vqa"),
              (GROUNDING_TEMPLATE.format(phrase="the red circle"), "grounding"), ("What colour is the square?", "vqa"),

@@ -462,7 +462,7 @@ def test_cli_mounts_and_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(lion_mllm, "load_model", fake_load_model, raising=False)
     parser = argparse.ArgumentParser(prog="lion")
     add_eval_subcommand(parser.add_subparsers(dest="command"))
-    bundle = tmp_path / "my-lion"  # --model names are resolved (lion_mllm.hub.resolve_model) before loading
+    bundle = tmp_path / "my-lion"  # --model names are resolved (lion_mllm.checkpoints.hub.resolve_model) before loading
     bundle.mkdir()
     out = tmp_path / "cli_out"
     args = parser.parse_args([

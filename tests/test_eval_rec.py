@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lion_mllm.boxes import find_boxes, parse_box
 from lion_mllm.evaluation import AnnotationError, evaluate
 from lion_mllm.evaluation.datasets import load_rec
 from lion_mllm.evaluation.metrics_rec import box_iou, normalized_to_pixels, score_rec, xywh_to_xyxy
+from lion_mllm.model.boxes import find_boxes, parse_box
 
 
 @pytest.mark.parametrize(

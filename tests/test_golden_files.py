@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import GOLDEN, RAM_VOCABULARY
 
-from lion_mllm.downloads import file_digest
+from lion_mllm.checkpoints.downloads import file_digest
 
 UNLISTED = {"README.md", "SHA256SUMS"}  # the manifest and the sums themselves
 

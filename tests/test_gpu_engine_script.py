@@ -18,8 +18,8 @@ from types import ModuleType
 import pytest
 
 from lion_mllm import Lion
-from lion_mllm.config import tiny
 from lion_mllm.engine import DecodeEngine
+from lion_mllm.model.config import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_engine.py"

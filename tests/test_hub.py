@@ -1,4 +1,4 @@
-"""`lion download` and model-name resolution (lion_mllm.hub) against a loopback server only.
+"""`lion download` and model-name resolution (lion_mllm.checkpoints.hub) against a loopback server only.
 
 The server plays both the Hugging Face hub (the routes huggingface_hub 2.x uses: repo info, tree
 listing, HEAD/GET `/{repo}/resolve/{revision}/{file}`) and the plain-URL hosts (reached through
@@ -21,9 +21,9 @@ import pytest
 import yaml
 from conftest import ASSETS, GOLDEN, RAM_VOCABULARY
 
-from lion_mllm import hub
+from lion_mllm.checkpoints import hub
+from lion_mllm.checkpoints.downloads import ChecksumMismatchError, DownloadError, RemoteFile
 from lion_mllm.cli import main
-from lion_mllm.downloads import ChecksumMismatchError, DownloadError, RemoteFile
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 EVA_PATH = "/storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"

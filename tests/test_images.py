@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lion_mllm.images import DownloadLimits, ImageLoadError, decode_image, load_image
+from lion_mllm.model.images import DownloadLimits, ImageLoadError, decode_image, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -241,7 +241,7 @@ def test_http_images_with_checks(image_server):
 
 
 def test_lion_run_writes_an_error_record_per_bad_image_and_goes_on(awkward, image_server, tiny_lion, tmp_path):
-    from lion_mllm.batch import run_batch
+    from lion_mllm.run import run_batch
 
     good = str(awkward / "exif6.png")
     lines = [{"id": "good", "image": good, "task": "caption"},

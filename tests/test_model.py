@@ -9,10 +9,10 @@ from conftest import ASSETS, GOLDEN, golden_paths, make_tiny_lion
 from PIL import Image
 
 from lion_mllm import CheckpointError, ImageLoadError, Lion, LionConfig, LionModel, load_model
-from lion_mllm.checkpoint_files import read_torch_file
-from lion_mllm.config import PRESETS, AggregatorConfig, flant5xl, flant5xxl, tiny
-from lion_mllm.official import official_to_ours, ours_to_official
-from lion_mllm.pipeline import resolve_dtype
+from lion_mllm.checkpoints.checkpoint_files import read_torch_file
+from lion_mllm.checkpoints.official import official_to_ours, ours_to_official
+from lion_mllm.lion import resolve_dtype
+from lion_mllm.model.config import PRESETS, AggregatorConfig, flant5xl, flant5xxl, tiny
 
 
 def images(n: int = 3) -> list[Image.Image]:

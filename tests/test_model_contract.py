@@ -29,8 +29,8 @@ from conftest import ASSETS, GOLDEN, REPO
 from PIL import Image
 
 from lion_mllm import CheckpointError, GenerationDefaults, load_model, shapes
+from lion_mllm.checkpoints.official import OfficialPaths
 from lion_mllm.cli import main
-from lion_mllm.official import OfficialPaths
 from lion_mllm.ram import LazyRamTagger, RamConfig, RamTagger
 
 IMAGES = [GOLDEN / "images" / f"a{i}.png" for i in range(3)]

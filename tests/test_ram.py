@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from skip_policy import needs_cuda
 
-from lion_mllm.checkpoint_files import read_torch_file
-from lion_mllm.downloads import DownloadError, file_digest
+from lion_mllm.checkpoints.checkpoint_files import read_torch_file
+from lion_mllm.checkpoints.downloads import DownloadError, file_digest
 from lion_mllm.errors import CheckpointError
 from lion_mllm.ram import (
     OFFICIAL_NUM_TAGS,

@@ -12,9 +12,9 @@ import pytest
 from fixtures.resize_cases import digest, pattern
 from PIL import Image
 
-from lion_mllm.processing import LionImageProcessor
+from lion_mllm.model.processing import LionImageProcessor
+from lion_mllm.model.resample import fixed_point_weights, resize
 from lion_mllm.ram import preprocess_images
-from lion_mllm.resample import fixed_point_weights, resize
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "resize_reference.json").read_text())
 CASES = REFERENCE["cases"]
@@ -64,7 +64,7 @@ def test_grey_and_rgb_agree_channel_by_channel():
 
 
 def test_processors_use_the_exact_resize():
-    from lion_mllm.processing import CLIP_MEAN, CLIP_STD
+    from lion_mllm.model.processing import CLIP_MEAN, CLIP_STD
     from lion_mllm.ram import IMAGENET_MEAN, IMAGENET_STD
 
     def to_uint8(normalised, mean, std) -> np.ndarray:  # undo the normalisation: (3, S, S) -> (S, S, 3)

@@ -30,7 +30,7 @@ import pytest
 import ray
 
 from lion_mllm import shapes
-from lion_mllm.batch import run_batch
+from lion_mllm.run import run_batch
 from lion_mllm.scale import ClusterTooSmallError, read_results, run_ray
 from lion_mllm.scale.resources import plan_replicas, replicas_that_fit, stage_needs
 
@@ -120,7 +120,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _key(record: dict[str, Any]) -> str:
-    from lion_mllm.batch import task_key
+    from lion_mllm.run import task_key
 
     return task_key(record.get("id"), record.get("line", 0))
 

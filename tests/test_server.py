@@ -26,10 +26,11 @@ import uvicorn
 from conftest import make_tiny_lion
 from PIL import Image
 
-from lion_mllm.boxes import Box, box_record, find_boxes
 from lion_mllm.drawing import draw_boxes
-from lion_mllm.generation import DecodingSettings, GenerationDefaults
-from lion_mllm.pipeline import Lion
+from lion_mllm.lion import Lion
+from lion_mllm.model.boxes import Box, box_record, find_boxes
+from lion_mllm.model.generation import DecodingSettings, GenerationDefaults
+from lion_mllm.model.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 from lion_mllm.server import ServerSettings, add_serve_subcommand, create_app
 from lion_mllm.server.app import build_app
 from lion_mllm.server.engine import cut_at_stop
@@ -37,7 +38,6 @@ from lion_mllm.server.errors import APIError
 from lion_mllm.server.images import decode_data_url
 from lion_mllm.server.protocol import DecodingRequest, build_question, infer_task, word_chunks
 from lion_mllm.server.state import ServerState
-from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
 KEY = "test-key"
 BOX_TEXT = "Answer: [0.100,0.250,0.600,0.750]"
@@ -378,7 +378,7 @@ def test_bad_requests_get_clear_4xx_and_server_goes_on(server, lion):
 
     cases = [
         (body("data:image/png;base64,iVBORw0KGgo%%%broken"), headers, 400, "base64"),
-        (body(data_url(b"plain text, no image here")), headers, 400, "image"),  # wording: images.py's
+        (body(data_url(b"plain text, no image here")), headers, 400, "image"),  # wording: model/images.py's
         (body(data_url(make_image(0).resize((400, 400)))), headers, 413, "image"),
         (body(data_url(buf.getvalue())), headers, 413, "image"),
         (body(), {"Authorization": "Bearer wrong"}, 401, "API key"),
@@ -741,7 +741,7 @@ def test_models_metrics_and_login(shapes_server):
 
 
 def test_shutdown_finishes_in_flight_streams_then_refuses(shapes, shapes_scene):
-    from lion_mllm.generation import DecodingSettings
+    from lion_mllm.model.generation import DecodingSettings
     from lion_mllm.server.engine import GenerationRequest
     from lion_mllm.server.errors import ServerStoppingError
 
@@ -761,7 +761,7 @@ def test_shutdown_finishes_in_flight_streams_then_refuses(shapes, shapes_scene):
 
 
 def test_request_level_batcher_is_not_revived_after_stop(lion):
-    from lion_mllm.generation import DecodingSettings
+    from lion_mllm.model.generation import DecodingSettings
     from lion_mllm.server.batcher import Batcher
     from lion_mllm.server.engine import GenerationRequest
     from lion_mllm.server.errors import ServerStoppingError

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lion_mllm import shapes
-from lion_mllm.boxes import parse_box
-from lion_mllm.tasks import SHORT_TAG_PROMPT
+from lion_mllm.model.boxes import parse_box
+from lion_mllm.model.tasks import SHORT_TAG_PROMPT
 
 
 def test_scenes_and_images_are_a_function_of_the_seed():

@@ -14,7 +14,7 @@ import torch
 from conftest import make_tiny_lion
 from PIL import Image
 
-from lion_mllm.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
+from lion_mllm.model.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE
 
 COLOURS = [(200, 30, 30), (20, 160, 60), (40, 40, 220), (240, 200, 10)]
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from lion_mllm.boxes import parse_box
+from lion_mllm.model.boxes import parse_box
 from lion_mllm.train.config import AugmentConfig, ConfigError, DatasetSpec, load_train_config
 from lion_mllm.train.data import (
     AnnotationDataset,

@@ -15,8 +15,8 @@ from conftest import ASSETS
 from PIL import Image
 
 from lion_mllm import Lion, OfficialPaths
-from lion_mllm.config import flant5xl
-from lion_mllm.modeling_lion import LionModel
+from lion_mllm.model.config import flant5xl
+from lion_mllm.model.modeling_lion import LionModel
 from lion_mllm.train import add_train_subcommand, run_train
 from lion_mllm.train.config import load_train_config
 from lion_mllm.train.data import read_annotations
@@ -282,7 +282,7 @@ def test_fine_tuned_export_keeps_the_models_generation_config(stage_runs, data, 
     """Decoding defaults and prompt templates travel from the bundle a run starts from to its export."""
     import shutil
 
-    from lion_mllm.generation import GenerationDefaults
+    from lion_mllm.model.generation import GenerationDefaults
 
     _, stage3 = stage_runs[3]
     source = tmp_path / "source"

@@ -18,8 +18,8 @@ from conftest import REPO, make_tiny_lion
 from PIL import Image
 from test_server import BOX_TEXT, Double, LiveServer
 
+from lion_mllm.model.tasks import CAPTION_PROMPT
 from lion_mllm.server import ServerSettings, create_app
-from lion_mllm.tasks import CAPTION_PROMPT
 
 CHROMIUM = os.environ.get("LION_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -128,7 +128,7 @@ def test_page_asks_for_the_api_key_alone_when_the_server_has_one():
 def test_page_decodes_with_the_models_generation_config(tmp_path: Path):
     """The page's two sliders convert as a request's fields do (`DecodingRequest`); the rest of its decoding
     is the model's generation config, as for the API."""
-    from lion_mllm.generation import DecodingSettings, GenerationDefaults
+    from lion_mllm.model.generation import DecodingSettings, GenerationDefaults
     from lion_mllm.server.engine import GenerationResult
     from lion_mllm.server.webui import run_request
 

@@ -4,7 +4,7 @@
     lion ask photo.jpg "What is the man holding?"
     lion ground photo.jpg "the dog" --draw out.png  # box in pixels and normalised; drawn with a label
     lion tag photo.jpg                              # RAM tags
-    lion run --input tasks.jsonl --output results.jsonl   # resumable batch inference (see lion_mllm.batch)
+    lion run --input tasks.jsonl --output results.jsonl   # resumable batch inference (see lion_mllm.run)
     lion download lion-flant5xl [--to DIR]          # every file the published model needs
     lion convert --config lion_flant5xl.yaml --out bundle/
     lion eval ...                                   # benchmarks (when lion_mllm.evaluation is present)
@@ -32,7 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .boxes import box_record
+from .model.boxes import box_record
+from .model.tasks import SHORT_ANSWER_TEMPLATE
 from .model_options import (
     ModelOptionError,
     _positive_int,
@@ -41,7 +42,6 @@ from .model_options import (
     model_from_args,
     tagger_from_args,
 )
-from .tasks import SHORT_ANSWER_TEMPLATE
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -168,7 +168,7 @@ def _add_run(sub: Any, base: Parents, model: Parents, output: Parents) -> None:
     p.add_argument("--retry-errors", action="store_true", help="drop earlier error records and try those tasks again")
     p.add_argument("--max-pixels", type=_positive_int, default=None,
                    help="larger images become error records, checked from the header before decoding "
-                        "(default: lion_mllm.images.DEFAULT_MAX_PIXELS, 150 megapixels)")
+                        "(default: lion_mllm.model.images.DEFAULT_MAX_PIXELS, 150 megapixels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     ray_options = p.add_argument_group(
         "Ray engine", "--engine ray runs the job on Ray Data (the `scale` extra; docs/scale.md): --input may also "
@@ -249,7 +249,7 @@ def _check_paths(paths: Sequence[str]) -> None:
 def _check_images(paths: Sequence[str]) -> list[Image.Image]:
     """Read every image before the (slow) model load, so a typo or a broken file fails at once."""
     _check_paths(paths)
-    from .processing import load_image
+    from .model.processing import load_image
 
     return [load_image(p) for p in paths]
 
@@ -352,7 +352,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .batch import run_batch
+    from .run import run_batch
 
     if args.engine == "ray":
         return _cmd_run_ray(args)
@@ -387,7 +387,7 @@ def _cmd_run_ray(args: argparse.Namespace) -> int:
         from .scale import run_ray
     except ImportError as error:
         raise UsageError(str(error)) from None
-    from .hub import resolve_model
+    from .checkpoints.hub import resolve_model
 
     resolve_model(getattr(args, "model", None))  # a wrong model name fails here, not in every replica
     summary = run_ray(functools.partial(model_from_args, args), args.input, args.output, layout=args.layout,
@@ -407,7 +407,7 @@ def _cmd_run_ray(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .hub import PUBLISHED_MODELS, ModelNotInstalledError, download_model, installed_model
+    from .checkpoints.hub import PUBLISHED_MODELS, ModelNotInstalledError, download_model, installed_model
 
     if args.list:
         for name, spec in PUBLISHED_MODELS.items():
@@ -434,8 +434,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .hub import resolve_model
-    from .pipeline import Lion
+    from .checkpoints.hub import resolve_model
+    from .lion import Lion
 
     config = resolve_model(args.config)
     if not config.endswith((".yaml", ".yml")):
@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - every failure becomes one line (traceback with --debug)
         if debug:
             traceback.print_exc()
-        from .hub import ModelNotInstalledError
+        from .checkpoints.hub import ModelNotInstalledError
 
         hint = ""
         if isinstance(error, ModelNotInstalledError) and "is not installed" in str(error):

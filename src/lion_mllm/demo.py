@@ -68,8 +68,8 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from .checkpoints.hub import resolve_model
     from .drawing import draw_grounding
-    from .hub import resolve_model
     from .shapes import ShapesTagger
 
     torch.set_flush_denormal(True)

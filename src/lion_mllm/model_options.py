@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .devices import DeviceUnavailableError, resolve_device
-from .generation import DECODING_RULES
+from .model.generation import DECODING_RULES
 
 __all__ = ["DTYPE_CHOICES", "ModelOptionError", "add_model_options", "decoding_from_args", "model_from_args",
            "tagger_from_args"]
@@ -139,7 +139,7 @@ def model_from_args(args: argparse.Namespace, say: Callable[[str], None] | None 
 
     Device, dtype and file options are checked before the (slow) load; `say` gets progress lines.
     """
-    from .hub import resolve_model
+    from .checkpoints.hub import resolve_model
 
     _check_ram_options(args)
     device = _device(args)
@@ -163,7 +163,7 @@ def model_from_args(args: argparse.Namespace, say: Callable[[str], None] | None 
 def tagger_from_args(args: argparse.Namespace) -> Any:
     """Only the tagger of the model the options describe (`--ram`'s if given), without loading LION
     itself; ModelOptionError when the model has none."""
-    from .hub import resolve_model
+    from .checkpoints.hub import resolve_model
 
     _check_ram_options(args)
     device = _device(args)
@@ -173,14 +173,14 @@ def tagger_from_args(args: argparse.Namespace) -> Any:
         return LazyRamTagger(args.ram, config=_ram_config(args.ram_config), device=device)
     resolved = resolve_model(getattr(args, "model", None))
     if resolved.endswith((".yaml", ".yml")):
-        from .official import OfficialPaths
+        from .checkpoints.official import OfficialPaths
         from .ram import LazyRamTagger
 
         paths = OfficialPaths.from_yaml(resolved)
         if paths.ram_model is None:
             raise ModelOptionError(f"{resolved} names no ram_model; pass --ram ram_swin_large_14m.pth")
         return LazyRamTagger(paths.ram_model, device=device, **paths.ram_tagger_options())
-    from .taggers import bundle_tagger
+    from .model.taggers import bundle_tagger
 
     tagger = bundle_tagger(Path(resolved), device)
     if tagger is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# tagger.json `type` -> the tagger class, rebuilt from the file's other keys (read by taggers.py)
+# tagger.json `type` -> the tagger class, rebuilt from the file's other keys (read by model/taggers.py)
 TAGGER_KINDS: dict[str, str] = {"shapes": "lion_mllm.shapes:ShapesTagger"}
 
 # `model.preset: NAME` built outside the training package -> a function taking (seed) and returning a

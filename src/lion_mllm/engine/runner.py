@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from ..generation import DecodingSettings
-from ..modeling_lion import LionModel
+from ..model.generation import DecodingSettings
+from ..model.modeling_lion import LionModel
 from .search import BeamGroup, Group, TokenGroup, TokenRows
 from .step import DecoderStep, SlotCache
 

@@ -34,7 +34,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from ..generation import DecodingSettings
+from ..model.generation import DecodingSettings
 
 __all__ = ["BeamGroup", "Group", "TokenGroup", "TokenRows"]
 

@@ -12,7 +12,7 @@ servers' files.
 Heavy dependencies (pycocoevalcap, PIL, torch) are imported only when needed.
 """
 
-from ..boxes import parse_box
+from ..model.boxes import parse_box
 from .datasets import AnnotationError, EvalSample
 from .harness import evaluate, load_task_samples, read_predictions, render_prompt
 from .metrics_caption import JavaNotFoundError, check_java, score_captions, spice_available

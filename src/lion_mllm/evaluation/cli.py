@@ -17,8 +17,8 @@ import sys
 from typing import Any
 
 from ..devices import resolve_device
+from ..model.tasks import SHORT_ANSWER_TEMPLATE
 from ..model_options import add_model_options, decoding_from_args, model_from_args
-from ..tasks import SHORT_ANSWER_TEMPLATE
 from .tasks import ALIASES, BENCHMARKS
 
 __all__ = ["add_eval_subcommand", "run_eval", "build_parser"]

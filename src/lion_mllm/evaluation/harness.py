@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..images import ImageLoadError
+from ..model.images import ImageLoadError
 from .datasets import (
     AnnotationError,
     EvalSample,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..boxes import Box, parse_box
+from ..model.boxes import Box, parse_box
 
 __all__ = [
     "xywh_to_xyxy",

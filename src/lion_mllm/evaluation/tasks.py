@@ -7,7 +7,7 @@ call (`evaluate(prompt=..., decoding=...)`, ``lion eval --prompt/--num-beams/
 docs/evaluation.md.
 
 Prompt choices (the authors published no per-benchmark prompts; the texts are in
-`lion_mllm.tasks`):
+`lion_mllm.model.tasks`):
 * caption: the authors' playground caption instruction (`CAPTION_PROMPT`).
 * REC: the playground / Shikra REC template with the literal ``<image>`` placeholder
   (`GROUNDING_TEMPLATE`).
@@ -27,7 +27,7 @@ import os
 import re
 from typing import Any
 
-from ..tasks import (
+from ..model.tasks import (
     CAPTION_PROMPT,
     GROUNDING_TEMPLATE,
     ICONQA_TEMPLATE,

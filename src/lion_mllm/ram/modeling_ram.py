@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ..checkpoint_files import read_torch_file, shareable_file_mode
+from ..checkpoints.checkpoint_files import read_torch_file, shareable_file_mode
 from ..errors import CheckpointError
-from ..resample import resize
+from ..model.resample import resize
 from .config import IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_NUM_TAGS, RamConfig
 from .vocabulary import RamVocabulary, resolve_vocabulary
 from .weights import (

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..downloads import RemoteFile, cache_dir, file_digest
+from ..checkpoints.downloads import RemoteFile, cache_dir, file_digest
 from ..errors import CheckpointError
 from .config import OFFICIAL_NUM_TAGS
 

@@ -2,7 +2,7 @@
 
 Every layout ends in the same rows (:data:`TASK_SCHEMA`): the task's key, the task itself, where it came
 from (for messages), and either its decoded RGB pixels or its error record. Parsing, validation, image
-loading and error records are `lion run`'s own (:mod:`lion_mllm.batch`), so both engines accept and
+loading and error records are `lion run`'s own (:mod:`lion_mllm.run`), so both engines accept and
 refuse the same tasks with the same messages.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import ray.data
 
-from ..batch import (
+from ..run import (
     BatchItem,
     LineError,
     RunSummary,

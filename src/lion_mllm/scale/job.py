@@ -21,8 +21,8 @@ import ray
 import ray.data
 from PIL import Image
 
-from ..batch import BatchItem, RunSummary, answer_items
-from ..images import DEFAULT_MAX_PIXELS
+from ..model.images import DEFAULT_MAX_PIXELS
+from ..run import BatchItem, RunSummary, answer_items
 from .inputs import LAYOUTS, Layout, TaskDefaults, detect_layout, read_input
 from .resources import (
     WaitReporter,

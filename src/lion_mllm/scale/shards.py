@@ -22,7 +22,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from ..batch import completed_keys, task_key
+from ..run import completed_keys, task_key
 
 OutputFormat = Literal["parquet", "jsonl"]
 SHARD_PREFIX = "part-"

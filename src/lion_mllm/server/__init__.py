@@ -98,7 +98,7 @@ def add_serve_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 def model_aliases(model: str | None) -> tuple[str, ...]:
     """The names a client may know the `--model` by: the spec itself and, for a path, its last part
     (`lion-shapes` for the built-in default, `lion-flant5xl` for an installed download)."""
-    from ..hub import DEFAULT_MODEL, MODEL_ENV
+    from ..checkpoints.hub import DEFAULT_MODEL, MODEL_ENV
 
     spec = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     names = [spec]

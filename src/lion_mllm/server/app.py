@@ -149,8 +149,8 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 8000, *, settings: Se
     if isinstance(model, Lion) or hasattr(model, "generate"):
         lion = model
     else:
+        from ..checkpoints.hub import resolve_model
         from ..devices import resolve_device
-        from ..hub import resolve_model
 
         resolved = resolve_model(model)  # None: $LION_MODEL or the built-in lion-shapes demo model
         lion = load_model(str(resolved), device=device or resolve_device(None), dtype=dtype)

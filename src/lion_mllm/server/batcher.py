@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..failure_isolation import batch_then_singly
-from ..generation import DecodingSettings
+from ..model.generation import DecodingSettings
 from .engine import (
     GenerationRequest,
     GenerationResult,

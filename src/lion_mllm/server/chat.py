@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..boxes import find_boxes
+from ..model.boxes import find_boxes
 from .engine import GenerationRequest, GenerationResult
 from .errors import APIError, error_body
 from .images import reply_box

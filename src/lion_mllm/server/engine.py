@@ -35,7 +35,7 @@ from PIL import Image
 
 from ..engine import BeamGroup, DecodeEngine, EngineOptions, Group
 from ..failure_isolation import batch_then_singly
-from ..generation import DecodingSettings
+from ..model.generation import DecodingSettings
 from .errors import APIError, QueueFullError, ServerStoppingError
 
 log = logging.getLogger("lion_mllm.server")

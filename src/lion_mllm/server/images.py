@@ -1,6 +1,6 @@
 """Images from requests, decoded defensively, and the boxes found in answers as replies give them.
 
-Decoding is `lion_mllm.images`' (raster formats only: no request reaches Ghostscript; the pixel count is
+Decoding is `lion_mllm.model.images`' (raster formats only: no request reaches Ghostscript; the pixel count is
 read from the header and checked before any pixel is decoded); this module turns its errors into API
 errors: 413 for too many pixels or bytes, 400 for everything else.
 """
@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from ..boxes import Box, box_record, format_box
-from ..images import ImageLoadError, decode_image
-from ..images import decode_data_url as data_url_bytes
+from ..model.boxes import Box, box_record, format_box
+from ..model.images import ImageLoadError, decode_image
+from ..model.images import decode_data_url as data_url_bytes
 from .errors import APIError
 
 _ERROR_CODES = {"too_large": "image_too_large", "invalid_url": "invalid_image_url", "download_failed": "fetch_failed"}

@@ -4,7 +4,7 @@ LION is single-turn: the last user message gives the question, the last image in
 image; system, developer and assistant messages are accepted and not read. A request is parsed into
 `ChatCompletionRequest` (pydantic, strict types, unknown fields refused), then `refuse_unsupported` checks
 what the types cannot, and the request converts into the one decoding type,
-`lion_mllm.generation.DecodingSettings` (`DecodingRequest.decoding_settings`, as vLLM's requests make
+`lion_mllm.model.generation.DecodingSettings` (`DecodingRequest.decoding_settings`, as vLLM's requests make
 their sampling parameters): request fields, else the operator's flags, else the model's generation config
 (the authors' for a model without one). Values are held to the type's rules (`DECODING_RULES`); a value
 outside them, or past this server's limits, is a 400 naming the request's field.
@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import tasks
-from ..generation import DECODING_RULES, DecodingSettings, GenerationDefaults
+from ..model import tasks
+from ..model.generation import DECODING_RULES, DecodingSettings, GenerationDefaults
 from .errors import APIError
 from .settings import ServerSettings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ..generation import DECODING_RULES
+from ..model.generation import DECODING_RULES
 
 
 @dataclass

@@ -19,8 +19,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 from fastapi import FastAPI
 from PIL import Image
 
-from ..boxes import Box, find_boxes
 from ..drawing import draw_boxes
+from ..model.boxes import Box, find_boxes
 from .engine import GenerationRequest
 from .errors import APIError
 from .images import decode_image_bytes, reply_box

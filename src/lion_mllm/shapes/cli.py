@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from .. import load_model
-        from ..hub import resolve_model
+        from ..checkpoints.hub import resolve_model
 
         record = Path(resolve_model(args.model)) / "training.json" if args.record else None
         if record is not None and not record.is_file():

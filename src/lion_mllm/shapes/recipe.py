@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tasks import SHORT_TAG_PROMPT, SOFT_PROMPT_TOKEN
+from ..model.tasks import SHORT_TAG_PROMPT, SOFT_PROMPT_TOKEN
 from .tagger import ShapesTagger
 from .tokenizers import build_tokenizers, coordinate_tokens
 from .world import (
@@ -47,7 +47,7 @@ SHAPES_DECODING = {"num_beams": 1, "max_new_tokens": 40, "repetition_penalty": 1
 
 def shapes_config(t5_vocab: int, qformer_vocab: int, soft_prompt_id: int) -> Any:
     """The demo model's dimensions: 128 px / patch 16 (65 ViT tokens), ViT 192 x 4, T5 256 x (3+3)."""
-    from ..config import (
+    from ..model.config import (
         AggregatorConfig,
         LanguageConfig,
         LionConfig,
@@ -132,10 +132,10 @@ def build_shapes_lion(seed: int) -> Any:
 
     The global generator is seeded and left where initialisation ends, so that training-only heads made
     next (the objectives) draw the numbers they drew in the original recipe."""
-    from ..generation import GenerationDefaults
-    from ..modeling_lion import LionModel
-    from ..pipeline import Lion
-    from ..processing import LionProcessor
+    from ..lion import Lion
+    from ..model.generation import GenerationDefaults
+    from ..model.modeling_lion import LionModel
+    from ..model.processing import LionProcessor
 
     tokenizer, qformer_tokenizer = build_tokenizers()
     soft = tokenizer.convert_tokens_to_ids(SOFT_PROMPT_TOKEN)

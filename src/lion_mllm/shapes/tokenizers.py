@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ..tasks import SHORT_TAG_PROMPT, SOFT_PROMPT_TOKEN
+from ..model.tasks import SHORT_TAG_PROMPT, SOFT_PROMPT_TOKEN
 from .world import COLOURS, NUMBER_WORDS, PROMPTS, SHAPES, SIZES
 
 

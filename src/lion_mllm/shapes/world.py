@@ -9,7 +9,7 @@ From a scene come training samples in the annotation format of :mod:`lion_mllm.t
 * captions  -- "a large red circle and a small blue square" (objects left to right);
 * VQA       -- colour, shape, count and existence questions ("is there a green triangle?");
 * referring -- "the red circle", "the small square", "the shape left of the triangle" ->
-  ``Answer: [x0,y0,x1,y1]`` (normalised, 3 decimals, :func:`lion_mllm.boxes.format_box`).
+  ``Answer: [x0,y0,x1,y1]`` (normalised, 3 decimals, :func:`lion_mllm.model.boxes.format_box`).
 
 Boxes are the bounding boxes of the drawn pixels (shapes are drawn without anti-aliasing and never
 touch), so a box is exactly where its shape is.
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..boxes import format_box
-from ..tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, SHORT_ANSWER_TEMPLATE
+from ..model.boxes import format_box
+from ..model.tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, SHORT_ANSWER_TEMPLATE
 
 IMAGE_SIZE = 128
 # Shape colours, far from each other and from the pale backgrounds (the tagger matches them exactly).

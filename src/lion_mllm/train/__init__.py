@@ -62,28 +62,19 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides or [])
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
+    # the failures a run expects, told apart in this order (an AnnotationFileError is a BadDataError): how
+    # the line on stderr starts and the exit code. A ConfigError may come from the file or once the model
+    # is built (e.g. eval tasks without tags).
+    expected = ((ConfigError, "config error", 2), (AnnotationFileError, "bad data", 1),
+                (BadDataError, "stopped", 1), (CheckpointError, "checkpoint error", 1),
+                (RunDirectoryLocked, "refused", 1))
     try:
         config = load_train_config(args.config, overrides)
-    except ConfigError as error:
-        print(f"lion train: config error: {error}", file=sys.stderr)
-        return 2
-    try:
         result = train(config, resume=args.resume, stop_after_steps=args.stop_after_steps)
-    except ConfigError as error:  # found once the model is built (e.g. eval tasks without tags)
-        print(f"lion train: config error: {error}", file=sys.stderr)
-        return 2
-    except AnnotationFileError as error:
-        print(f"lion train: bad data: {error}", file=sys.stderr)
-        return 1
-    except BadDataError as error:
-        print(f"lion train: stopped: {error}", file=sys.stderr)
-        return 1
-    except CheckpointError as error:
-        print(f"lion train: checkpoint error: {error}", file=sys.stderr)
-        return 1
-    except RunDirectoryLocked as error:
-        print(f"lion train: refused: {error}", file=sys.stderr)
-        return 1
+    except tuple(kind for kind, _, _ in expected) as error:
+        label, code = next((label, code) for kind, label, code in expected if isinstance(error, kind))
+        print(f"lion train: {label}: {error}", file=sys.stderr)
+        return code
     state = "finished" if result.finished else "stopped (resume with --resume)"
     print(f"lion train: {state} at step {result.step}/{result.total_steps}; run directory {result.run_dir}",
           file=sys.stderr)

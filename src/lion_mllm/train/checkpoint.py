@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint_files import fsync_folder, read_safetensors
+from ..checkpoints.checkpoint_files import fsync_folder, read_safetensors
 from ..errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")

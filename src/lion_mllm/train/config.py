@@ -132,7 +132,7 @@ class ModelSpec:
     - `pretrained` = a directory written by `save_pretrained` (a finished run's `final/`) -> `Lion.from_pretrained`;
     - no `pretrained`: ViT and T5 from vit_model / llm_model, LION's own parts initialised as the authors'
       code does (stage 1 and 2 from scratch);
-    - `preset` (tests, benchmarks): a random model of a `lion_mllm.config` preset, tokenizers from
+    - `preset` (tests, benchmarks): a random model of a `lion_mllm.model.config` preset, tokenizers from
       llm_model / bert_model; a preset of `lion_mllm.named_imports.MODEL_BUILDERS` is built by its own
       package: `preset: shapes` is the shapes world's model from scratch (its own tokenizers, tagger and
       initialisation: `lion_mllm.shapes.recipe`).

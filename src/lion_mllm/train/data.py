@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..processing import ImageLoadError, LionImageProcessor, LionProcessor, load_image
+from ..model.processing import ImageLoadError, LionImageProcessor, LionProcessor, load_image
 from .config import AugmentConfig, DatasetSpec
 
 logger = logging.getLogger("lion_mllm.train")

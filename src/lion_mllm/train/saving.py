@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint_files import folder_written_whole
+from ..checkpoints.checkpoint_files import folder_written_whole
 from ..errors import CheckpointError
-from ..pipeline import Lion
+from ..lion import Lion
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from .config import STAGE_VISUAL_INPUT
 from .distributed import DistContext

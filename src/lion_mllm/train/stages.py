@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bundle import read_bundle_config
-from ..checkpoint_files import read_safetensors, read_torch_file
-from ..config import PRESETS, LionConfig
+from ..checkpoints.bundle import read_bundle_config
+from ..checkpoints.checkpoint_files import read_safetensors, read_torch_file
+from ..checkpoints.official import OfficialPaths, config_from_official, official_to_ours, ours_to_official
 from ..errors import CheckpointError
-from ..modeling_lion import LionModel
+from ..lion import Lion, resolve_dtype
+from ..model.config import PRESETS, LionConfig
+from ..model.modeling_lion import LionModel
+from ..model.processing import LionProcessor
+from ..model.tasks import SOFT_PROMPT_TOKEN
 from ..named_imports import MODEL_BUILDERS, load_named
-from ..official import OfficialPaths, config_from_official, official_to_ours, ours_to_official
-from ..pipeline import Lion, resolve_dtype
-from ..processing import LionProcessor
-from ..tasks import SOFT_PROMPT_TOKEN
 from .config import STAGE_VISUAL_INPUT, ModelSpec
 
 logger = logging.getLogger("lion_mllm.train")

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import yaml
 
+from ..lion import Lion
 from ..named_imports import STREAMS, load_named
-from ..pipeline import Lion
 from .bookkeeping import BadDataTracker, MetricsWriter
 from .checkpoint import set_rng_state
 from .config import ConfigError, DatasetSpec, RunConfig, TrainConfig

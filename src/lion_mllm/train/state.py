@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from ..pipeline import Lion
+    from ..lion import Lion
     from .bookkeeping import BadDataTracker, MetricsWriter
     from .config import TrainConfig
     from .data import MixtureSchedule, StreamedBatches

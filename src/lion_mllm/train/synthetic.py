@@ -23,8 +23,8 @@ from typing import Any
 
 from PIL import Image
 
-from ..boxes import format_box
-from ..tasks import GROUNDING_TEMPLATE
+from ..model.boxes import format_box
+from ..model.tasks import GROUNDING_TEMPLATE
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 210, 20)}
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from ..lion import Lion
 from ..named_imports import VALIDATORS, load_named
-from ..pipeline import Lion
 from .config import AugmentConfig, EvalTaskSpec
 from .data import AnnotationDataset, Collator, MixtureDataset, to_device
 from .distributed import DistContext

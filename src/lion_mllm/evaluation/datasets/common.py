@@ -53,8 +53,8 @@ class EvalSample:
 
     def load_image(self):  # -> PIL.Image.Image
         """The image as RGB with its stored orientation (EXIF not applied, as the authors' code and the
-        COCO tools read datasets); raises `lion_mllm.images.ImageLoadError` naming the sample."""
-        from ...images import ImageLoadError, decode_image, load_image
+        COCO tools read datasets); raises `lion_mllm.model.images.ImageLoadError` naming the sample."""
+        from ...model.images import ImageLoadError, decode_image, load_image
 
         try:
             if self.image_b64 is not None:

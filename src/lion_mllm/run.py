@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .boxes import box_record, parse_box
 from .failure_isolation import batch_then_singly
-from .generation import GenerationDefaults
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, is_url, load_image
-from .tasks import PROMPT_KINDS
+from .model.boxes import box_record, parse_box
+from .model.generation import GenerationDefaults
+from .model.images import DEFAULT_MAX_PIXELS, ImageLoadError, decode_image, is_url, load_image
+from .model.tasks import PROMPT_KINDS
 
 if TYPE_CHECKING:
     from PIL import Image

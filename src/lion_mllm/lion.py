@@ -19,17 +19,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .boxes import Box, parse_box
-from .bundle import T5_TIED_KEYS, bundle_state, load_bundle_model, read_bundle_config, write_bundle_config
-from .checkpoint_files import folder_written_whole, save_state_sharded
-from .config import LionConfig
+from .checkpoints.bundle import T5_TIED_KEYS, bundle_state, load_bundle_model, read_bundle_config, write_bundle_config
+from .checkpoints.checkpoint_files import folder_written_whole, save_state_sharded
+from .checkpoints.official import OfficialPaths, load_official_model, soft_prompt_token_id
 from .engine import DecodeEngine, EngineOptions
 from .errors import CheckpointError
-from .generation import DecodingSettings, GenerationDefaults
-from .modeling_lion import LionModel
-from .official import OfficialPaths, load_official_model, soft_prompt_token_id
-from .processing import ImageInput, LionProcessor, load_image
-from .taggers import Tagger, bundle_tagger, write_tagger
+from .model.boxes import Box, parse_box
+from .model.config import LionConfig
+from .model.generation import DecodingSettings, GenerationDefaults
+from .model.modeling_lion import LionModel
+from .model.processing import ImageInput, LionProcessor, load_image
+from .model.taggers import Tagger, bundle_tagger, write_tagger
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,9 @@ class Lion:
                         dtype: torch.dtype | str | None = None, tagger: Tagger | None = None,
                         attn_implementation: str = "sdpa") -> Lion:
         """From a bundle directory (`save_pretrained`), `local-dir:PATH`, `hf-hub:owner/repo[@revision]` or
-        an installed name (`lion_mllm.hub.resolve_model`). `attn_implementation="eager"` runs attention as the
+        an installed name (`lion_mllm.checkpoints.hub.resolve_model`). `attn_implementation="eager"` runs attention as the
         authors' code does (for comparisons)."""
-        from .hub import resolve_model
+        from .checkpoints.hub import resolve_model
 
         directory = Path(resolve_model(name_or_path))
         if directory.suffix.lower() in (".yaml", ".yml"):

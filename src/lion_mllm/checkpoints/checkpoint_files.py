@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["LazySafetensors", "WEIGHTS_INDEX", "folder_written_whole", "fsync_folder", "read_hf_weights",
            "read_safetensors", "read_torch_file", "save_state_sharded", "shareable_file_mode"]

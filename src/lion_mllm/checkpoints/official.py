@@ -18,60 +18,58 @@ from typing import Any
 import torch
 import yaml
 
+from ..errors import CheckpointError
+from ..model.config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
+from ..model.modeling_lion import LionModel
+from ..model.tasks import SOFT_PROMPT_TOKEN
 from .bundle import T5_TIED_KEYS, expected_keys, materialise
 from .checkpoint_files import read_hf_weights, read_torch_file
-from .config import AggregatorConfig, LanguageConfig, LionConfig, QFormerConfig, VisionConfig
-from .errors import CheckpointError
-from .modeling_lion import LionModel
-from .tasks import SOFT_PROMPT_TOKEN
 
 __all__ = ["OfficialPaths", "config_from_official", "load_official_model", "official_to_ours", "ours_to_official"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Key mapping between the authors' names and ours. Each rule is (authors' pattern, our pattern).
+# Key mapping between the authors' names and ours: one (authors' name, our name) pair a line, tried in
+# order (specific before general) in both directions. A name ending in "." is a prefix, any other a whole
+# key; `{block}` stands for a ViT block number, `{attention}` for a Q-Former layer's attention or
+# cross-attention. The qkv bias is mapped apart (_QV_BIAS, _QKV_BIAS).
 
-_RULES: list[tuple[str, str]] = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.layers.\1.layer_norm2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight$", r"vision_model.layers.\1.self_attn.qkv.weight"),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.layers.\1.mlp."),
-    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.embeddings.layernorm."),
-    (r"^Qformer\.bert\.(encoder\.layer\.\d+\.(?:cross)?attention)\.self\.", r"qformer.\1.attention."),
-    (r"^Qformer\.bert\.", "qformer."),
-    (r"^t5_proj\.", "qformer_projection."),
-    (r"^fusion_adapter\.", "aggregator."),
-    (r"^ln_adapter\.", "aggregator_norm."),
-    (r"^adapter_proj\.", "aggregator_projection."),
-    (r"^soft_prompt_hint$", "tag_prompt_embedding"),
-    (r"^t5_model\.", "language_model."),
-    (r"^(ln_vision\.|query_tokens$)", r"\1"),
+_NAME_PAIRS: list[tuple[str, str]] = [
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
+    ("visual_encoder.blocks.{block}.norm1.", "vision_model.layers.{block}.layer_norm1."),
+    ("visual_encoder.blocks.{block}.norm2.", "vision_model.layers.{block}.layer_norm2."),
+    ("visual_encoder.blocks.{block}.attn.qkv.weight", "vision_model.layers.{block}.self_attn.qkv.weight"),
+    ("visual_encoder.blocks.{block}.attn.proj.", "vision_model.layers.{block}.self_attn.projection."),
+    ("visual_encoder.blocks.{block}.mlp.", "vision_model.layers.{block}.mlp."),
+    ("Qformer.bert.embeddings.LayerNorm.", "qformer.embeddings.layernorm."),
+    ("Qformer.bert.{attention}.self.", "qformer.{attention}.attention."),
+    ("Qformer.bert.", "qformer."),
+    ("t5_proj.", "qformer_projection."),
+    ("fusion_adapter.", "aggregator."),
+    ("ln_adapter.", "aggregator_norm."),
+    ("adapter_proj.", "aggregator_projection."),
+    ("soft_prompt_hint", "tag_prompt_embedding"),
+    ("t5_model.", "language_model."),
+    ("ln_vision.", "ln_vision."),
+    ("query_tokens", "query_tokens"),
 ]
-# Our names back to theirs (the inverse of the rules above; qkv bias handled separately).
-_INVERSE: list[tuple[str, str]] = [
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
-    (r"^vision_model\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
-    (r"^vision_model\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"visual_encoder.blocks.\1.attn.qkv.weight"),
-    (r"^vision_model\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"^qformer\.embeddings\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"^qformer\.(encoder\.layer\.\d+\.(?:cross)?attention)\.attention\.", r"Qformer.bert.\1.self."),
-    (r"^qformer\.", "Qformer.bert."),
-    (r"^qformer_projection\.", "t5_proj."),
-    (r"^aggregator\.", "fusion_adapter."),
-    (r"^aggregator_norm\.", "ln_adapter."),
-    (r"^aggregator_projection\.", "adapter_proj."),
-    (r"^tag_prompt_embedding$", "soft_prompt_hint"),
-    (r"^language_model\.", "t5_model."),
-    (r"^(ln_vision\.|query_tokens$)", r"\1"),
-]
+_PLACEHOLDERS = {"{block}": r"(\d+)", "{attention}": r"(encoder\.layer\.\d+\.(?:cross)?attention)"}
+
+
+def _rule(source: str, target: str) -> tuple[str, str]:
+    """(pattern, replacement) rewriting a name shaped as `source` into `target`'s shape (one placeholder
+    at most, so it is group 1)."""
+    pattern, replacement = re.escape(source), target
+    for placeholder, group in _PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape(placeholder), group)
+        replacement = replacement.replace(placeholder, r"\1")
+    return f"^{pattern}" + ("" if source.endswith(".") else "$"), replacement
+
+
+_RULES = [_rule(authors, ours) for authors, ours in _NAME_PAIRS]
+_INVERSE = [_rule(ours, authors) for authors, ours in _NAME_PAIRS]
 _QV_BIAS = re.compile(r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$")
 _QKV_BIAS = re.compile(r"^vision_model\.layers\.(\d+)\.self_attn\.qkv\.bias$")
 # Buffers the authors' state dicts carry that we recompute (non-persistent in transformers).
@@ -204,7 +202,7 @@ class OfficialPaths:
             raise CheckpointError(f"{path}: give both model.ram_tag_list and model.ram_tag_list_threshold, or neither")
         generation = model.get("generation")
         if generation is not None:
-            from .generation import GenerationDefaults
+            from ..model.generation import GenerationDefaults
 
             extra["generation"] = GenerationDefaults.from_dict(generation, f"{path}: model.generation")
         visual_input = str(model.get("visual_input", "ALL")).lower()
@@ -223,14 +221,14 @@ class OfficialPaths:
         options: dict[str, Any] = {}
         config = self.extra.get("ram_config")
         if isinstance(config, dict):
-            from .ram import RamConfig
+            from ..ram import RamConfig
 
             try:
                 options["config"] = RamConfig.from_dict(config)
             except (TypeError, ValueError) as error:
                 raise CheckpointError(f"{self.source or 'config'}: model.ram_config: {error}") from None
         elif isinstance(config, Path) and config.suffix.lower() == ".json":
-            from .ram import RamConfig
+            from ..ram import RamConfig
 
             options["config"] = RamConfig.from_json_file(config)
         elif config is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .tasks import CAPTION_PROMPT, GROUNDING_TEMPLATE, PROMPT_KINDS, VQA_TEMPLATE, canonical_task
 
 __all__ = ["DECODING_FIELDS", "DECODING_RULES", "GENERATION_CONFIG_FILE", "DecodingSettings", "GenerationDefaults"]

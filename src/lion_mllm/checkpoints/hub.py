@@ -5,13 +5,13 @@
 * the LION checkpoint, FlanT5 and BERT (config + vocabulary only) and RAM's checkpoint from the
   Hugging Face hub, through ``huggingface_hub`` (``HF_ENDPOINT`` is honoured, read at call time);
 * ``eva_vit_g.pth`` and RAM's two vocabulary files from plain URLs, through
-  :func:`lion_mllm.downloads.download_file` (resumable, checksum-verified);
+  :func:`lion_mllm.checkpoints.downloads.download_file` (resumable, checksum-verified);
 
 then writes an authors'-format YAML config pointing at the cached files. ``--model lion-flant5xl``
 (:func:`resolve_model`) finds that YAML again.
 
 Where files go (default): hub files in the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), plain
-URLs and the YAML in the package cache (:func:`lion_mllm.downloads.cache_dir`):
+URLs and the YAML in the package cache (:func:`lion_mllm.checkpoints.downloads.cache_dir`):
 ``<cache>/eva_vit_g.pth``, ``<cache>/ram/…`` (where the RAM tagger looks for its vocabulary) and
 ``<cache>/models/<name>/<name>.yaml``. With ``to=DIR`` the checkpoints and model folders go under
 ``DIR`` instead (the YAML is written there as well as into the cache, so the name still resolves).
@@ -111,7 +111,7 @@ _BERT_PATTERNS = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_confi
 
 def _ram_vocabulary() -> tuple[RemoteFile, ...]:
     # Imported lazily: the tagger module pulls in torch, which `lion download --list` does not need.
-    from .ram import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
+    from ..ram import RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE
 
     return (RAM_TAG_LIST_FILE, RAM_THRESHOLDS_FILE)
 
@@ -139,20 +139,23 @@ class PublishedModel:
         return _ram_vocabulary() if self.ram_vocabulary is None else self.ram_vocabulary
 
 
+def _flan_t5(repo: str, revision: str) -> HubFolder:
+    """A FlanT5 repository, fetched as every published model needs it (`_T5_PATTERNS`)."""
+    return HubFolder(repo, _T5_PATTERNS, revision=revision, fallback_patterns=_T5_FALLBACK)
+
+
 PUBLISHED_MODELS: dict[str, PublishedModel] = {
     "lion-flant5xl": PublishedModel(
         name="lion-flant5xl",
         description="LION-FlanT5-XL (LION-4B): EVA ViT-g + FlanT5-XL, stage-3 weights",
         checkpoint=HubFile("daybreaksly/LION-FlanT5-XL", "LION-FlanT5-XL.pth"),
-        llm=HubFolder("google/flan-t5-xl", _T5_PATTERNS, revision=FLAN_T5_XL_REVISION,
-                      fallback_patterns=_T5_FALLBACK),
+        llm=_flan_t5("google/flan-t5-xl", FLAN_T5_XL_REVISION),
     ),
     "lion-flant5xxl": PublishedModel(
         name="lion-flant5xxl",
         description="LION-FlanT5-XXL (LION-12B): EVA ViT-g + FlanT5-XXL",
         checkpoint=HubFile("daybreaksly/LION-FlanT5-XXL", "LION-FlanT5-XXL.pth"),
-        llm=HubFolder("google/flan-t5-xxl", _T5_PATTERNS, revision=FLAN_T5_XXL_REVISION,
-                      fallback_patterns=_T5_FALLBACK),
+        llm=_flan_t5("google/flan-t5-xxl", FLAN_T5_XXL_REVISION),
     ),
 }
 
@@ -193,7 +196,7 @@ def installed_model(name: str) -> Path | None:
             raise ModelNotInstalledError(
                 f"model {name!r} is incomplete ({missing[0]} is missing); run `lion download {name}` again")
         return config
-    packaged = Path(__file__).resolve().parent / "assets" / "models" / name
+    packaged = Path(__file__).resolve().parents[1] / "assets" / "models" / name  # lion_mllm/assets
     if (packaged / "config.json").is_file():
         return packaged
     return None
@@ -228,7 +231,7 @@ def resolve_model(spec: str | os.PathLike[str] | None = None) -> str:
     if path.is_dir():
         return str(path)
     if path.exists():
-        from .errors import CheckpointError
+        from ..errors import CheckpointError
 
         raise CheckpointError(f"{text}: a {path.suffix or 'plain'} file is not a model; pass a bundle directory "
                               "(`lion convert` writes one from the authors' files) or the authors' .yaml config "

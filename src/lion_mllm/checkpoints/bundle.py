@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
+from ..model.config import LionConfig
+from ..model.modeling_lion import LionModel
 from .checkpoint_files import WEIGHTS_INDEX, LazySafetensors
-from .config import LionConfig
-from .errors import CheckpointError
-from .modeling_lion import LionModel
 
 __all__ = ["bundle_state", "expected_keys", "load_bundle_model", "materialise", "read_bundle_config",
            "write_bundle_config"]

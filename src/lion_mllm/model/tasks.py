@@ -7,7 +7,7 @@ router row 0, image-level (captions, questions) row 1, as in the authors' code (
 "region_level"` picks row 0). Everything a user may call a task maps onto one of three prompt kinds.
 
 A model's own templates are in its generation config (`generation_config.json`, read by
-`lion_mllm.generation`); the constants here are what such a config starts from and what data and
+`lion_mllm.model.generation`); the constants here are what such a config starts from and what data and
 benchmark files are written with. Templates are `str.format` strings: `{question}` is the question,
 `{phrase}` the referring expression to locate.
 """

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from .errors import CheckpointError
-from .named_imports import TAGGER_KINDS, load_named
+from ..errors import CheckpointError
+from ..named_imports import TAGGER_KINDS, load_named
 
 __all__ = ["TAGGER_FILE", "Tagger", "bundle_tagger", "write_tagger"]
 
@@ -34,7 +34,7 @@ def write_tagger(tagger: Any, directory: Path) -> None:
     loaded). Other taggers cannot be stored and must be attached again after loading."""
     spec = getattr(tagger, "bundle_spec", None)
     if spec is None:
-        from .ram import LazyRamTagger, RamTagger
+        from ..ram import LazyRamTagger, RamTagger
 
         if isinstance(tagger, LazyRamTagger):
             tagger = tagger.load()
@@ -58,7 +58,7 @@ def bundle_tagger(directory: Path, device: str | torch.device = "cpu") -> Any:
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind == "ram":
-        from .ram import LazyRamTagger
+        from ..ram import LazyRamTagger
 
         return LazyRamTagger.from_bundle(directory, spec, device=device)
     if kind in TAGGER_KINDS:
