@@ -177,6 +177,7 @@ def _parquet_input(folder: Path, tasks: list[dict[str, Any]]) -> Path:
     return folder
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_parquet_with_bytes_and_paths_equals_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
     tasks = world["tasks"][:LAYOUT_TASKS]
     out = tmp_path / "out"
@@ -212,6 +213,7 @@ def _webdataset_input(folder: Path, tasks: list[dict[str, Any]]) -> Path:
     return folder
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_webdataset_shards_equal_lion_run(cluster: str, world: dict[str, Any], tmp_path: Path) -> None:
     tasks = world["tasks"][:LAYOUT_TASKS]
     out = tmp_path / "out"
@@ -428,6 +430,7 @@ def test_parquet_with_as_many_replicas_as_cpus_is_fitted_and_finishes(cluster: s
     _assert_like_lion_run(out, tasks, world, bad_id="corrupt", bad_name="corrupt.gif")
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_cli_webdataset_with_as_many_replicas_as_cpus_is_fitted_and_finishes(cluster: str, world: dict[str, Any],
                                                                              tmp_path: Path) -> None:
     """The issue's command: `lion run --engine ray --replicas 2` on the 2-CPU cluster with WebDataset shards."""

@@ -99,6 +99,7 @@ def torchrun(cfg_file, *extra, timeout=300):
     assert "still referenced" not in done.stderr
 
 
+@pytest.mark.slow  # minutes: run by `python -m pytest -m slow` (.ci/run)
 def test_fsdp2_matches_one_process(data, one_process_double_batch, tmp_path):
     """FSDP2 (`fully_shard` per layer, gloo on CPU): the same training as one process with the doubled
     batch; checkpoints gather the full LION parameters and the export is a normal bundle."""

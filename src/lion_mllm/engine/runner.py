@@ -379,7 +379,7 @@ class DecodeEngine:
         tokens, parents = group.advance(logits[slots])
         if group.done:
             return
-        self.cache.copy_slots(slots, slots[parents])
+        self.cache.copy_slots(slots, slots[parents], group.length - 1)  # positions 0 .. length-2 are written
         self.tokens[slots] = tokens
         self.positions[slots] = group.length - 1
         for slot in group.slots:
