@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import gpu_engine  # benchmarks/: the random-weight recipe both GPU benchmarks use
 import torch
 
 from lion_mllm.model.config import PRESETS, LionConfig
@@ -37,24 +38,7 @@ def sync() -> None:
 
 def random_model(attn: str, seed: int = 0) -> LionModel:
     """Small random weights in fp32 on DEVICE; the same values for every call with one seed."""
-    with torch.device("meta"):
-        model = LionModel(CONFIG, attn_implementation=attn)
-    model.to_empty(device=DEVICE)
-    generator = torch.Generator(device=DEVICE).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("scale"):
-                param.fill_(1.0)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-        model.language_model.shared.weight.normal_(0.0, 1.0, generator=generator)
-        embeddings = model.qformer.embeddings
-        embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1], device=DEVICE).expand(1, -1)
-    model.language_model.encoder.embed_tokens.weight = model.language_model.shared.weight
-    model.language_model.decoder.embed_tokens.weight = model.language_model.shared.weight
-    return model.eval().requires_grad_(False)
+    return gpu_engine.random_model(CONFIG, DEVICE, torch.float32, seed, attn_implementation=attn)
 
 
 def make_batch(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:

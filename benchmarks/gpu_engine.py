@@ -116,12 +116,14 @@ class CudaGraphMessages(logging.Handler):
 # -- the model and its inputs ------------------------------------------------------------------------
 
 
-def random_model(config: LionConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LionModel:
-    """A LionModel with random weights, built without checkpoints or a CPU-side initialisation (the
-    recipe of benchmarks/gpu_check.py: meta-built, small normal weights, unit norms, zero biases, the
-    embedding at unit scale so prompts carry signal), then cast to `dtype`."""
+def random_model(config: LionConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                 attn_implementation: str = "sdpa") -> LionModel:
+    """A LionModel with random weights, built without checkpoints or a CPU-side initialisation
+    (meta-built, small normal weights, unit norms, zero biases, the embedding at unit scale so prompts
+    carry signal), then cast to `dtype`; the same values for every call with one seed. Also what
+    benchmarks/gpu_check.py runs."""
     with torch.device("meta"):
-        model = LionModel(config, attn_implementation="sdpa")
+        model = LionModel(config, attn_implementation=attn_implementation)
     model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
